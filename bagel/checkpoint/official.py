@@ -1,0 +1,164 @@
+"""Strict loading (and export) of the released BAGEL-7B-MoT checkpoint layout.
+
+The official parameter names live only here, in `KEY_MAP`: a table of name templates, one row per
+tensor family, read in both directions. `{i}` stands for a layer number and `{wb}` for `weight` /
+`bias`; rows marked with an expert are expanded once per expert, the official generation twin
+carrying the `_moe_gen` suffix after the leaf module name.
+
+Released directory: `llm_config.json`, `vit_config.json`, `ema.safetensors` (all BAGEL weights),
+`ae.safetensors` (FLUX VAE, BFL layout), Qwen2 tokenizer files.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from bagel.checkpoint.errors import CheckpointError
+from bagel.config import BagelConfig
+
+# (official template, our template); EXPERT rows use {sfx} (official) and {exp} (ours).
+EXPERT = "expert"
+_LAYER = "language_model.model.layers.{i}"
+KEY_MAP: list[tuple[str, str] | tuple[str, str, str]] = [
+    ("language_model.model.embed_tokens.weight", "llm.embed_tokens.weight"),
+    ("language_model.lm_head.weight", "llm.lm_head.weight"),
+    ("language_model.model.norm{sfx}.weight", "llm.final_norm.{exp}.weight", EXPERT),
+    (_LAYER + ".input_layernorm{sfx}.weight", "llm.layers.{i}.{exp}.input_norm.weight", EXPERT),
+    (_LAYER + ".post_attention_layernorm{sfx}.weight", "llm.layers.{i}.{exp}.post_attn_norm.weight", EXPERT),
+    (_LAYER + ".self_attn.q_proj{sfx}.{wb}", "llm.layers.{i}.{exp}.q_proj.{wb}", EXPERT),
+    (_LAYER + ".self_attn.k_proj{sfx}.{wb}", "llm.layers.{i}.{exp}.k_proj.{wb}", EXPERT),
+    (_LAYER + ".self_attn.v_proj{sfx}.{wb}", "llm.layers.{i}.{exp}.v_proj.{wb}", EXPERT),
+    (_LAYER + ".self_attn.o_proj{sfx}.weight", "llm.layers.{i}.{exp}.o_proj.weight", EXPERT),
+    (_LAYER + ".self_attn.q_norm{sfx}.weight", "llm.layers.{i}.{exp}.q_norm.weight", EXPERT),
+    (_LAYER + ".self_attn.k_norm{sfx}.weight", "llm.layers.{i}.{exp}.k_norm.weight", EXPERT),
+    (_LAYER + ".mlp{sfx}.gate_proj.weight", "llm.layers.{i}.{exp}.mlp.gate_proj.weight", EXPERT),
+    (_LAYER + ".mlp{sfx}.up_proj.weight", "llm.layers.{i}.{exp}.mlp.up_proj.weight", EXPERT),
+    (_LAYER + ".mlp{sfx}.down_proj.weight", "llm.layers.{i}.{exp}.mlp.down_proj.weight", EXPERT),
+    ("vit_model.vision_model.embeddings.patch_embedding.{wb}", "vit.patch_embed.{wb}"),
+    ("vit_model.vision_model.embeddings.position_embedding.weight", "vit.pos_embed.weight"),
+    ("vit_model.vision_model.encoder.layers.{i}.layer_norm1.{wb}", "vit.layers.{i}.norm1.{wb}"),
+    ("vit_model.vision_model.encoder.layers.{i}.layer_norm2.{wb}", "vit.layers.{i}.norm2.{wb}"),
+    ("vit_model.vision_model.encoder.layers.{i}.self_attn.q_proj.{wb}", "vit.layers.{i}.attn.q_proj.{wb}"),
+    ("vit_model.vision_model.encoder.layers.{i}.self_attn.k_proj.{wb}", "vit.layers.{i}.attn.k_proj.{wb}"),
+    ("vit_model.vision_model.encoder.layers.{i}.self_attn.v_proj.{wb}", "vit.layers.{i}.attn.v_proj.{wb}"),
+    ("vit_model.vision_model.encoder.layers.{i}.self_attn.out_proj.{wb}", "vit.layers.{i}.attn.o_proj.{wb}"),
+    ("vit_model.vision_model.encoder.layers.{i}.mlp.fc1.{wb}", "vit.layers.{i}.mlp.fc1.{wb}"),
+    ("vit_model.vision_model.encoder.layers.{i}.mlp.fc2.{wb}", "vit.layers.{i}.mlp.fc2.{wb}"),
+    ("vit_model.vision_model.post_layernorm.{wb}", "vit.post_norm.{wb}"),
+    ("connector.fc1.{wb}", "connector.fc1.{wb}"),
+    ("connector.fc2.{wb}", "connector.fc2.{wb}"),
+    ("vit_pos_embed.pos_embed", "vit_pos_table"),
+    ("time_embedder.mlp.0.{wb}", "time_embedder.fc1.{wb}"),
+    ("time_embedder.mlp.2.{wb}", "time_embedder.fc2.{wb}"),
+    ("vae2llm.{wb}", "vae2llm.{wb}"),
+    ("llm2vae.{wb}", "llm2vae.{wb}"),
+    ("latent_pos_embed.pos_embed", "latent_pos_table"),
+]
+_EXPERTS = (("und", ""), ("gen", "_moe_gen"))
+_PLACEHOLDERS = {"i": r"(?P<i>\d+)", "wb": r"(?P<wb>weight|bias)"}
+
+
+def _regex(template: str) -> re.Pattern:
+    parts = re.split(r"(\{i\}|\{wb\})", template)
+    body = "".join(_PLACEHOLDERS[p[1:-1]] if p in ("{i}", "{wb}") else re.escape(p) for p in parts)
+    return re.compile(body + r"\Z")
+
+
+@lru_cache(maxsize=None)
+def _rules(direction: str) -> list[tuple[re.Pattern, str]]:
+    """Expanded (compiled source pattern, target template) pairs for 'to_ours' / 'to_official'."""
+    rules = []
+    for row in KEY_MAP:
+        official, ours = row[0], row[1]
+        variants = _EXPERTS if len(row) == 3 else (("", ""),)
+        for exp, sfx in variants:
+            o, u = official.replace("{sfx}", sfx), ours.replace("{exp}", exp)
+            src, dst = (o, u) if direction == "to_ours" else (u, o)
+            rules.append((_regex(src), dst))
+    return rules
+
+
+def convert_key(name: str, direction: str = "to_ours") -> str | None:
+    """Map one parameter name; None if no row of KEY_MAP matches."""
+    for pattern, template in _rules(direction):
+        m = pattern.match(name)
+        if m:
+            return template.format(**{k: v for k, v in m.groupdict().items() if v is not None})
+    return None
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], direction: str = "to_ours",
+                       source: str = "state dict") -> dict[str, torch.Tensor]:
+    out, unknown = {}, []
+    for name, tensor in state.items():
+        new = convert_key(name, direction)
+        if new is None:
+            unknown.append(name)
+        else:
+            out[new] = tensor
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} key(s) match no row of the key map, e.g. {unknown[:5]}")
+    return out
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict comparison of `state` against the model's parameters and persistent buffers."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_official_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_official_names(unexpected)}")
+    for name in sorted(set(state) & set(expected)):
+        if tuple(state[name].shape) != tuple(expected[name].shape):
+            problems.append(f"key {_official_names([name])[0]!r}: checkpoint shape {tuple(state[name].shape)}, "
+                            f"model expects {tuple(expected[name].shape)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model config:\n  " + "\n  ".join(problems[:20]))
+
+
+def _official_names(names: list[str]) -> list[str]:
+    """Report keys by their official name (what the user sees in the file), ours in brackets."""
+    shown = []
+    for n in names[:8]:
+        official = convert_key(n, "to_official")
+        shown.append(f"{official} [{n}]" if official else n)
+    return shown + ([f"... {len(names) - 8} more"] if len(names) > 8 else [])
+
+
+def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", **config_overrides):
+    """Build a `Bagel` for a released-layout directory and load `ema.safetensors` strictly.
+
+    The model is built on the meta device and materialised once, directly from the file's
+    tensors (no random init, no second copy).
+    """
+    from safetensors.torch import load_file
+
+    from bagel.model.bagel import Bagel
+
+    path = Path(path)
+    cfg = BagelConfig.from_official_dir(path, **config_overrides)
+    weights = path / "ema.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: missing ema.safetensors (the BAGEL weights of the release)")
+    state = convert_state_dict(load_file(str(weights)), "to_ours", str(weights))
+    with torch.device("meta"):
+        model = Bagel(cfg)
+    if not cfg.visual_gen or not cfg.visual_und:  # a partial model ignores the other path's tensors
+        state = {k: v for k, v in state.items() if k in model.state_dict()}
+    check_state_dict(model, state, str(weights))
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def export_official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our state dict under the official names (for writing an `ema.safetensors`)."""
+    return convert_state_dict(model.state_dict(), "to_official", "model")

@@ -1,0 +1,51 @@
+"""Rectified-flow matching as pure functions over tensors (BAGEL's convention).
+
+Time runs from t = 0 (data) to t = 1 (noise):  x_t = (1 - t) * x0 + t * eps, and the network
+predicts the velocity v = eps - x0 (pointing from data to noise). Sampling integrates from t = 1
+down to 0 with Euler steps x <- x - v * dt.
+
+Training draws t = sigmoid(u), u ~ N(0, 1) (logit-normal), then applies the resolution shift
+t <- s t / (1 + (s - 1) t); clean conditioning images carry u = -inf, i.e. t = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """s*t / (1 + (s-1)*t): s > 1 spends more time near the noise end (t = 1)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def timesteps_from_logits(logits: torch.Tensor, shift: float) -> torch.Tensor:
+    """Logit-normal draws (or -inf for clean images) -> shifted t in [0, 1]."""
+    return shift_timesteps(torch.sigmoid(logits), shift)
+
+
+def sample_timestep_logits(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One standard-normal logit per noisy image (the dataset side of the official recipe)."""
+    return torch.randn(n, generator=generator)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps; t has one value per row of x0."""
+    t = t[:, None]
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def sampling_timesteps(num_timesteps: int, shift: float) -> torch.Tensor:
+    """The shifted inference grid t_0 = 1 > ... > t_{T-1} = 0 (T points, T-1 model evaluations)."""
+    if num_timesteps < 2:
+        raise ValueError(f"num_timesteps must be >= 2 (got {num_timesteps}): the grid needs both ends")
+    return shift_timesteps(torch.linspace(1, 0, num_timesteps), shift)
+
+
+def euler_step(x: torch.Tensor, velocity: torch.Tensor, t: float | torch.Tensor,
+               t_next: float | torch.Tensor) -> torch.Tensor:
+    """One Euler step from t to t_next < t along the predicted velocity."""
+    return x - velocity * (t - t_next)

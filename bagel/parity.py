@@ -1,0 +1,195 @@
+"""`bagel-parity FIXTURE_DIR`: compare this implementation with official-code reference outputs.
+
+A fixture directory holds a tiny model in the released layout (`llm_config.json`,
+`vit_config.json`, `ema.safetensors`, `ae.safetensors`, plus `ae_config.json` /
+`bagel_config.json` for the settings the official code hard-codes) and `reference.safetensors`
++ `reference.json` with the inputs and outputs of the official code (see
+tests/assets/README.md). Every case found is run; one line is printed per compared tensor with
+its max |difference| and tolerance; the exit status is non-zero if any comparison fails.
+
+    bagel-parity tests/assets/bagel_official_tiny
+    python scripts/check_parity.py tests/assets/bagel_official_tiny --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Suggested tolerances of the fixture contract (atol = rtol) for float32 re-implementations.
+TOL_SINGLE_PASS = 1e-4
+
+# fixture output name -> BagelOutput field
+TRAIN_OUTPUTS = {
+    "vit_features": "vit_features", "connector_out": "connector_out", "llm_input": "llm_input",
+    "last_hidden_state": "hidden", "ce_logits": "ce_logits", "ce": "ce", "loss_ce": "loss_ce",
+    "packed_latent_clean": "latent_clean", "t_shifted": "t", "x_t": "x_t", "target": "target",
+    "velocity_pred": "velocity", "mse": "mse", "loss_mse": "loss_mse",
+}
+
+
+@dataclass
+class Comparison:
+    name: str
+    max_abs: float
+    tol: float
+    ok: bool
+    note: str = ""
+
+    def line(self) -> str:
+        status = "ok  " if self.ok else "FAIL"
+        return f"{status} {self.name:<48} max|diff|={self.max_abs:.3e}  tol={self.tol:.0e} {self.note}".rstrip()
+
+
+def compare(name: str, ours: torch.Tensor | None, ref: torch.Tensor, tol: float = TOL_SINGLE_PASS) -> Comparison:
+    if ours is None:
+        return Comparison(name, float("inf"), tol, False, "(not produced)")
+    ours, ref = ours.detach().double().cpu(), ref.double()
+    if ours.shape != ref.shape:
+        return Comparison(name, float("inf"), tol, False, f"(shape {tuple(ours.shape)} vs {tuple(ref.shape)})")
+    diff = (ours - ref).abs()
+    ok = bool((diff <= tol + tol * ref.abs()).all())
+    return Comparison(name, float(diff.max()) if diff.numel() else 0.0, tol, ok)
+
+
+class Fixture:
+    """Lazy access to a fixture directory's reference tensors and metadata."""
+
+    def __init__(self, path: str | Path):
+        from safetensors.torch import load_file
+
+        self.path = Path(path)
+        for name in ("reference.safetensors", "reference.json"):
+            if not (self.path / name).is_file():
+                raise FileNotFoundError(f"{self.path}: missing {name}; not a parity fixture directory")
+        self.tensors = load_file(str(self.path / "reference.safetensors"))
+        self.meta = json.loads((self.path / "reference.json").read_text())
+
+    def get(self, key: str) -> torch.Tensor:
+        t = self.tensors[key]
+        return t.long() if t.dtype in (torch.int32, torch.int16, torch.uint8) and "image" not in key else t
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+
+def training_batch(fx: Fixture, case: str):
+    """The official packed batch of training case `case` as a PackedBatch (+ the flow noise)."""
+    from bagel.batch import PackedBatch
+
+    meta = fx.meta["train"][case]
+    prefix = f"train/{case}/in/"
+
+    def opt(name):
+        return fx.get(prefix + name) if fx.has(prefix + name) else None
+
+    inputs = meta["inputs"]
+    batch = PackedBatch(
+        sequence_length=inputs["sequence_length"], sample_lens=inputs["sample_lens"],
+        split_lens=meta["split_lens"], attn_modes=meta["attn_modes"],
+        position_ids=opt("packed_position_ids"), text_ids=opt("packed_text_ids"),
+        text_indexes=opt("packed_text_indexes"),
+        vit_tokens=opt("packed_vit_tokens"), vit_position_ids=opt("packed_vit_position_ids"),
+        vit_token_indexes=opt("packed_vit_token_indexes"), vit_token_seqlens=opt("vit_token_seqlens"),
+        vae_images=opt("padded_images"), vae_latents=opt("padded_latent"),
+        vae_latent_shapes=[tuple(s) for s in inputs.get("patchified_vae_latent_shapes", [])] or None,
+        latent_position_ids=opt("packed_latent_position_ids"), vae_token_indexes=opt("packed_vae_token_indexes"),
+        timesteps=opt("packed_timesteps"), mse_loss_indexes=opt("mse_loss_indexes"),
+        label_ids=opt("packed_label_ids"), ce_loss_indexes=opt("ce_loss_indexes"),
+        ce_loss_weights=opt("ce_loss_weights"),
+    )
+    return batch, opt("noise")
+
+
+def check_masks(fx: Fixture, case: str, batch) -> Comparison:
+    """Our attention layout rule vs the official dense per-sample masks."""
+    from bagel.model.attention import AttentionLayout, dense_mask
+
+    mask = dense_mask(AttentionLayout(batch.sample_lens, batch.split_lens, batch.attn_modes), "cpu")
+    worst, start = 0, 0
+    for i, n in enumerate(batch.sample_lens):
+        key = f"train/{case}/in/nested_attention_masks/{i}"
+        if fx.has(key):
+            official = fx.get(key) == 0  # additive mask: 0 = attend
+            worst = max(worst, int((official != mask[start:start + n, start:start + n]).sum()))
+        start += n
+    return Comparison(f"train/{case}/attention_mask", float(worst), 0.0, worst == 0, "(entries differing)")
+
+
+def run_training_cases(fx: Fixture, model) -> list[Comparison]:
+    results = []
+    for case in fx.meta.get("train", {}):
+        batch, noise = training_batch(fx, case)
+        results.append(check_masks(fx, case, batch))
+        with torch.no_grad():
+            out = model(batch, noise=noise)
+        for ref_name, field in TRAIN_OUTPUTS.items():
+            key = f"train/{case}/out/{ref_name}"
+            if fx.has(key):
+                results.append(compare(key, getattr(out, field), fx.get(key)))
+    return results
+
+
+def run_vae_case(fx: Fixture, vae) -> list[Comparison]:
+    if not fx.has("vae/in/image"):
+        return []
+    image, eps = fx.get("vae/in/image"), fx.get("vae/in/sample_eps")
+    with torch.no_grad():
+        ours = {
+            "encoder_moments": vae.encoder_moments(image),
+            "z_sampled": vae.encode(image, eps=eps),
+            "z_mean": vae.encode(image, sample=False),
+            "decoded": vae.decode(fx.get("vae/in/decode_latent")),
+        }
+        ours["decoded_of_z_sampled"] = vae.decode(ours["z_sampled"])
+    results = [compare(f"vae/out/{k}", v, fx.get(f"vae/out/{k}")) for k, v in ours.items() if fx.has(f"vae/out/{k}")]
+    # The training cases' latents are VAE encodings too: check our encoder reproduces them.
+    for case in fx.meta.get("train", {}):
+        prefix = f"train/{case}/in/"
+        if fx.has(prefix + "padded_images") and fx.has(prefix + "vae_sample_eps"):
+            with torch.no_grad():
+                z = vae.encode(fx.get(prefix + "padded_images"), eps=fx.get(prefix + "vae_sample_eps"))
+            results.append(compare(prefix + "padded_latent", z, fx.get(prefix + "padded_latent")))
+    return results
+
+
+def run_all(path: str | Path) -> list[Comparison]:
+    from bagel.checkpoint.official import load_official_model
+    from bagel.config import VAEConfig
+    from bagel.model.vae import load_vae
+
+    fx = Fixture(path)
+    model = load_official_model(fx.path)
+    results = run_training_cases(fx, model)
+    if (fx.path / "ae.safetensors").is_file():
+        vae_cfg = model.cfg.vae if (fx.path / "ae_config.json").is_file() else VAEConfig()
+        results += run_vae_case(fx, load_vae(fx.path / "ae.safetensors", vae_cfg))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bagel-parity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("fixture_dir", help="directory in the bagel_official_tiny fixture format")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        results = run_all(args.fixture_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"bagel-parity: error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(r.line())
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bagel",
+    version="0.1.0",
+    description="BAGEL-style unified multimodal models: packed Mixture-of-Transformers, flow matching, official-checkpoint parity",
+    packages=find_packages(include=["bagel", "bagel.*", "data_pipelines", "data_pipelines.*", "eval", "eval.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # 2.13.0 is the CPU wheel the CI installs first; the range keeps newer torch usable.
+        "torch>=2.5,<3",
+        "transformers>=4.49",
+        "diffusers>=0.30",
+        "safetensors>=0.4",
+        "einops>=0.7",
+        "webdataset>=0.2.90",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "tokenizers",
+    ],
+    extras_require={
+        "flash": ["flash-attn"],
+        "dev": ["pytest>=7", "scikit-learn"],
+        "app": ["gradio"],
+    },
+    entry_points={
+        "console_scripts": [
+            "bagel-parity=bagel.parity:main",
+        ]
+    },
+)
