@@ -178,8 +178,11 @@ class VAEConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
         data = json.loads(Path(path).read_text())
-        data.pop("downsample", None)  # derived from ch_mult; checked below
+        downsample = data.pop("downsample", None)  # derived from ch_mult; must agree if present
         cfg = _from_dict(cls, data, str(path))
+        if downsample is not None and downsample != cfg.downsample:
+            raise ConfigError(f"{path}: downsample={downsample} disagrees with ch_mult={list(cfg.ch_mult)} "
+                              f"(which gives {cfg.downsample})")
         return cfg
 
 

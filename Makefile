@@ -1,0 +1,24 @@
+# CPU setup: the pinned CPU torch wheel goes in first, so nothing pulls a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+
+.PHONY: venv test parity clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+parity: venv
+	$(VENV)/bin/bagel-parity tests/assets/bagel_official_tiny
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

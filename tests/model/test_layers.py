@@ -1,0 +1,64 @@
+import math
+
+import torch
+
+from bagel import flow
+from bagel.model.layers import apply_rope, rope_cos_sin, sincos_2d_table, timestep_features
+
+
+def test_sincos_tables_equal_the_stored_official_ones(official_dir):
+    from safetensors.torch import load_file
+
+    state = load_file(str(official_dir / "ema.safetensors"))
+    assert torch.equal(sincos_2d_table(16, 64), state["latent_pos_embed.pos_embed"])
+    assert torch.equal(sincos_2d_table(16, 64), state["vit_pos_embed.pos_embed"])
+
+
+def test_sincos_layout_column_first():
+    t = sincos_2d_table(4, 8)  # D/4 = 2 frequencies; w_0 = 1
+    r, c = 2, 3
+    row = t[r * 4 + c]
+    assert math.isclose(row[0].item(), math.sin(c), abs_tol=1e-6)  # first half encodes the column
+    assert math.isclose(row[4].item(), math.sin(r), abs_tol=1e-6)
+
+
+def test_rope_relative_property():
+    """q.k after RoPE depends only on the position difference."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 16, generator=g), torch.randn(1, 1, 16, generator=g)
+    def dot(pq, pk):
+        cq, sq = rope_cos_sin(torch.tensor([pq]), 16, 1e6, torch.float32)
+        ck, sk = rope_cos_sin(torch.tensor([pk]), 16, 1e6, torch.float32)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+    torch.testing.assert_close(dot(5, 2), dot(103, 100))
+
+
+def test_timestep_features_cos_first_no_scaling():
+    f = timestep_features(torch.tensor([0.5]), 256)
+    assert math.isclose(f[0, 0].item(), math.cos(0.5), abs_tol=1e-6)  # f_0 = 1, t not x1000
+    assert math.isclose(f[0, 128].item(), math.sin(0.5), abs_tol=1e-6)
+
+
+def test_flow_conventions():
+    x0, eps = torch.randn(5, 4), torch.randn(5, 4)
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    xt = flow.add_noise(x0, eps, t)
+    torch.testing.assert_close(xt[0], x0[0])
+    torch.testing.assert_close(xt[-1], eps[-1])
+    # the velocity target moves x_t along t: x_t + dt * v = x_{t+dt}
+    v = flow.velocity_target(x0, eps)
+    torch.testing.assert_close(flow.add_noise(x0, eps, t + 0.1), xt + 0.1 * v)
+    # an exact velocity integrates back to the data
+    x = eps.clone()
+    grid = flow.sampling_timesteps(7, 3.0)
+    for i in range(len(grid) - 1):
+        x = flow.euler_step(x, v, grid[i], grid[i + 1])
+    torch.testing.assert_close(x, x0, atol=1e-5, rtol=1e-5)
+
+
+def test_shift_and_grid_match_fixture(reference):
+    grid = flow.sampling_timesteps(7, 3.0)
+    torch.testing.assert_close(grid[:-1], torch.tensor(reference.meta["infer"]["t2i"]["steps_t"]))
+    assert float(flow.shift_timesteps(torch.tensor(0.5), 1.0)) == 0.5
+    torch.testing.assert_close(flow.timesteps_from_logits(torch.tensor([float("-inf"), 0.0]), 2.0),
+                               torch.tensor([0.0, 2 / 3]))
