@@ -49,3 +49,37 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, t: float | torch.Tensor,
                t_next: float | torch.Tensor) -> torch.Tensor:
     """One Euler step from t to t_next < t along the predicted velocity."""
     return x - velocity * (t - t_next)
+
+
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+def _norm_ratio(ref: torch.Tensor, guided: torch.Tensor, per_token: bool, renorm_min: float) -> torch.Tensor:
+    """clamp(||ref|| / (||guided|| + 1e-8), renorm_min, 1): shrink guidance, never amplify."""
+    if per_token:
+        ratio = ref.norm(dim=-1, keepdim=True) / (guided.norm(dim=-1, keepdim=True) + 1e-8)
+    else:
+        ratio = ref.norm() / (guided.norm() + 1e-8)
+    return ratio.clamp(min=renorm_min, max=1.0)
+
+
+def apply_cfg(v: torch.Tensor, v_text: torch.Tensor | None, v_img: torch.Tensor | None, scale_text: float,
+              scale_img: float, renorm_type: str = "global", renorm_min: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance over text and image conditions, exactly as the release combines it.
+
+    v: full-context velocity (N, C) of one image; v_text: without the last text; v_img: without
+    images. Guidance applies only when scale_text > 1 (then image guidance too, if scale_img > 1).
+    `global` renorms by the norm over the whole image, `channel` per token; `text_channel`
+    renorms per token after the text step only (arXiv 2412.07730's rescale, per the release).
+    """
+    if renorm_type not in RENORM_TYPES:
+        raise ValueError(f"cfg renorm type {renorm_type!r} is unknown; expected one of {RENORM_TYPES}")
+    if scale_text <= 1.0:
+        return v
+    u = v_text + scale_text * (v - v_text)
+    if renorm_type == "text_channel":
+        u = u * _norm_ratio(v, u, per_token=True, renorm_min=renorm_min)
+        return v_img + scale_img * (u - v_img) if scale_img > 1.0 else u
+    if scale_img > 1.0:
+        u = v_img + scale_img * (u - v_img)
+    return u * _norm_ratio(v, u, per_token=renorm_type == "channel", renorm_min=renorm_min)

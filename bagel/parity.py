@@ -158,6 +158,96 @@ def run_vae_case(fx: Fixture, vae) -> list[Comparison]:
     return results
 
 
+TOL_SAMPLER = 5e-4  # multi-step sampler latents and decoded images (fixture contract)
+
+
+def _engine(fx: Fixture, model, vae):
+    from bagel.inference.engine import Engine
+    from bagel.tokenizer import load_tokenizer
+    from bagel.transforms import ResizeSpec
+
+    extra = json.loads((fx.path / "bagel_config.json").read_text()) if (fx.path / "bagel_config.json").is_file() else {}
+    spec = lambda key, default: ResizeSpec(*extra[key]) if key in extra else default  # noqa: E731
+    from bagel.transforms import VAE_INFERENCE, VIT_INFERENCE
+
+    return Engine(model, vae, load_tokenizer(fx.path), vae_transform=spec("vae_transform", VAE_INFERENCE),
+                  vit_transform=spec("vit_transform", VIT_INFERENCE))
+
+
+def _image_case(fx: Fixture, engine, case: str) -> list[Comparison]:
+    from PIL import Image
+
+    from bagel.inference.generate_image import ImageGenConfig
+
+    meta, key = fx.meta["infer"][case], f"infer/{case}/"
+    c = meta["config"]
+    cfg = ImageGenConfig(num_timesteps=c["num_timesteps"], timestep_shift=c["timestep_shift"],
+                         cfg_text_scale=c["cfg_text_scale"], cfg_img_scale=c["cfg_img_scale"],
+                         cfg_interval=tuple(c["cfg_interval"]), cfg_renorm_type=c["cfg_renorm_type"],
+                         cfg_renorm_min=c["cfg_renorm_min"])
+    sessions = engine.new_sessions(1)
+    if fx.has(key + "input_image_u8"):  # editing: VAE block, ViT block, then the instruction
+        image = Image.fromarray(fx.get(key + "input_image_u8").numpy())
+        eps = [fx.get(key + "vae_sample_eps")] if fx.has(key + "vae_sample_eps") else None
+        engine.add_image(sessions, [image], eps=eps)
+        size = sessions[0].image_size
+    else:
+        size = tuple(c["image_shape"])
+    engine.add_text(sessions, [c["prompt"]])
+    steps = {"x_t": [], "t": [], "v_t": []}
+
+    def record(i, t, x, v):
+        steps["x_t"].append(x.clone())
+        steps["t"].append(torch.tensor(t))
+        steps["v_t"].append(v.clone())
+
+    images, latents, decoded = engine.generate_image(sessions, size, cfg, noise=[fx.get(key + "init_noise")],
+                                                     on_step=record, return_latents=True)
+    results = [compare(key + f"steps/{k}", torch.stack(v), fx.get(key + f"steps/{k}"), TOL_SAMPLER)
+               for k, v in steps.items()]
+    results.append(compare(key + "final_latent", latents[0], fx.get(key + "final_latent"), TOL_SAMPLER))
+    results.append(compare(key + "decoded", decoded[0][None], fx.get(key + "decoded"), TOL_SAMPLER))
+    # uint8 images come from a truncating cast: allow off-by-one in a few pixels
+    ours = torch.from_numpy(__import__("numpy").asarray(images[0])).int()
+    diff = (ours - fx.get(key + "image_u8").int()).abs()
+    few = int((diff > 0).sum()) <= max(10, diff.numel() // 1000)
+    results.append(Comparison(key + "image_u8", float(diff.max()), 1, bool(diff.max() <= 1) and few,
+                              f"({int((diff > 0).sum())} values differ)"))
+    return results
+
+
+def _understanding_case(fx: Fixture, engine, case: str) -> list[Comparison]:
+    from PIL import Image
+
+    from bagel.inference.generate_text import SamplingConfig
+
+    meta, key = fx.meta["infer"][case], f"infer/{case}/"
+    sessions = engine.new_sessions(1)
+    engine.add_image(sessions, [Image.fromarray(fx.get(key + "input_image_u8").numpy())], vae=False, vit=True)
+    engine.add_text(sessions, [meta["config"]["prompt"]])
+    official = fx.get(key + "generated_ids").tolist()  # starts with <|im_start|>
+    # The release's max_length counts the start token; one more step also yields the logits row
+    # that follows the last returned id, which the fixture stores.
+    _, out = engine.generate_text(sessions, SamplingConfig(max_new_tokens=len(official)), keep_logits=True)
+    ids = official[:1] + out.ids[0][: len(official) - 1]
+    ok = ids == official
+    results = [Comparison(key + "generated_ids", 0.0 if ok else float("inf"), 0.0, ok, f"(ours {ids})")]
+    logits = torch.cat(out.step_logits)[: fx.get(key + "step_logits").shape[0]]
+    results.append(compare(key + "step_logits", logits, fx.get(key + "step_logits")))
+    return results
+
+
+def run_inference_cases(fx: Fixture, model, vae) -> list[Comparison]:
+    results, engine = [], None
+    for case in fx.meta.get("infer", {}):
+        engine = engine or _engine(fx, model, vae)
+        if fx.has(f"infer/{case}/generated_ids"):
+            results += _understanding_case(fx, engine, case)
+        elif fx.has(f"infer/{case}/init_noise"):
+            results += _image_case(fx, engine, case)
+    return results
+
+
 def run_all(path: str | Path) -> list[Comparison]:
     from bagel.checkpoint.official import load_official_model
     from bagel.config import VAEConfig
@@ -168,7 +258,9 @@ def run_all(path: str | Path) -> list[Comparison]:
     results = run_training_cases(fx, model)
     if (fx.path / "ae.safetensors").is_file():
         vae_cfg = model.cfg.vae if (fx.path / "ae_config.json").is_file() else VAEConfig()
-        results += run_vae_case(fx, load_vae(fx.path / "ae.safetensors", vae_cfg))
+        vae = load_vae(fx.path / "ae.safetensors", vae_cfg)
+        results += run_vae_case(fx, vae)
+        results += run_inference_cases(fx, model, vae)
     return results
 
 

@@ -28,9 +28,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from bagel.checkpoint.errors import CheckpointError
@@ -336,19 +334,6 @@ def unpatchify_latent(tokens: torch.Tensor, h: int, w: int, p: int, C: int) -> t
     return x.reshape(C, h * p, w * p)  # (C, h*p, w*p)
 
 
-def latent_grid_ids(h: int, w: int, max_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Position ids (h*w,) long of raster-order tokens: row * max_size + col.
-
-    These index a (max_size**2, D) position table, so a grid wider or taller than max_size would
-    alias rows; that is an error here (the official code does not check).
-    """
-    if h > max_size or w > max_size:
-        raise ValueError(f"latent grid {h}x{w} exceeds max_latent_size={max_size}")
-    rows = torch.arange(h, device=device).unsqueeze(1)  # (h, 1)
-    cols = torch.arange(w, device=device).unsqueeze(0)  # (1, w)
-    return (rows * max_size + cols).reshape(-1)  # (h*w,)
-
-
 def crop_latent(padded_latent: torch.Tensor, h_tokens: int, w_tokens: int, p: int) -> torch.Tensor:
     """Crop a latent of a zero-padded image batch (C, H', W') to its own (C, h*p, w*p)."""
     C, H, W = padded_latent.shape
@@ -363,22 +348,3 @@ def crop_latent(padded_latent: torch.Tensor, h_tokens: int, w_tokens: int, p: in
 # ------------------------------------------------------------------------------------------------
 # Images <-> tensors (official `ImageTransform` normalisation and decode-to-uint8 convention)
 # ------------------------------------------------------------------------------------------------
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image -> (3, H, W) float32 in [-1, 1]: x = (uint8 / 255 - 0.5) / 0.5, RGB, CHW."""
-    arr = np.array(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    x = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32).div(255)  # (3, H, W) in [0, 1]
-    return (x - 0.5) / 0.5
-
-
-def tensor_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Decoded (3, H, W) in [-1, 1] -> (H, W, 3) uint8 on CPU: clamp(x*0.5+0.5, 0, 1)*255, truncated
-    by the uint8 cast (not rounded), as the official inferencer does."""
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"tensor_to_uint8: expected a (3, H, W) image, got shape {list(x.shape)}")
-    x = (x.detach() * 0.5 + 0.5).clamp(0, 1)  # (3, H, W) in [0, 1]
-    return (x.permute(1, 2, 0) * 255).to(torch.uint8).cpu()  # (H, W, 3)
-
-
-def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """Decoded (3, H, W) in [-1, 1] -> RGB PIL image (see `tensor_to_uint8` for the rounding)."""
-    return Image.fromarray(tensor_to_uint8(x).numpy())

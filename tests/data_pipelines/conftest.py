@@ -38,3 +38,9 @@ def data_config(sources: list[dict], **overrides):
             "sources": sources}
     data.update(overrides)
     return DataConfig.from_dict(data)
+
+
+@pytest.fixture
+def make_config():
+    """`make_config(sources, **overrides)`: a small DataConfig (32 px VAE, 28 px ViT, 256 tokens)."""
+    return data_config

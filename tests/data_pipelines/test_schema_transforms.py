@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -6,7 +5,7 @@ from PIL import Image
 
 from data_pipelines.schema import (SchemaError, edit_document, loads_document, parse_document,
                                    t2i_document, vqa_document)
-from data_pipelines.transforms import ResizeSpec, VIT_DEFAULT, resize_size, transform_image
+from bagel.transforms import ResizeSpec, VIT_DEFAULT, resize_size, transform_image
 
 
 def test_documents_round_trip():

@@ -1,8 +1,6 @@
 import json
-import random
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from data_pipelines.schema import t2i_document

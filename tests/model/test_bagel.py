@@ -14,12 +14,16 @@ TOKENS = SpecialTokens(bos=301, eos=302, start_of_image=309, end_of_image=310)
 
 
 def test_official_parity(official_dir):
-    """Every training-forward and VAE tensor of the official fixture, within 1e-5."""
+    """Every official fixture case: single forward passes within 1e-5 (the fixture suggests 1e-4),
+    multi-step sampler outputs within 1e-4 (it suggests 5e-4), greedy ids exactly."""
     results = run_all(official_dir)
-    assert len(results) >= 40
+    assert len(results) >= 54
     for r in results:
         assert r.ok, r.line()
-        assert r.max_abs <= 1e-5, r.line()
+        if r.name.startswith(("train/", "vae/")) or r.name.endswith("step_logits"):
+            assert r.max_abs <= 1e-5, r.line()
+        elif "image_u8" not in r.name:
+            assert r.max_abs <= 1e-4, r.line()
 
 
 def random_samples(g: torch.Generator):

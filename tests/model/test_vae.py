@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from bagel.checkpoint.errors import CheckpointError
 from bagel.config import ConfigError, VAEConfig
 from bagel.model import vae as V
+from bagel import transforms as T
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "bagel_official_tiny"
 AE_PATH = ASSETS / "ae.safetensors"
@@ -82,7 +83,7 @@ def test_training_encode_matches_official(vae, ref, case):
 def test_inference_encode_from_pil_matches_official(vae, ref):
     image = Image.fromarray(ref["infer/edit/input_image_u8"].numpy())
     with torch.no_grad():
-        z = vae.encode(V.pil_to_tensor(image)[None], eps=ref["infer/edit/vae_sample_eps"])
+        z = vae.encode(T.to_tensor(image)[None], eps=ref["infer/edit/vae_sample_eps"])
     assert max_abs(z, ref["infer/edit/input_latent"]) <= ATOL
 
 
@@ -245,13 +246,6 @@ def test_crop_and_patchify_match_official_packed_latents(ref, case, grids):
     assert torch.equal(tokens, ref[f"train/{case}/out/packed_latent_clean"])
 
 
-def test_latent_grid_ids():
-    ids = V.latent_grid_ids(2, 3, 4)
-    assert ids.dtype == torch.long and ids.tolist() == [0, 1, 2, 4, 5, 6]
-    with pytest.raises(ValueError, match="max_latent_size=4"):
-        V.latent_grid_ids(2, 5, 4)
-
-
 def test_crop_latent():
     padded = torch.randn(4, 6, 10)
     crop = V.crop_latent(padded, 2, 4, 2)
@@ -264,15 +258,15 @@ def test_crop_latent():
 # Images
 # ------------------------------------------------------------------------------------------------
 def test_pil_to_tensor_matches_official(ref):
-    x = V.pil_to_tensor(Image.fromarray(ref["vae/in/image_u8"].numpy()))
+    x = T.to_tensor(Image.fromarray(ref["vae/in/image_u8"].numpy()))
     assert x.dtype == torch.float32 and torch.equal(x, ref["vae/in/image"][0])
-    x = V.pil_to_tensor(Image.fromarray(ref["train/images/gen_vae"].numpy()))
+    x = T.to_tensor(Image.fromarray(ref["train/images/gen_vae"].numpy()))
     assert torch.equal(x, ref["train/gen/in/padded_images"][0])
 
 
 def test_pil_to_tensor_values_and_modes():
     gray = Image.fromarray(np.array([[0, 255, 128]], dtype=np.uint8))  # mode "L"
-    x = V.pil_to_tensor(gray)  # (3, 1, 3): grey is replicated to RGB
+    x = T.to_tensor(gray)  # (3, 1, 3): grey is replicated to RGB
     assert x.shape == (3, 1, 3)
     assert x[:, 0, 0].tolist() == [-1.0] * 3 and x[:, 0, 1].tolist() == [1.0] * 3
     expected = (torch.tensor(128, dtype=torch.float32) / 255 - 0.5) / 0.5  # float32, official order
@@ -284,23 +278,23 @@ def test_tensor_to_pil_truncates():
     x = (target / 255 - 0.5) / 0.5
     x = torch.cat([x, torch.tensor([-3.0, 3.0])])  # clamped to 0 and 255
     image = torch.stack([x, x, x]).reshape(3, 1, 7)
-    u8 = V.tensor_to_uint8(image)
+    u8 = T.to_uint8(image)
     assert u8.dtype == torch.uint8 and u8.shape == (1, 7, 3)
     assert u8[0, :, 0].tolist() == [0, 100, 100, 254, 255, 0, 255]
-    pil = V.tensor_to_pil(image)
+    pil = T.to_pil(image)
     assert pil.mode == "RGB" and pil.size == (7, 1) and np.array_equal(np.asarray(pil), u8.numpy())
 
 
 @pytest.mark.parametrize("case", ["t2i", "edit"])
 def test_tensor_to_uint8_matches_official(ref, case):
-    assert torch.equal(V.tensor_to_uint8(ref[f"infer/{case}/decoded"][0]), ref[f"infer/{case}/image_u8"])
+    assert torch.equal(T.to_uint8(ref[f"infer/{case}/decoded"][0]), ref[f"infer/{case}/image_u8"])
 
 
 def test_uint8_round_trip_is_off_by_at_most_one():
     # The official convention truncates, so (u/255 - 0.5)/0.5 -> u8 loses one level for some u
     # (63 of the 256 values in float32); 0 and 255 are exact.
     u = torch.arange(256, dtype=torch.uint8).reshape(1, 256, 1).expand(1, 256, 3).contiguous()
-    back = V.tensor_to_uint8(V.pil_to_tensor(Image.fromarray(u.numpy())))
+    back = T.to_uint8(T.to_tensor(Image.fromarray(u.numpy())))
     diff = u.int() - back.int()
     assert diff.min() >= 0 and diff.max() <= 1
     assert back[0, 0, 0] == 0 and back[0, 255, 0] == 255

@@ -1,0 +1,112 @@
+"""Building inference contexts: query blocks for text, ViT images and VAE images, and prefill.
+
+Conventions (the official inferencer's, checked against the fixture):
+- text:      [<|im_start|>] + ids + [<|im_end|>], consecutive RoPE ids, causal, und expert;
+             the context's RoPE counter advances by the block length.
+- ViT image: [<|vision_start|>] + ViT tokens + [<|vision_end|>], all at one RoPE id,
+             bidirectional, und expert; counter += 1.
+- VAE image: the same markers around latent tokens embedded at t = 0; latents use the gen
+             expert, markers the und expert; counter += 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bagel.inference.forward import Query, forward_queries
+from bagel.inference.kv_cache import Context
+from bagel.packing import grid_position_ids, patchify_image
+from bagel.tokenizer import SpecialTokens
+
+
+def _marker_embeds(model, tokens: SpecialTokens, device) -> torch.Tensor:
+    ids = torch.tensor([tokens.start_of_image, tokens.end_of_image], device=device)
+    return model.llm.embed_tokens(ids)  # (2, D)
+
+
+def image_block(model, tokens: SpecialTokens, inner: torch.Tensor, rope: int, gen: bool) -> Query:
+    """[<|vision_start|>] + inner (n, D) + [<|vision_end|>] at one RoPE id, bidirectional."""
+    start, end = _marker_embeds(model, tokens, inner.device).to(inner.dtype)
+    embeds = torch.cat([start[None], inner, end[None]])
+    n = embeds.shape[0]
+    gen_rows = torch.zeros(n, dtype=torch.bool, device=inner.device)
+    gen_rows[1:-1] = gen
+    return Query(embeds, torch.full((n,), rope, device=inner.device), gen_rows, causal=False)
+
+
+def text_query(model, tokens: SpecialTokens, ids: list[int], rope: int) -> Query:
+    device = model.llm.embed_tokens.weight.device
+    full = torch.tensor([tokens.bos, *ids, tokens.eos], device=device)
+    n = full.numel()
+    return Query(model.llm.embed_tokens(full), torch.arange(rope, rope + n, device=device),
+                 torch.zeros(n, dtype=torch.bool, device=device), causal=True)
+
+
+@torch.no_grad()
+def vit_query(model, tokens: SpecialTokens, image: torch.Tensor, rope: int) -> Query:
+    """image (3, H, W) in [-1, 1], H and W multiples of the ViT patch size."""
+    cfg, device = model.cfg, model.llm.embed_tokens.weight.device
+    p = cfg.vit.patch_size
+    h, w = image.shape[1] // p, image.shape[2] // p
+    if image.shape[1] % p or image.shape[2] % p:
+        raise ValueError(f"ViT image {tuple(image.shape[1:])} is not a multiple of the patch size {p}")
+    if max(h, w) > cfg.vit_max_num_patch_per_side:
+        raise ValueError(f"ViT image {tuple(image.shape[1:])} exceeds vit_max_num_patch_per_side="
+                         f"{cfg.vit_max_num_patch_per_side} patches per side")
+    patches = patchify_image(image, p).to(device)
+    ids = grid_position_ids(h, w, cfg.vit_max_num_patch_per_side).to(device)
+    _, _, emb = model.embed_vit(patches, ids, [h * w])
+    return image_block(model, tokens, emb, rope, gen=False)
+
+
+@torch.no_grad()
+def latent_query(model, tokens: SpecialTokens, x: torch.Tensor, t: float, grid: tuple[int, int], rope: int) -> Query:
+    """Patchified latents x (h*w, p*p*C) at time t (0 = clean) -> a VAE image block."""
+    cfg = model.cfg
+    h, w = grid
+    if max(h, w) > cfg.max_latent_size:
+        raise ValueError(f"latent grid {h}x{w} exceeds max_latent_size={cfg.max_latent_size} tokens per side "
+                         f"(at most {cfg.max_latent_size * cfg.latent_downsample} px)")
+    ids = grid_position_ids(h, w, cfg.max_latent_size).to(x.device)
+    t_vec = torch.full((x.shape[0],), float(t), device=x.device)
+    return image_block(model, tokens, model.embed_latents(x, t_vec, ids), rope, gen=True)
+
+
+# Prefill: add blocks to contexts (batched over contexts) ------------------------------------------
+def prefill(model, contexts: list[Context], queries: list[Query], rope_steps: list[int]) -> list[torch.Tensor]:
+    hidden = forward_queries(model, contexts, queries, commit=True)
+    for ctx, step in zip(contexts, rope_steps):
+        ctx.rope += step
+    return hidden
+
+
+def add_text(model, tokens: SpecialTokens, contexts: list[Context], ids: list[list[int]]) -> list[torch.Tensor]:
+    """Prefill one text segment per context (different lengths are fine)."""
+    queries = [text_query(model, tokens, i, c.rope) for c, i in zip(contexts, ids)]
+    return prefill(model, contexts, queries, [len(q) for q in queries])
+
+
+def add_vit_image(model, tokens: SpecialTokens, contexts: list[Context], images: list[torch.Tensor]) -> None:
+    queries = [vit_query(model, tokens, im, c.rope) for c, im in zip(contexts, images)]
+    prefill(model, contexts, queries, [1] * len(contexts))
+
+
+def add_vae_image(model, vae, tokens: SpecialTokens, contexts: list[Context], images: list[torch.Tensor],
+                  generator: torch.Generator | None = None, eps: list[torch.Tensor] | None = None) -> None:
+    """VAE-encode each image (posterior sample, as the release does) and prefill it at t = 0."""
+    from bagel.model.vae import patchify_latent
+
+    cfg, queries = model.cfg, []
+    for i, (ctx, image) in enumerate(zip(contexts, images)):
+        d = cfg.latent_downsample
+        if image.shape[1] % d or image.shape[2] % d:
+            raise ValueError(f"VAE image {tuple(image.shape[1:])} is not a multiple of {d} px")
+        with torch.no_grad():
+            z = vae.encode(image[None].to(vae_device(vae)), eps=None if eps is None else eps[i], generator=generator)[0]
+        x = patchify_latent(z.to(model.llm.embed_tokens.weight), cfg.latent_patch_size)
+        queries.append(latent_query(model, tokens, x, 0.0, (image.shape[1] // d, image.shape[2] // d), ctx.rope))
+    prefill(model, contexts, queries, [1] * len(contexts))
+
+
+def vae_device(vae) -> torch.device:
+    return next(vae.parameters()).device

@@ -1,0 +1,278 @@
+"""The inference engine: understanding, text-to-image, editing, think mode and interleaved output.
+
+A `Session` is one conversation with the three CFG contexts the release keeps:
+  full         everything so far;
+  text_uncond  `full` as it was before the last text input (a free fork, taken before each text
+               and after each image, as the official inferencer does);
+  img_uncond   the text inputs only (images skipped), so its RoPE ids carry no image slots.
+Methods take lists of sessions and batch them: prompts of different lengths prefill in one
+forward, and all CFG branches of all images are denoised in one forward per step.
+
+Interleaved output protocol (our convention, used by the digits demo): after a block is added,
+the LM head's prediction at its closing marker says what comes next: `<|vision_start|>` -> an
+image, `<|im_start|>` -> a text segment, anything else -> the turn is over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from bagel.inference import context as ctxlib
+from bagel.inference.generate_image import Branches, ImageGenConfig, decode_latents, generate_latents
+from bagel.inference.generate_text import SamplingConfig, generate_text
+from bagel.inference.kv_cache import Context, KVCache
+from bagel.tokenizer import SpecialTokens, load_tokenizer
+from bagel.transforms import VAE_INFERENCE, VIT_INFERENCE, ResizeSpec, resize_size, to_pil, to_tensor
+
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
+    "answer here")
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
+    "image here")
+
+
+@dataclass
+class Session:
+    full: Context
+    text_uncond: Context
+    img_uncond: Context
+    image_size: tuple[int, int] | None = None  # (H, W) of the last input image (editing output size)
+    next_hint: int | None = None  # LM prediction at the last block's closing marker
+    outputs: list = field(default_factory=list)
+
+    def branches(self) -> Branches:
+        return Branches(self.full, self.text_uncond, self.img_uncond)
+
+
+class Engine:
+    def __init__(self, model, vae, tokenizer, tokens: SpecialTokens | None = None,
+                 vae_transform: ResizeSpec = VAE_INFERENCE, vit_transform: ResizeSpec = VIT_INFERENCE,
+                 max_context: int | None = None):
+        self.model, self.vae, self.tokenizer = model.eval(), vae, tokenizer
+        self.tokens = tokens or SpecialTokens.from_tokenizer(tokenizer)
+        self.vae_transform, self.vit_transform = vae_transform, vit_transform
+        self.max_context = max_context or model.cfg.llm.max_position_embeddings
+        self.cache = KVCache.for_model(model)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        vae_device: str | None = None, vit_device: str | None = None, **kwargs) -> "Engine":
+        """Load model, VAE and tokenizer from our layout or the released one.
+
+        `vae_device` / `vit_device` let the VAE and the ViT live elsewhere (e.g. on CPU next to a
+        GPU LLM) to save accelerator memory."""
+        from bagel.checkpoint.io import from_pretrained
+        from bagel.model.vae import load_vae
+
+        path = Path(path)
+        model = from_pretrained(path, dtype=dtype, device=device)
+        if vit_device and model.cfg.visual_und:
+            model.vit.to(vit_device)
+        if not (path / "ae.safetensors").is_file():
+            raise FileNotFoundError(f"{path}: missing ae.safetensors (the VAE weights)")
+        vae = load_vae(path / "ae.safetensors", model.cfg.vae, device=vae_device or device)
+        return cls(model, vae, load_tokenizer(path), **kwargs)
+
+    # Sessions and inputs ------------------------------------------------------------------------
+    def new_sessions(self, n: int = 1) -> list[Session]:
+        sessions = []
+        for _ in range(n):
+            full = self.cache.new_context()
+            sessions.append(Session(full, full.fork(), self.cache.new_context()))
+        return sessions
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_length(self, s: Session, extra: int) -> None:
+        if s.full.rope + extra > self.max_context:
+            raise ValueError(f"the context would reach {s.full.rope + extra} positions, over the model's limit of "
+                             f"{self.max_context} (max_position_embeddings)")
+
+    def add_text(self, sessions: list[Session], texts: list[str]) -> None:
+        ids = [self.encode(t) for t in texts]
+        for s, i in zip(sessions, ids):
+            self._check_length(s, len(i) + 2)
+            s.text_uncond = s.full.fork()
+        hidden = ctxlib.add_text(self.model, self.tokens, [s.full for s in sessions], ids)
+        ctxlib.add_text(self.model, self.tokens, [s.img_uncond for s in sessions], ids)
+        self._set_hints(sessions, hidden)
+
+    def _set_hints(self, sessions: list[Session], hidden: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            last = torch.stack([h[-1] for h in hidden])
+            hints = self.model.llm.lm_head(last).argmax(-1).tolist()
+        for s, hint in zip(sessions, hints):
+            s.next_hint = hint
+
+    def prepare_image(self, image: Image.Image | str | Path) -> Image.Image:
+        """Load (if a path) and resize with the VAE transform: the size editing outputs keep."""
+        if isinstance(image, (str, Path)):
+            try:
+                image = Image.open(image)
+                image.load()
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read image {image}: {e}") from e
+        image = image.convert("RGB")
+        size = resize_size(image.width, image.height, self.vae_transform)
+        return image if size == image.size else image.resize(size, Image.BICUBIC)
+
+    def add_image(self, sessions: list[Session], images: list, vae: bool = True, vit: bool = True,
+                  generator: torch.Generator | None = None, eps: list[torch.Tensor] | None = None) -> None:
+        """Add an input image: VAE block then ViT block (editing), or ViT only (understanding)."""
+        images = [self.prepare_image(im) for im in images]
+        for s, im in zip(sessions, images):
+            s.image_size = (im.height, im.width)
+        fulls = [s.full for s in sessions]
+        if vae:
+            ctxlib.add_vae_image(self.model, self.vae, self.tokens, fulls, [to_tensor(im) for im in images],
+                                 generator=generator, eps=eps)
+        if vit:
+            vit_images = []
+            for im in images:
+                size = resize_size(im.width, im.height, self.vit_transform)
+                vit_images.append(to_tensor(im if size == im.size else im.resize(size, Image.BICUBIC)))
+            ctxlib.add_vit_image(self.model, self.tokens, fulls, vit_images)
+        for s in sessions:
+            s.text_uncond = s.full.fork()
+
+    # Outputs ----------------------------------------------------------------------------------------
+    def generate_text(self, sessions: list[Session], sampling: SamplingConfig = SamplingConfig(),
+                      generator: torch.Generator | None = None, keep_logits: bool = False):
+        """Decode an answer per session on a fork of its full context (the context is unchanged)."""
+        forks = [s.full.fork() for s in sessions]
+        out = generate_text(self.model, self.tokens, forks, sampling, generator, keep_logits)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in out.ids]
+        return texts, out
+
+    def generate_image(self, sessions: list[Session], size: tuple[int, int] | None = None,
+                       cfg: ImageGenConfig = ImageGenConfig(), generator: torch.Generator | None = None,
+                       noise: list[torch.Tensor] | None = None, on_step=None, progress: bool = False,
+                       return_latents: bool = False):
+        """One image per session; size (H, W) defaults to the last input image's size."""
+        size = size or sessions[0].image_size
+        if size is None:
+            raise ValueError("no output size given and no input image to take it from")
+        grid = self.latent_grid(size)
+        latents = generate_latents(self.model, self.tokens, [s.branches() for s in sessions], grid, cfg,
+                                   noise=noise, generator=generator, on_step=on_step, progress=progress)
+        decoded = decode_latents(self.model, self.vae, latents, grid)
+        images = [to_pil(d) for d in decoded]
+        return (images, latents, decoded) if return_latents else images
+
+    def latent_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        h, w = size
+        d, m = self.model.cfg.latent_downsample, self.model.cfg.max_latent_size
+        if h % d or w % d or h <= 0 or w <= 0:
+            raise ValueError(f"image size {w}x{h} (WxH) must be positive multiples of {d} px")
+        if h // d > m or w // d > m:
+            raise ValueError(f"image size {w}x{h} exceeds the model's largest, {m * d}x{m * d} px (max_latent_size={m})")
+        return h // d, w // d
+
+    # High-level tasks ------------------------------------------------------------------------------
+    def understand(self, images: list, question: str, sampling: SamplingConfig = SamplingConfig(max_new_tokens=512),
+                   think: bool = False) -> str:
+        s = self.new_sessions(1)
+        if think:
+            self.add_text(s, [VLM_THINK_SYSTEM_PROMPT])
+        for im in images:
+            self.add_image(s, [im], vae=False, vit=True)
+        self.add_text(s, [question])
+        return self.generate_text(s, sampling)[0][0]
+
+    def text_to_image(self, prompts: list[str], size: tuple[int, int], cfg: ImageGenConfig = ImageGenConfig(),
+                      seed: int = 0, think: bool = False, think_sampling: SamplingConfig = SamplingConfig(),
+                      progress: bool = False) -> tuple[list[Image.Image], list[str]]:
+        """Returns the images and, in think mode, the planning texts."""
+        sessions = self.new_sessions(len(prompts))
+        thoughts = self._prompt_and_think(sessions, prompts, think, think_sampling)
+        g = torch.Generator().manual_seed(seed)
+        return self.generate_image(sessions, size, cfg, generator=g, progress=progress), thoughts
+
+    def edit(self, images: list, instructions: list[str], cfg: ImageGenConfig | None = None, seed: int = 0,
+             think: bool = False, think_sampling: SamplingConfig = SamplingConfig(), progress: bool = False):
+        cfg = cfg or ImageGenConfig(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
+                                    cfg_renorm_type="text_channel")
+        sessions = self.new_sessions(len(images))
+        g = torch.Generator().manual_seed(seed)
+        if think:
+            self.add_text(sessions, [GEN_THINK_SYSTEM_PROMPT] * len(sessions))
+            think = False  # the system prompt is in; _prompt_and_think only decodes
+            thoughts = self._add_images_then_think(sessions, images, instructions, think_sampling, g)
+        else:
+            self.add_image(sessions, images, generator=g)
+            self.add_text(sessions, instructions)
+            thoughts = []
+        sizes = {s.image_size for s in sessions}
+        if len(sizes) > 1:
+            raise ValueError(f"batched edits need input images of one size after resizing, got {sorted(sizes)}")
+        return self.generate_image(sessions, None, cfg, generator=g, progress=progress), thoughts
+
+    def _add_images_then_think(self, sessions, images, instructions, sampling, g):
+        self.add_image(sessions, images, generator=g)
+        self.add_text(sessions, instructions)
+        return self._think(sessions, sampling)
+
+    def _prompt_and_think(self, sessions, prompts, think, sampling) -> list[str]:
+        if think:
+            self.add_text(sessions, [GEN_THINK_SYSTEM_PROMPT] * len(sessions))
+        self.add_text(sessions, prompts)
+        return self._think(sessions, sampling) if think else []
+
+    def _think(self, sessions, sampling) -> list[str]:
+        """Decode the planning text, then add it to the full contexts only (as the release does)."""
+        texts, _ = self.generate_text(sessions, sampling)
+        ids = [self.encode(t) for t in texts]
+        ctxlib.add_text(self.model, self.tokens, [s.full for s in sessions], ids)
+        return texts
+
+    def interleave(self, inputs: list, max_blocks: int = 8, size: tuple[int, int] | None = None,
+                   cfg: ImageGenConfig = ImageGenConfig(), sampling: SamplingConfig = SamplingConfig(),
+                   seed: int = 0, vit_for_outputs: bool = True) -> list:
+        """Feed text/images, then let the model continue with text and images until it stops.
+
+        Each generated image is added back as a clean VAE block (plus a ViT block when
+        `vit_for_outputs`), at the RoPE id its generation used, like interleaved training data."""
+        s = self.new_sessions(1)
+        g = torch.Generator().manual_seed(seed)
+        for item in inputs:
+            if isinstance(item, str):
+                self.add_text(s, [item])
+            else:
+                self.add_image(s, [item], generator=g)
+        outputs = []
+        for _ in range(max_blocks):
+            hint = s[0].next_hint
+            if hint == self.tokens.start_of_image:
+                image = self.generate_image(s, size or s[0].image_size, cfg, generator=g)[0]
+                outputs.append(image)
+                before = s[0].full.length
+                self.add_image(s, [image], vae=True, vit=vit_for_outputs, generator=g)
+                self._hint_from_last_marker(s[0], before)
+            elif hint == self.tokens.bos:
+                text = self.generate_text(s, sampling, generator=g)[0][0]
+                outputs.append(text)
+                self.add_text(s, [text])
+            else:
+                break
+        return outputs
+
+    def _hint_from_last_marker(self, session: Session, _before: int) -> None:
+        """Prediction at the closing <|vision_end|> of the image just added: re-run that single
+        token as a query (cheap) to read the LM head there."""
+        from bagel.inference.forward import Query, forward_queries
+
+        ctx = session.full.fork()
+        ctx.trim(ctx.length - 1)  # drop the cached <|vision_end|> and recompute it
+        end = self.model.llm.embed_tokens(torch.tensor([self.tokens.end_of_image], device=self.cache.keys.device))
+        q = Query(end, torch.tensor([session.full.rope - 1], device=end.device),
+                  torch.zeros(1, dtype=torch.bool, device=end.device), causal=True)
+        hidden = forward_queries(self.model, [ctx], [q], commit=False)
+        self._set_hints([session], hidden)

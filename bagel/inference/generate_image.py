@@ -1,0 +1,144 @@
+"""Image generation: Euler sampling of the rectified flow with batched classifier-free guidance.
+
+Per image there are up to three contexts (`Branches`): `full` (everything), `text_uncond`
+(without the last text) and `img_uncond` (without images). At each step the active branches of
+every image of the batch are evaluated in ONE forward: a query block [<|vision_start|>] + latent
+tokens at time t + [<|vision_end|>] per branch, at its context's next RoPE id, never cached.
+The release runs the branches one after another; the numbers are the same.
+
+Branch rules (the release's): guidance is active at step i only if
+cfg_interval[0] < t_i <= cfg_interval[1]; text_uncond runs iff the text scale is > 1, img_uncond
+iff both scales are > 1 (with a text scale <= 1 the release applies no guidance at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from bagel import flow
+from bagel.inference.forward import forward_queries
+from bagel.inference.kv_cache import Context, KVCache
+from bagel.inference.context import latent_query
+from bagel.tokenizer import SpecialTokens
+
+
+@dataclass
+class ImageGenConfig:
+    num_timesteps: int = 50  # grid points; the model runs num_timesteps - 1 times
+    timestep_shift: float = 3.0
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.5
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_type: str = "global"
+    cfg_renorm_min: float = 0.0
+
+    def __post_init__(self):
+        if self.cfg_renorm_type not in flow.RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type={self.cfg_renorm_type!r}; expected one of {flow.RENORM_TYPES}")
+        if self.num_timesteps < 2:
+            raise ValueError(f"num_timesteps={self.num_timesteps}: at least 2 grid points are needed")
+
+    def scales_at(self, t: float) -> tuple[float, float]:
+        lo, hi = self.cfg_interval
+        if lo < t <= hi:
+            return self.cfg_text_scale, self.cfg_img_scale
+        return 1.0, 1.0
+
+
+@dataclass
+class Branches:
+    """The CFG contexts of one image. Unconditional ones may be None if their scale is <= 1."""
+
+    full: Context
+    text_uncond: Context | None = None
+    img_uncond: Context | None = None
+
+
+def _workspace(contexts: list[Context], extra: int) -> list[Context]:
+    """Copy the contexts' caches into consecutive rows of a fresh cache (once per generation), so
+    that every step's batched attention reads one contiguous slice instead of gathering rows."""
+    src = contexts[0].cache
+    cap = max(c.length for c in contexts) + extra
+    ws = KVCache(src.keys.shape[0], src.keys.shape[3], src.keys.shape[4], rows=len(contexts), capacity=cap,
+                 dtype=src.keys.dtype, device=src.keys.device)
+    out = []
+    for c in contexts:
+        new = ws.new_context()
+        ws.keys[:, new.row, : c.length] = c.cache.keys[:, c.row, : c.length]
+        ws.values[:, new.row, : c.length] = c.cache.values[:, c.row, : c.length]
+        new.length, new.rope = c.length, c.rope
+        out.append(new)
+    return out
+
+
+StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]  # (step, t, x_t, guided v)
+
+
+@torch.no_grad()
+def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], grid: tuple[int, int],
+                     cfg: ImageGenConfig, noise: list[torch.Tensor] | None = None,
+                     generator: torch.Generator | None = None, on_step: StepCallback | None = None,
+                     progress: bool = False) -> list[torch.Tensor]:
+    """Sample one image per `Branches` entry -> patchified latents, (h*w, p*p*C) each."""
+    h, w = grid
+    n_tok, dim = h * w, model.cfg.patch_latent_dim
+    device, dtype = model.llm.embed_tokens.weight.device, model.llm.embed_tokens.weight.dtype
+    B = len(branches)
+    if noise is None:
+        noise = [torch.randn(n_tok, dim, generator=generator) for _ in range(B)]
+    x = [n.to(device=device, dtype=torch.float32) for n in noise]
+    for n in x:
+        if n.shape != (n_tok, dim):
+            raise ValueError(f"initial noise has shape {tuple(n.shape)}, expected {(n_tok, dim)}")
+
+    grid_t = flow.sampling_timesteps(cfg.num_timesteps, cfg.timestep_shift).tolist()
+    need_text = cfg.cfg_text_scale > 1 and any(cfg.scales_at(t)[0] > 1 for t in grid_t[:-1])
+    need_img = need_text and cfg.cfg_img_scale > 1
+    for b in branches:
+        if need_text and b.text_uncond is None:
+            raise ValueError("cfg_text_scale > 1 needs a text-unconditional context for every image")
+        if need_img and b.img_uncond is None:
+            raise ValueError("cfg_img_scale > 1 needs an image-unconditional context for every image")
+    # Row order: all full contexts, then text_uncond, then img_uncond, so each step's active
+    # branches are a prefix of the workspace rows.
+    ordered = [b.full for b in branches]
+    ordered += [b.text_uncond for b in branches] if need_text else []
+    ordered += [b.img_uncond for b in branches] if need_img else []
+    ws = _workspace(ordered, n_tok + 2)
+
+    steps = range(len(grid_t) - 1)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="denoising", unit="step")
+    for i in steps:
+        t, t_next = grid_t[i], grid_t[i + 1]
+        s_text, s_img = cfg.scales_at(t)
+        n_branches = 1 + (s_text > 1) + (s_text > 1 and s_img > 1)
+        ctxs = ws[: n_branches * B]
+        queries = [latent_query(model, tokens, x[j % B].to(dtype), t, grid, c.rope) for j, c in enumerate(ctxs)]
+        hidden = forward_queries(model, ctxs, queries, commit=False)
+        v = [model.llm2vae(hid[1:-1]).float() for hid in hidden]  # latents sit between the markers
+        for b in range(B):
+            v_text = v[B + b] if n_branches > 1 else None
+            v_img = v[2 * B + b] if n_branches > 2 else None
+            guided = flow.apply_cfg(v[b], v_text, v_img, s_text, s_img, cfg.cfg_renorm_type, cfg.cfg_renorm_min)
+            if on_step is not None:
+                on_step(i, t, x[b], guided)
+            x[b] = flow.euler_step(x[b], guided, t, t_next)
+    return x
+
+
+@torch.no_grad()
+def decode_latents(model, vae, latents: list[torch.Tensor], grid: tuple[int, int]) -> list[torch.Tensor]:
+    """Patchified latents -> decoded images (3, H, W) in [-1, 1] (unclamped)."""
+    from bagel.model.vae import unpatchify_latent
+
+    h, w = grid
+    p, c = model.cfg.latent_patch_size, model.cfg.vae.z_channels
+    dev = next(vae.parameters()).device
+    z = torch.stack([unpatchify_latent(x, h, w, p, c) for x in latents]).to(dev)
+    return list(vae.decode(z.to(next(vae.parameters()).dtype)).float().cpu())

@@ -1,0 +1,94 @@
+"""Text decoding over cached contexts: greedy, temperature, top-k, top-p; batched.
+
+As in the release, decoding feeds `<|im_start|>` at each context's next RoPE id, then one token
+per step (causal, und expert, appended to the cache), and stops a sequence when it predicts
+`<|im_end|>` (not appended) or after `max_new_tokens` tokens. Decoding writes into the contexts
+given: pass forks (`ctx.fork()`) to keep the originals, as the official `gen_text` deep-copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bagel.inference.forward import Query, forward_queries
+from bagel.inference.kv_cache import Context
+from bagel.tokenizer import SpecialTokens
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+
+@dataclass
+class TextOutput:
+    ids: list[list[int]]  # generated ids per sequence (no start token, no <|im_end|>)
+    finished: list[bool]  # stopped by <|im_end|> (False: hit max_new_tokens)
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # per step (B, vocab), if kept
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def token_queries(model, token_ids: torch.Tensor, contexts: list[Context]) -> list[Query]:
+    """One single-token causal query per context at its next RoPE id."""
+    emb = model.llm.embed_tokens(token_ids)  # (B, D)
+    device = emb.device
+    return [Query(emb[b:b + 1], torch.tensor([c.rope], device=device), torch.zeros(1, dtype=torch.bool, device=device),
+                  causal=True) for b, c in enumerate(contexts)]
+
+
+@torch.no_grad()
+def generate_text(model, tokens: SpecialTokens, contexts: list[Context], cfg: SamplingConfig = SamplingConfig(),
+                  generator: torch.Generator | None = None, keep_logits: bool = False) -> TextOutput:
+    """Decode one answer per context, batched; finished sequences drop out of the batch."""
+    B = len(contexts)
+    device = model.llm.embed_tokens.weight.device
+    current = torch.full((B,), tokens.bos, dtype=torch.long, device=device)
+    out = TextOutput(ids=[[] for _ in range(B)], finished=[False] * B)
+    active = list(range(B))
+    for _ in range(cfg.max_new_tokens):
+        ctxs = [contexts[b] for b in active]
+        hidden = forward_queries(model, ctxs, token_queries(model, current, ctxs), commit=True)
+        for c in ctxs:
+            c.rope += 1
+        logits = model.llm.lm_head(torch.cat(hidden))  # (B_active, V)
+        if keep_logits:
+            full = logits.new_full((B, logits.shape[-1]), float("nan"))
+            full[active] = logits
+            out.step_logits.append(full)
+        nxt = sample_next(logits, cfg, generator)
+        still = []
+        for j, b in enumerate(active):
+            tok = int(nxt[j])
+            if tok == tokens.eos:
+                out.finished[b] = True
+            else:
+                out.ids[b].append(tok)
+                still.append(j)
+        if not still:
+            break
+        active = [active[j] for j in still]
+        current = nxt[still]
+    return out

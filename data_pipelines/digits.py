@@ -1,0 +1,109 @@
+"""The bundled real dataset: scikit-learn's handwritten digits (1797 images, 8x8, 0..16 ink).
+
+`write_digits(out)` writes four task datasets per split, `{out}/{split}/{task}/`:
+
+* t2i:   "a handwritten digit {word}" -> the image (generation target)
+* vqa:   image through the ViT, "What digit is this?" -> "{word}" (CE on the answer)
+* edit:  image (clean VAE + ViT), "Change it to the next digit." -> an image of the next digit
+         (nine -> zero), drawn from the same split
+* count: "Count up from {word}:" -> three images of {word}, {word}+1, {word}+2 (mod 10); the
+         first two are targets followed by their clean VAE + ViT copies, the last a target only
+
+Held-out split (fixed, no seed): image i is in `test` when i % 5 == 4 (359 images), else `train`
+(1438). Images are upscaled to `size` pixels (bicubic) and stored as grey-on-black RGB PNGs.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipelines.converters.common import estimate_info
+from data_pipelines.converters.common import estimate_tokens as common_estimate
+from data_pipelines.schema import Document, ImageSegment, TextSegment, edit_document, t2i_document, vqa_document
+from data_pipelines.shards import DatasetWriter, Manifest
+from bagel.transforms import ResizeSpec
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TASKS = ("t2i", "vqa", "edit", "count")
+SPLITS = ("train", "test")
+
+# Tiny-model geometry: 64 px VAE images (4x4 latent tokens), 56 px ViT images (4x4 patches).
+DIGITS_VAE = ResizeSpec(max_size=64, min_size=64, stride=16)
+DIGITS_VIT = ResizeSpec(max_size=56, min_size=56, stride=14)
+
+
+def split_of(index: int) -> str:
+    return "test" if index % 5 == 4 else "train"
+
+
+def digit_png(pixels: np.ndarray, size: int) -> bytes:
+    """(8, 8) float ink in 0..16 -> RGB PNG of size x size."""
+    grey = Image.fromarray(np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8), mode="L")
+    out = io.BytesIO()
+    grey.resize((size, size), Image.BICUBIC).convert("RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def count_document(start: int, names: list[str], **meta) -> Document:
+    segments = [TextSegment(f"Count up from {WORDS[start]}:", cfg=True)]
+    for i, name in enumerate(names):
+        last = i == len(names) - 1
+        segments.append(ImageSegment(name, ("target",) if last else ("target", "vae", "vit")))
+    return Document(segments, task="count", meta=meta)
+
+
+def estimate_tokens(doc: Document, sizes: dict[str, tuple[int, int]]) -> int:
+    return common_estimate(doc, sizes, DIGITS_VAE, DIGITS_VIT)
+
+
+def write_digits(out_dir: str | Path, *, size: int = 64, max_samples: int = 500,
+                 seed: int = 0, limit: int | None = None, tasks: tuple[str, ...] = TASKS,
+                 progress: bool = True) -> dict[str, dict[str, Manifest]]:
+    """Write the task datasets for both splits; returns {split: {task: manifest}}.
+
+    `seed` picks the partner images of edit and count documents; `limit` keeps the first images
+    of each split only (tests).
+    """
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+
+    digits = load_digits()
+    images, labels = digits.images, digits.target.astype(int)
+    pngs = [digit_png(im, size) for im in tqdm(images, desc="render digits", disable=not progress)]
+    rng = np.random.default_rng(seed)
+    info = estimate_info(DIGITS_VAE, DIGITS_VIT)
+    manifests: dict[str, dict[str, Manifest]] = {}
+    for split in SPLITS:
+        index = [i for i in range(len(images)) if split_of(i) == split][:limit]
+        by_label = {d: [i for i in index if labels[i] == d] for d in range(10)}
+        manifests[split] = {}
+        for task in tasks:
+            writer = DatasetWriter(Path(out_dir) / split / task, f"digits-{split}-{task}",
+                                   max_samples=max_samples, estimate_tokens=estimate_tokens,
+                                   token_estimate_info=info)
+            for i in tqdm(index, desc=f"{split}/{task}", disable=not progress):
+                d, key = labels[i], f"digit{i:04d}"
+                if task == "t2i":
+                    writer.write(key, t2i_document(f"a handwritten digit {WORDS[d]}", label=int(d),
+                                                   index=i), {"0.png": pngs[i]})
+                elif task == "vqa":
+                    doc = vqa_document([("What digit is this?", WORDS[d])], ["0.png"],
+                                       label=int(d), index=i)
+                    writer.write(key, doc, {"0.png": pngs[i]})
+                elif task == "edit":
+                    j = int(rng.choice(by_label[(d + 1) % 10]))
+                    doc = edit_document("0.png", "Change it to the next digit.", "1.png",
+                                        label=int(d), index=i, target_index=j)
+                    writer.write(key, doc, {"0.png": pngs[i], "1.png": pngs[j]})
+                else:
+                    chain = [i] + [int(rng.choice(by_label[(d + k) % 10])) for k in (1, 2)]
+                    names = [f"{k}.png" for k in range(3)]
+                    writer.write(key, count_document(int(d), names, label=int(d), indexes=chain),
+                                 {n: pngs[j] for n, j in zip(names, chain)})
+            manifests[split][task] = writer.close()
+    return manifests
+
