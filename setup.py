@@ -22,12 +22,17 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "dev": ["pytest>=7", "scikit-learn"],
+        "data": ["pyarrow"],  # parquet converters
+        "dev": ["pytest>=7", "scikit-learn", "pyarrow"],
         "app": ["gradio"],
     },
     entry_points={
         "console_scripts": [
             "bagel-parity=bagel.parity:main",
+            "bagel-data=data_pipelines.cli:main",
+            "bagel-eval=eval.cli:main",
+            "bagel-generate=bagel.cli.generate:main",
+            "bagel-chat=bagel.cli.chat:main",
         ]
     },
 )

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # Suggested tolerances of the fixture contract (atol = rtol) for float32 re-implementations.
@@ -164,14 +165,10 @@ TOL_SAMPLER = 5e-4  # multi-step sampler latents and decoded images (fixture con
 def _engine(fx: Fixture, model, vae):
     from bagel.inference.engine import Engine
     from bagel.tokenizer import load_tokenizer
-    from bagel.transforms import ResizeSpec
+    from bagel.transforms import load_model_transforms
 
-    extra = json.loads((fx.path / "bagel_config.json").read_text()) if (fx.path / "bagel_config.json").is_file() else {}
-    spec = lambda key, default: ResizeSpec(*extra[key]) if key in extra else default  # noqa: E731
-    from bagel.transforms import VAE_INFERENCE, VIT_INFERENCE
-
-    return Engine(model, vae, load_tokenizer(fx.path), vae_transform=spec("vae_transform", VAE_INFERENCE),
-                  vit_transform=spec("vit_transform", VIT_INFERENCE))
+    vae_t, vit_t = load_model_transforms(fx.path)
+    return Engine(model, vae, load_tokenizer(fx.path), vae_transform=vae_t, vit_transform=vit_t)
 
 
 def _image_case(fx: Fixture, engine, case: str) -> list[Comparison]:
@@ -208,7 +205,7 @@ def _image_case(fx: Fixture, engine, case: str) -> list[Comparison]:
     results.append(compare(key + "final_latent", latents[0], fx.get(key + "final_latent"), TOL_SAMPLER))
     results.append(compare(key + "decoded", decoded[0][None], fx.get(key + "decoded"), TOL_SAMPLER))
     # uint8 images come from a truncating cast: allow off-by-one in a few pixels
-    ours = torch.from_numpy(__import__("numpy").asarray(images[0])).int()
+    ours = torch.from_numpy(np.array(images[0])).int()
     diff = (ours - fx.get(key + "image_u8").int()).abs()
     few = int((diff > 0).sum()) <= max(10, diff.numel() // 1000)
     results.append(Comparison(key + "image_u8", float(diff.max()), 1, bool(diff.max() <= 1) and few,

@@ -123,3 +123,36 @@ def num_image_tokens(width: int, height: int, spec: ResizeSpec, num_images: int 
     """Tokens of one image after the transform, markers included (grid cells + 2)."""
     w, h = resize_size(width, height, spec, num_images)
     return (w // spec.stride) * (h // spec.stride) + 2
+
+
+TRANSFORMS_FILE = "transforms.json"
+
+
+def load_model_transforms(model_dir) -> tuple[ResizeSpec, ResizeSpec]:
+    """The (VAE, ViT) inference transforms a model directory asks for.
+
+    Read from `transforms.json` ({"vae": [max, min, stride], "vit": [...]}, written by
+    `save_model_transforms`) or from the official fixtures' `bagel_config.json`
+    (`vae_transform`, `vit_transform`); otherwise the release's inference defaults.
+    """
+    import json
+    from pathlib import Path
+
+    model_dir = Path(model_dir)
+    data = {}
+    if (model_dir / TRANSFORMS_FILE).is_file():
+        data = json.loads((model_dir / TRANSFORMS_FILE).read_text())
+    elif (model_dir / "bagel_config.json").is_file():
+        extra = json.loads((model_dir / "bagel_config.json").read_text())
+        data = {k: extra[f"{k}_transform"] for k in ("vae", "vit") if f"{k}_transform" in extra}
+    vae = ResizeSpec(*data["vae"]) if "vae" in data else VAE_INFERENCE
+    vit = ResizeSpec(*data["vit"]) if "vit" in data else VIT_INFERENCE
+    return vae, vit
+
+
+def save_model_transforms(model_dir, vae: ResizeSpec, vit: ResizeSpec) -> None:
+    import json
+    from pathlib import Path
+
+    spec = lambda s: [s.max_size, s.min_size, s.stride]  # noqa: E731
+    (Path(model_dir) / TRANSFORMS_FILE).write_text(json.dumps({"vae": spec(vae), "vit": spec(vit)}, indent=2) + "\n")

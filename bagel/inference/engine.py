@@ -26,7 +26,8 @@ from bagel.inference.generate_image import Branches, ImageGenConfig, decode_late
 from bagel.inference.generate_text import SamplingConfig, generate_text
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.tokenizer import SpecialTokens, load_tokenizer
-from bagel.transforms import VAE_INFERENCE, VIT_INFERENCE, ResizeSpec, resize_size, to_pil, to_tensor
+from bagel.transforms import (VAE_INFERENCE, VIT_INFERENCE, ResizeSpec, load_model_transforms, resize_size, to_pil,
+                              to_tensor)
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
@@ -78,6 +79,9 @@ class Engine:
         if not (path / "ae.safetensors").is_file():
             raise FileNotFoundError(f"{path}: missing ae.safetensors (the VAE weights)")
         vae = load_vae(path / "ae.safetensors", model.cfg.vae, device=vae_device or device)
+        vae_t, vit_t = load_model_transforms(path)
+        kwargs.setdefault("vae_transform", vae_t)
+        kwargs.setdefault("vit_transform", vit_t)
         return cls(model, vae, load_tokenizer(path), **kwargs)
 
     # Sessions and inputs ------------------------------------------------------------------------

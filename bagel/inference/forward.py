@@ -2,10 +2,10 @@
 
 Each context of the batch gets one `Query` (embeddings, RoPE ids, which rows the generation
 expert owns, causal or not). The blocks are padded to a common length and run through the MoT
-layers in one pass; in every layer the block's keys/values are written into its context's cache
-row right after the cached prefix, then one SDPA call attends over (batch, cache + block) with
-a mask that encodes each row's cached length, the block length, and bottom-right causality
-(a cached text query i sees every cached key plus block keys 0..i).
+layers in one pass (projections and MLPs batched); in every layer each block's keys/values are
+written into its context's cache row right after the cached prefix, and each block attends over
+a view of its row (cache + block; bottom-right causal for text: query i sees every cached key
+plus block keys 0..i).
 
 `commit=True` makes the block part of the context (prefill, decoding); `commit=False` leaves it
 as scratch (denoising queries, which the official inferencer never caches either).
@@ -28,24 +28,29 @@ class Query:
     positions: torch.Tensor  # (n,) long RoPE ids
     gen_rows: torch.Tensor  # (n,) bool: rows owned by the generation expert (VAE latents)
     causal: bool  # text: causal (bottom-right); images: bidirectional within the block
+    # (n, n) bool: query i sees block key j. Replaces the causal/bidirectional block mask (the
+    # cached prefix stays fully visible); tree attention for speculative decoding.
+    mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
 
-def _attention_mask(lens: list[int], q_lens: list[int], causal: list[bool], q_max: int, device) -> torch.Tensor:
-    """(B, 1, q_max, S) bool: query i of row b sees cached keys j < len_b and block keys up to
-    len_b + i (causal) or len_b + q_b (bidirectional). Padded query rows see key 0 (no NaNs)."""
-    S = max(l + q for l, q in zip(lens, q_lens))
-    i = torch.arange(q_max, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    masks = []
-    for l, q, c in zip(lens, q_lens, causal):
-        limit = (l + i + 1) if c else torch.full_like(i, l + q)
-        m = j < limit
-        m = torch.where(i < q, m, j == 0)  # padding rows
-        masks.append(m)
-    return torch.stack(masks)[:, None]
+def _row_mask(q: Query, cached: int, device) -> torch.Tensor | None:
+    """(n, cached + n) bool over one context's keys, or None when everything is visible.
+
+    Causal text: block query i sees every cached key and block keys 0..i (bottom-right aligned).
+    A custom block mask (tree attention) keeps the cached prefix fully visible."""
+    n = len(q)
+    if q.mask is not None:
+        if q.mask.shape != (n, n):
+            raise ValueError(f"Query.mask has shape {tuple(q.mask.shape)}, expected {(n, n)}")
+        return torch.cat([torch.ones(n, cached, dtype=torch.bool, device=device), q.mask.to(device)], dim=1)
+    if not q.causal or n == 1:
+        return None
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(cached + n, device=device)[None, :]
+    return j <= cached + i
 
 
 @torch.no_grad()
@@ -78,27 +83,26 @@ def forward_queries(model, contexts: list[Context], queries: list[Query], commit
     route = Routing(und=flat[~gen.flatten()], gen=flat[gen.flatten()])
     # Where each valid query token's key/value goes in the cache.
     b_idx, i_idx = valid.nonzero(as_tuple=True)
-    rows_t = torch.tensor([c.row for c in contexts], device=device)
-    row_idx = rows_t[b_idx]
-    slot_idx = torch.tensor(lens, device=device)[b_idx] + i_idx
-    S = max(l + q for l, q in zip(lens, q_lens))
-    mask = _attention_mask(lens, q_lens, [q.causal for q in queries], q_max, device)
     rows = [c.row for c in contexts]
-    contiguous = rows == list(range(rows[0], rows[0] + B))
+    row_idx = torch.tensor(rows, device=device)[b_idx]
+    slot_idx = torch.tensor(lens, device=device)[b_idx] + i_idx
+    # Attention runs per context on views of its cache row: no padding, and no mask at all for
+    # bidirectional blocks and single-token steps (SDPA's fast kernels need mask=None).
+    row_masks = [_row_mask(q, l, device) for q, l in zip(queries, lens)]
 
     def attend(layer: int):
         def fn(q, k, v):  # q: (B*q_max, Hq, hd), k/v: (B*q_max, Hkv, hd)
             cache.keys[layer, row_idx, slot_idx] = k.reshape(B, q_max, *k.shape[1:])[b_idx, i_idx]
             cache.values[layer, row_idx, slot_idx] = v.reshape(B, q_max, *v.shape[1:])[b_idx, i_idx]
-            if contiguous:
-                keys, values = cache.keys[layer, rows[0]:rows[0] + B, :S], cache.values[layer, rows[0]:rows[0] + B, :S]
-            else:
-                keys, values = cache.keys[layer, rows_t, :S], cache.values[layer, rows_t, :S]
-            out = F.scaled_dot_product_attention(
-                q.reshape(B, q_max, *q.shape[1:]).transpose(1, 2),  # (B, Hq, q_max, hd)
-                keys.transpose(1, 2), values.transpose(1, 2),  # (B, Hkv, S, hd)
-                attn_mask=mask, enable_gqa=True)
-            return out.transpose(1, 2).reshape(B * q_max, *q.shape[1:])
+            q = q.reshape(B, q_max, *q.shape[1:])
+            out = torch.zeros_like(q)
+            for b, (row, l, n) in enumerate(zip(rows, lens, q_lens)):
+                keys = cache.keys[layer, row, : l + n].transpose(0, 1)[None]  # (1, Hkv, l+n, hd)
+                values = cache.values[layer, row, : l + n].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(q[b, :n].transpose(0, 1)[None], keys, values,
+                                                   attn_mask=row_masks[b], enable_gqa=True)  # (1, Hq, n, hd)
+                out[b, :n] = o[0].transpose(0, 1)
+            return out.reshape(B * q_max, *out.shape[2:])
         return fn
 
     llm = model.llm

@@ -1,0 +1,98 @@
+"""bagel-chat: ask questions about images, one-shot or interactively.
+
+    bagel-chat --model DIR --image cat.png --question "What is in the picture?"
+    bagel-chat --model DIR                      # interactive: /image PATH, /reset, /quit
+
+In interactive mode the conversation is kept: each answer stays in the context for the next turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bagel.cli.common import add_model_args, load_engine, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bagel-chat", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--image", action="append", default=[], help="input image (repeatable)")
+    p.add_argument("--question", help="ask once and exit; without it, start an interactive chat")
+    p.add_argument("--think", action="store_true", help="reason in <think> tags before answering")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    return p
+
+
+class Chat:
+    def __init__(self, engine, sampling, think: bool):
+        self.engine, self.sampling, self.think = engine, sampling, think
+        self.reset()
+
+    def reset(self):
+        from bagel.inference.engine import VLM_THINK_SYSTEM_PROMPT
+
+        self.session = self.engine.new_sessions(1)
+        if self.think:
+            self.engine.add_text(self.session, [VLM_THINK_SYSTEM_PROMPT])
+
+    def add_image(self, path: str):
+        self.engine.add_image(self.session, [path], vae=False, vit=True)
+
+    def ask(self, question: str) -> str:
+        self.engine.add_text(self.session, [question])
+        answer = self.engine.generate_text(self.session, self.sampling)[0][0]
+        self.engine.add_text(self.session, [answer])  # keep the turn for follow-up questions
+        return answer
+
+
+def interactive(chat: Chat) -> None:
+    print("bagel-chat: type a question; /image PATH adds an image, /reset starts over, /quit exits.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            chat.reset()
+            continue
+        if line.startswith("/image "):
+            try:
+                chat.add_image(line[len("/image "):].strip())
+                print("(image added)")
+            except (FileNotFoundError, ValueError) as e:
+                print(f"error: {e}")
+            continue
+        try:
+            print(chat.ask(line))
+        except ValueError as e:
+            print(f"error: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def go():
+        from bagel.inference.generate_text import SamplingConfig
+
+        sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        chat = Chat(load_engine(args), sampling, args.think)
+        for path in args.image:
+            chat.add_image(path)
+        if args.question is not None:
+            print(chat.ask(args.question))
+        else:
+            interactive(chat)
+
+    return run(go, "bagel-chat")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

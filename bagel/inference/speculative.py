@@ -1,0 +1,439 @@
+"""Speculative text decoding with draft heads (Medusa, MTP): greedy-exact, sampling-exact, typical.
+
+One step per active sequence (batched like `generate_text`):
+
+    root = the last emitted token (not yet in the cache; `<|im_start|>` at the start)
+    nodes = root + draft candidates laid out as a tree (a chain is a tree with one path)
+    one LLM forward over all nodes: each node attends to the cached prefix and its ancestors
+        (tree mask), at RoPE id prefix + depth, so every path sees exactly what plain decoding
+        would have fed it
+    verify -> accepted path root, n_1, ..., n_a and one more token from the LLM at n_a (the
+        correction after a rejection, or the bonus token when the whole path passed)
+    compact the cache: the accepted nodes' keys/values move to the slots right after the prefix,
+        the rest is trimmed; the next drafts come from the hidden state at n_a (no extra forward)
+
+Verification rules (`verify_*`, pure functions over probabilities, tested on their own):
+- greedy: a node passes while its token equals the LLM's argmax at its parent; output is token
+  for token plain greedy decoding (exact in exact arithmetic; in fp32 only near-ties can flip).
+- exact sampling, chain (Leviathan et al. 2023, arXiv 2211.17192): draft x ~ q, accept with
+  probability min(1, p(x)/q(x)), else emit a sample of norm(max(0, p - q)); bonus from p.
+- exact sampling, tree: the candidates are fixed given the state (top-k of the heads), i.e. point
+  masses; try the children in rank order, accept child x with probability p(x), else zero p(x),
+  renormalise and try the next; if none passes, sample what is left (the EAGLE/SpecInfer
+  recursive rule). The emitted text is distributed exactly as plain sampling's.
+- typical (Medusa, arXiv 2401.10774 section 2.3.1; NOT distribution-preserving, opt-in): a
+  candidate passes when p_T(x) > min(epsilon, delta * exp(-H(p_T))); the longest passing path
+  wins (ties: highest summed log-probability); the token after it is the LLM's argmax.
+
+Stopping matches `generate_text`: `<|im_end|>` inside an accepted block ends the sequence (it
+and the rest of the block are dropped), `max_new_tokens` cuts a block; the cache then holds
+exactly what plain decoding would have fed.
+
+MTP drafting: each MTP module keeps its own one-layer KV cache over the answer (from
+`<|im_start|>`), run through `forward_queries` like the LLM's layers. Module k at position i
+needs token i+k; positions whose inputs are all final are committed, the last k-1 positions use
+this step's drafts and are recomputed next step.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from bagel.inference.forward import Query, forward_queries
+from bagel.inference.generate_text import SamplingConfig
+from bagel.inference.kv_cache import Context, KVCache
+from bagel.model.heads import MedusaHeads, MTPHeads
+from bagel.tokenizer import SpecialTokens
+
+
+# Candidate trees -----------------------------------------------------------------------------------
+@dataclass
+class Tree:
+    """A static candidate tree compiled into buffers. Node 0 is the root (the token to feed); a
+    node's path (r_1, ..., r_d) means: rank r_1 of head 1, then rank r_2 of head 2, ...;
+    nodes are sorted by (depth, path), so parents come before children."""
+
+    paths: list[tuple[int, ...]]
+    parent: list[int]  # parent[0] = -1
+    depth: torch.Tensor  # (T,) long
+    mask: torch.Tensor  # (T, T) bool: mask[i, j] = j is i or an ancestor of i
+    children: list[list[int]]  # in rank order
+    topk: list[int]  # candidates needed per depth (max rank + 1)
+
+    @property
+    def size(self) -> int:
+        return len(self.paths)
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.topk)
+
+    @classmethod
+    def from_paths(cls, paths) -> "Tree":
+        nodes = sorted({tuple(p) for p in paths} | {()}, key=lambda p: (len(p), p))
+        index = {p: i for i, p in enumerate(nodes)}
+        for p in nodes[1:]:
+            if p[:-1] not in index:
+                raise ValueError(f"tree path {list(p)} has no parent {list(p[:-1])}: every prefix must be listed")
+            if min(p) < 0:
+                raise ValueError(f"tree path {list(p)} has a negative rank")
+        parent = [-1] + [index[p[:-1]] for p in nodes[1:]]
+        T = len(nodes)
+        mask = torch.eye(T, dtype=torch.bool)
+        for i in range(1, T):
+            mask[i] |= mask[parent[i]]
+        children = [[] for _ in range(T)]
+        for i in range(1, T):
+            children[parent[i]].append(i)
+        depth_max = max(len(p) for p in nodes)
+        topk = [1 + max(p[d - 1] for p in nodes if len(p) == d) for d in range(1, depth_max + 1)]
+        return cls(nodes, parent, torch.tensor([len(p) for p in nodes]), mask, children, topk)
+
+    @classmethod
+    def chain(cls, k: int) -> "Tree":
+        return cls.from_paths([(0,) * d for d in range(1, k + 1)])
+
+    def path_to(self, node: int) -> list[int]:
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parent[node]
+        return out[::-1]
+
+
+def tree_from_accuracies(acc: torch.Tensor, budget: int) -> Tree:
+    """Best static tree of `budget` drafted nodes from measured top-k accuracies.
+
+    acc: (K, k) share of steps where rank r of head d is the LLM's token. A path's value is the
+    product of its ranks' accuracies (independence assumed, as Medusa's tree search does); a
+    child never beats its parent, so the `budget` best paths are closed under prefixes."""
+    K, k = acc.shape
+    heap, chosen = [(-float(acc[0, r]), (r,)) for r in range(k)], []
+    heapq.heapify(heap)
+    while heap and len(chosen) < budget:
+        neg, path = heapq.heappop(heap)
+        chosen.append(path)
+        if len(path) < K:
+            for r in range(k):
+                heapq.heappush(heap, (neg * float(acc[len(path), r]), path + (r,)))
+    return Tree.from_paths(chosen)
+
+
+# Probabilities and verification rules ----------------------------------------------------------------
+def probs_from_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """(..., V) logits -> the distribution `sample_next` samples (temperature, top-k, top-p), fp32+."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.to(dtype) / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(-1)
+
+
+def _draw(p: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(p.cpu(), 1, generator=generator))
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def verify_greedy(tree: Tree, tokens: list[int], argmax: list[int]) -> tuple[list[int], int]:
+    """tokens/argmax: per node. -> (accepted path of node indices from the root, next token)."""
+    ok = [True] + [False] * (tree.size - 1)
+    best = 0
+    for n in range(1, tree.size):
+        par = tree.parent[n]
+        ok[n] = ok[par] and tokens[n] == argmax[par]
+        if ok[n] and len(tree.paths[n]) > len(tree.paths[best]):
+            best = n
+    return tree.path_to(best), argmax[best]
+
+
+def verify_sample_chain(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
+                        generator: torch.Generator | None = None) -> tuple[int, int]:
+    """p: (g+1, V) target probabilities at the root and each draft; q: (g, V) draft
+    probabilities; drafts: g tokens with drafts[j] ~ q[j]. -> (accepted count a, next token)."""
+    for j, x in enumerate(drafts):
+        px, qx = float(p[j, x]), float(q[j, x])
+        if qx > 0 and _uniform(generator) < min(1.0, px / qx):
+            continue
+        residual = (p[j] - q[j]).clamp_min(0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: rejection had probability ~0
+            residual = p[j]
+        return j, _draw(residual / residual.sum(), generator)
+    return len(drafts), _draw(p[len(drafts)], generator)
+
+
+def verify_sample_tree(tree: Tree, tokens: list[int], p: torch.Tensor,
+                       generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Point-mass drafts (fixed candidates). p: (T, V) target probabilities per node.
+    -> (accepted path of node indices, next token)."""
+    node = 0
+    while True:
+        probs = p[node].clone()
+        for child in tree.children[node]:
+            x = tokens[child]
+            total = float(probs.sum())
+            if total > 0 and _uniform(generator) * total < float(probs[x]):
+                node = child
+                break
+            probs[x] = 0
+        else:
+            if float(probs.sum()) <= 0:  # every token of the support was a rejected candidate
+                probs = p[node]
+            return tree.path_to(node), _draw(probs / probs.sum(), generator)
+
+
+def typical_threshold(p: torch.Tensor, epsilon: float, delta: float) -> torch.Tensor:
+    """Medusa's typical-acceptance bound min(epsilon, delta * exp(-H(p))) per row of (..., V) p."""
+    entropy = -(p * (p + 1e-5).log()).sum(-1)
+    return torch.minimum(torch.full_like(entropy, epsilon), delta * (-entropy).exp())
+
+
+def verify_typical(tree: Tree, tokens: list[int], p: torch.Tensor, epsilon: float, delta: float) -> tuple[list[int], int]:
+    """p: (T, V) target probabilities at temperature T. Lossy (see the module docstring)."""
+    bound = typical_threshold(p, epsilon, delta).tolist()
+    ok, score = [True] + [False] * (tree.size - 1), [0.0] * tree.size
+    best = 0
+    for n in range(1, tree.size):
+        par = tree.parent[n]
+        px = float(p[par, tokens[n]])
+        ok[n] = ok[par] and px > bound[par]
+        score[n] = score[par] + math.log(max(px, 1e-30))
+        if ok[n] and (len(tree.paths[n]), score[n]) > (len(tree.paths[best]), score[best]):
+            best = n
+    return tree.path_to(best), int(p[best].argmax())
+
+
+# Decoding --------------------------------------------------------------------------------------------
+@dataclass
+class SpecConfig:
+    tree: Tree | None = None  # None: a chain as deep as the heads
+    mode: str = "exact"  # "exact" (greedy when temperature == 0, else exact sampling) | "typical"
+    typical_epsilon: float = 0.09  # Medusa's posterior_threshold
+    typical_delta: float = 0.3  # Medusa's posterior_alpha (about sqrt(epsilon))
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0  # verify forwards that carried drafts
+    drafted: int = 0  # drafted tokens over those steps (tree depth per step and sequence)
+    accepted: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)
+    forwards: int = 0  # LLM forwards in total (incl. the first, draft-less one)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per verify step, bonus/correction included (vLLM's definition)."""
+        return 1.0 + self.accepted / max(self.steps, 1)
+
+    @property
+    def per_depth_rate(self) -> list[float]:
+        return [a / max(self.steps, 1) for a in self.accepted_per_depth]
+
+
+@dataclass
+class SpecOutput:
+    ids: list[list[int]]
+    finished: list[bool]
+    stats: SpecStats
+
+
+class _MTPDrafter:
+    """Per-sequence state of the MTP modules over the answer window (see the module docstring)."""
+
+    def __init__(self, model, heads: MTPHeads, B: int, rope0: list[int], first: torch.Tensor):
+        self.model, self.heads, self.D = model, heads, len(heads)
+        llm = model.llm
+        c = model.cfg.llm
+        self.caches = [KVCache(1, c.num_key_value_heads, c.head_dim, rows=B, capacity=64,
+                               dtype=llm.embed_tokens.weight.dtype, device=llm.embed_tokens.weight.device)
+                       for _ in range(self.D)]
+        self.ctxs = [[cache.new_context() for _ in range(B)] for cache in self.caches]
+        for ctx_k in self.ctxs:
+            for b, ctx in enumerate(ctx_k):
+                ctx.rope = rope0[b]
+        self.tokens = [[int(t)] for t in first]  # final window tokens per sequence
+        self.hidden = [[[] for _ in range(B)] for _ in range(self.D + 1)]  # final h^k rows per position
+        self.stacks = [SimpleNamespace(llm=SimpleNamespace(layers=[m.block], rope=llm.rope,
+                                                           final_norm=lambda h, route: h)) for m in heads.stack]
+
+    def extend(self, b: int, hidden: torch.Tensor, tokens: list[int]) -> None:
+        """Sequence b's trunk states for newly fed positions, and the tokens after them."""
+        self.hidden[0][b].extend(hidden.unbind(0))
+        self.tokens[b].extend(tokens)
+
+    def draft(self, active: list[int], cfg: SamplingConfig, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> drafts (B_act, D) and, when sampling, their probabilities (B_act, D, V)."""
+        emb, lm_head = self.model.llm.embed_tokens, self.model.llm.lm_head
+        device = emb.weight.device
+        greedy = cfg.temperature <= 0
+        drafts = [[] for _ in active]
+        q = [[] for _ in active]
+        scratch = [dict() for _ in active]  # position -> this step's h^{k-1} (not final)
+        for k in range(1, self.D + 1):
+            module = self.heads[k - 1]
+            queries, ctxs, spans = [], [], []
+            for j, b in enumerate(active):
+                N = len(self.tokens[b]) - 1  # index of the root (last final token)
+                ctx = self.ctxs[k - 1][b]
+                start = len(self.hidden[k][b])
+                pos = list(range(start, N))
+                toks = [self.tokens[b][i + k] if i + k <= N else drafts[j][i + k - N - 1] for i in pos]
+                prev = [self.hidden[k - 1][b][i] if i < len(self.hidden[k - 1][b]) else scratch[j][i] for i in pos]
+                x = module.project(emb(torch.tensor(toks, device=device)), torch.stack(prev))
+                queries.append(Query(x, torch.arange(ctx.rope, ctx.rope + len(pos), device=device),
+                                     torch.zeros(len(pos), dtype=torch.bool, device=device), causal=True))
+                ctxs.append(ctx)
+                spans.append((start, N))
+            outs = forward_queries(self.stacks[k - 1], ctxs, queries, commit=True)
+            last = torch.stack([o[-1] for o in outs])
+            logits = lm_head(module.norm(last))  # (B_act, V)
+            if greedy:
+                nxt = logits.argmax(-1).tolist()
+            else:
+                probs = probs_from_logits(logits, cfg)
+                nxt = [_draw(probs[j], generator) for j in range(len(active))]
+            for j, b in enumerate(active):
+                start, N = spans[j]
+                final = max(0, min(N - k + 1, len(self.hidden[k - 1][b])) - start)
+                self.hidden[k][b].extend(outs[j][:final].unbind(0))
+                ctxs[j].trim(start + final, rope=ctxs[j].rope + final)
+                scratch[j] = {start + i: outs[j][i] for i in range(final, N - start)}
+                drafts[j].append(nxt[j])
+                if not greedy:
+                    q[j].append(probs[j])
+        d = torch.tensor(drafts, device=device)
+        return d, (torch.stack([torch.stack(r) for r in q]) if not greedy else None)
+
+
+@torch.no_grad()
+def generate_speculative(model, tokens: SpecialTokens, contexts: list[Context],
+                         cfg: SamplingConfig = SamplingConfig(), heads=None, spec: SpecConfig = SpecConfig(),
+                         generator: torch.Generator | None = None) -> SpecOutput:
+    """Decode one answer per context like `generate_text`, verifying drafts from `heads`
+    (default `model.draft_heads`)."""
+    heads = heads if heads is not None else getattr(model, "draft_heads", None)
+    if heads is None:
+        raise ValueError("speculative decoding needs draft heads: pass heads= or build the model with draft_heads")
+    is_mtp = isinstance(heads, MTPHeads)
+    depth = len(heads) if is_mtp else len(heads.heads)
+    tree = spec.tree or Tree.chain(depth)
+    if tree.max_depth > depth:
+        raise ValueError(f"tree depth {tree.max_depth} exceeds the {depth} draft heads")
+    if spec.mode not in ("exact", "typical"):
+        raise ValueError(f"spec.mode={spec.mode!r}: expected 'exact' or 'typical'")
+    greedy = cfg.temperature <= 0
+    chain = all(r == 0 for p in tree.paths for r in p)
+    if is_mtp and not chain:
+        raise ValueError("MTP drafts one token per module: use a chain (spec.tree=None or Tree.chain(k))")
+    sample_chain = not greedy and spec.mode == "exact" and chain  # Leviathan rule with the heads' q
+
+    llm = model.llm
+    device = llm.embed_tokens.weight.device
+    B = len(contexts)
+    out = SpecOutput(ids=[[] for _ in range(B)], finished=[False] * B, stats=SpecStats(
+        accepted_per_depth=[0] * tree.max_depth))
+    root = [tokens.bos] * B
+    cand: list[list[int] | None] = [None] * B  # per sequence: token per tree node (None: root only)
+    qs: list[torch.Tensor | None] = [None] * B  # sampled chains: (depth, V) draft probabilities
+    mtp = _MTPDrafter(model, heads, B, [c.rope for c in contexts], torch.tensor(root)) if is_mtp else None
+    active = list(range(B))
+    while active:
+        ctxs = [contexts[b] for b in active]
+        nodes = [[root[b]] + (cand[b][1:] if cand[b] is not None else []) for b in active]
+        queries = []
+        for b, ctx, toks in zip(active, ctxs, nodes):
+            T = len(toks)
+            queries.append(Query(llm.embed_tokens(torch.tensor(toks, device=device)),
+                                 ctx.rope + tree.depth[:T].to(device),
+                                 torch.zeros(T, dtype=torch.bool, device=device), causal=True,
+                                 mask=tree.mask[:T, :T]))
+        starts = [c.length for c in ctxs]
+        hidden = forward_queries(model, ctxs, queries, commit=True)
+        out.stats.forwards += 1
+        still = []
+        for j, b in enumerate(active):
+            ctx, h, toks = ctxs[j], hidden[j], nodes[j]
+            logits = llm.lm_head(h)  # (T, V)
+            T = len(toks)
+            sub = tree if T == tree.size else Tree.from_paths(tree.paths[:T])
+            if greedy:  # typical acceptance's T -> 0 limit is greedy too
+                path, nxt = verify_greedy(sub, toks, logits.argmax(-1).tolist())
+            elif spec.mode == "typical":
+                path, nxt = verify_typical(sub, toks, probs_from_logits(logits, cfg), spec.typical_epsilon,
+                                           spec.typical_delta)
+            elif sample_chain and T > 1:
+                a, nxt = verify_sample_chain(probs_from_logits(logits, cfg), qs[b], toks[1:], generator)
+                path = list(range(a + 1))
+            else:
+                path, nxt = verify_sample_tree(sub, toks, probs_from_logits(logits, cfg), generator)
+            if T > 1:
+                a = len(path) - 1
+                out.stats.steps += 1
+                out.stats.drafted += T - 1 if chain else tree.max_depth
+                out.stats.accepted += a
+                for d in range(a):
+                    out.stats.accepted_per_depth[d] += 1
+            # Emitted: the accepted drafts, then nxt; node path[m] predicted emitted[m].
+            emitted = [toks[n] for n in path[1:]] + [nxt]
+            keep_nodes, done = len(path), False
+            for m, t in enumerate(emitted):
+                if t == tokens.eos:
+                    out.finished[b], done, keep_nodes = True, True, m + 1
+                    break
+                out.ids[b].append(t)
+                if len(out.ids[b]) == cfg.max_new_tokens:
+                    done, keep_nodes = True, m + 1
+                    break
+            _compact(ctx, starts[j], path[:keep_nodes])
+            if done:
+                continue
+            still.append(b)
+            last = h[path[-1]]
+            root[b] = nxt
+            if mtp is not None:
+                mtp.extend(b, h[path], [toks[n] for n in path[1:]] + [nxt])
+            else:
+                cand[b], qs[b] = _medusa_candidates(heads, llm, last, tree, cfg, sample_chain, generator)
+        active = still
+        if mtp is not None and active:
+            drafts, q = mtp.draft(active, cfg, generator)
+            for j, b in enumerate(active):
+                cand[b] = [root[b]] + drafts[j, :tree.max_depth].tolist()
+                qs[b] = q[j] if q is not None else None
+    return out
+
+
+def _medusa_candidates(heads: MedusaHeads, llm, last: torch.Tensor, tree: Tree, cfg: SamplingConfig,
+                       sample_chain: bool, generator) -> tuple[list[int], torch.Tensor | None]:
+    """Tokens for every tree node from the heads at the last accepted hidden state."""
+    logits = heads(last[None], llm.lm_head)[:, 0]  # (K, V)
+    if sample_chain:
+        q = probs_from_logits(logits[:tree.max_depth], cfg)  # (depth, V)
+        return [-1] + [_draw(q[d], generator) for d in range(tree.max_depth)], q
+    top = [logits[d].topk(k).indices.tolist() for d, k in enumerate(tree.topk)]
+    return [-1] + [top[len(p) - 1][p[-1]] for p in tree.paths[1:]], None
+
+
+def _compact(ctx: Context, start: int, path: list[int]) -> None:
+    """Keep the nodes `path` (in order) of the block written at `start`; drop the rest."""
+    n = len(path)
+    if path != list(range(n)):
+        src = torch.tensor(path, device=ctx.cache.keys.device) + start
+        dst = torch.arange(start, start + n, device=src.device)
+        for store in (ctx.cache.keys, ctx.cache.values):
+            store[:, ctx.row, dst] = store[:, ctx.row, src]  # gather first: src >= dst may overlap
+    ctx.trim(start + n, rope=ctx.rope + n)

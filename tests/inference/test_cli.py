@@ -1,0 +1,64 @@
+"""bagel-generate and bagel-chat on the tiny official fixture model (in-process)."""
+
+import pytest
+from PIL import Image
+
+from bagel.cli import chat, generate
+
+
+def test_generate_batch_writes_numbered_files(official_dir, tmp_path, capsys):
+    out = tmp_path / "o.png"
+    rc = generate.main(["--model", str(official_dir), "--prompt", "A cat", "--out", str(out), "--size", "64x48",
+                        "--steps", "3", "--batch", "2", "--seed", "1"])
+    assert rc == 0
+    for i in range(2):
+        im = Image.open(tmp_path / f"o_{i}.png")
+        assert im.size == (64, 48)
+
+
+def test_edit_keeps_size(official_dir, tmp_path):
+    src = tmp_path / "in.png"
+    Image.new("RGB", (80, 48), (200, 30, 30)).save(src)
+    rc = generate.main(["--model", str(official_dir), "--image", str(src), "--prompt", "blue", "--out",
+                        str(tmp_path / "e.png"), "--steps", "2"])
+    assert rc == 0 and Image.open(tmp_path / "e.png").size == (80, 48)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--size", "60x48"], "multiples of 16"),
+    (["--size", "big"], "expected WxH"),
+])
+def test_generate_rejects_bad_size(official_dir, tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit):
+        generate.main(["--model", str(official_dir), "--prompt", "x", "--out", str(tmp_path / "x.png"), *args])
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "/nonexistent/dir", "--prompt", "x"], "does not exist"),
+    (["--prompt", "x", "--size", "4096x4096"], "exceeds the model"),
+    (["--prompt", "x", "--image", "/nonexistent.png"], "does not exist"),
+])
+def test_generate_clear_errors(official_dir, tmp_path, capsys, argv, match):
+    if "--model" not in argv:
+        argv = ["--model", str(official_dir), *argv]
+    assert generate.main([*argv, "--out", str(tmp_path / "x.png")]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_chat_one_shot_and_bad_image(official_dir, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (56, 42), (0, 128, 255)).save(img)
+    assert chat.main(["--model", str(official_dir), "--image", str(img), "--question", "What?", "--max-new-tokens", "3"]) == 0
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    assert chat.main(["--model", str(official_dir), "--image", str(bad), "--question", "What?"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_chat_interactive(official_dir, monkeypatch, capsys):
+    lines = iter(["hello there", "/image /nonexistent.png", "/reset", "again", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert chat.main(["--model", str(official_dir), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "error: cannot read image" in out

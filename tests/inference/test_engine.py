@@ -1,0 +1,236 @@
+"""Inference engine: cache consistency, batched CFG, forks, batching, sampling, errors."""
+
+import pytest
+import torch
+from PIL import Image
+
+from bagel import flow
+from bagel.inference import context as C
+from bagel.inference.engine import Engine
+from bagel.inference.forward import forward_queries
+from bagel.inference.generate_image import Branches, ImageGenConfig, generate_latents
+from bagel.inference.generate_text import SamplingConfig, generate_text, sample_next
+from bagel.inference.kv_cache import KVCache
+from bagel.packing import Text, pack_samples
+from bagel.transforms import ResizeSpec
+
+
+@pytest.fixture(scope="module")
+def engine(official_dir):
+    e = Engine.from_pretrained(official_dir)
+    assert e.vae_transform == ResizeSpec(224, 32, 16) and e.vit_transform == ResizeSpec(224, 28, 14)
+    return e
+
+
+def image(seed=0, h=56, w=84):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def test_incremental_decoding_equals_block_recompute(engine):
+    s = engine.new_sessions(1)
+    engine.add_image(s, [image()], vae=False)
+    engine.add_text(s, ["What is in the picture?"])
+    _, out = engine.generate_text(s, SamplingConfig(max_new_tokens=10), keep_logits=True)
+    step_logits = torch.cat(out.step_logits)
+    # recompute: the start token and all generated ids as ONE causal block on a fresh fork
+    ctx = s[0].full.fork()
+    ids = torch.tensor([engine.tokens.bos] + out.ids[0][: len(out.step_logits) - 1])
+    q = C.text_query(engine.model, engine.tokens, [], ctx.rope)
+    q.embeds, q.positions = engine.model.llm.embed_tokens(ids), torch.arange(ctx.rope, ctx.rope + len(ids))
+    q.gen_rows = torch.zeros(len(ids), dtype=torch.bool)
+    hidden = forward_queries(engine.model, [ctx], [q], commit=False)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model.llm.lm_head(hidden), step_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_prefill_equals_training_forward(engine):
+    """Prompt prefilled into the cache + the answer as a causal block == the packed training forward."""
+    tok, model = engine.tokens, engine.model
+    prompt, answer = engine.encode("Describe the scene."), engine.encode("A red cube on a table.")
+    batch = pack_samples([[Text(prompt), Text(answer, loss=True)]], model.cfg, tok)
+    with torch.no_grad():
+        train_logits = model(batch).ce_logits
+    s = engine.new_sessions(1)
+    engine.add_text(s, ["Describe the scene."])
+    ctx = s[0].full
+    q = C.text_query(model, tok, answer, ctx.rope)
+    hidden = forward_queries(model, [ctx], [q], commit=False)[0]
+    with torch.no_grad():
+        cached = model.llm.lm_head(hidden[:-1])  # CE sits on <|im_start|> and the answer tokens
+    torch.testing.assert_close(cached, train_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fork_is_independent_of_parent_and_back(engine):
+    model, tok = engine.model, engine.tokens
+    cache = KVCache.for_model(model, rows=1, capacity=8)  # tiny: forces row and capacity growth
+    parent = cache.new_context()
+    C.add_text(model, tok, [parent], [engine.encode("a shared prefix")])
+    child = parent.fork()
+    C.add_text(model, tok, [parent], [engine.encode("parent continues here")])
+    C.add_text(model, tok, [child], [engine.encode("child goes elsewhere")])
+    C.add_text(model, tok, [parent], [engine.encode("and more")])
+
+    def fresh(*texts):
+        c = KVCache.for_model(model).new_context()
+        for t in texts:
+            C.add_text(model, tok, [c], [engine.encode(t)])
+        return c
+
+    for ctx, texts in [(parent, ["a shared prefix", "parent continues here", "and more"]),
+                       (child, ["a shared prefix", "child goes elsewhere"])]:
+        ref = fresh(*texts)
+        assert (ctx.length, ctx.rope) == (ref.length, ref.rope)
+        torch.testing.assert_close(ctx.cache.keys[:, ctx.row, : ctx.length], ref.cache.keys[:, ref.row, : ref.length],
+                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ctx.cache.values[:, ctx.row, : ctx.length],
+                                   ref.cache.values[:, ref.row, : ref.length], atol=1e-6, rtol=1e-6)
+
+
+def test_trim_then_append(engine):
+    model, tok = engine.model, engine.tokens
+    a = KVCache.for_model(model).new_context()
+    C.add_text(model, tok, [a], [engine.encode("one two three")])
+    n, rope = a.length, a.rope
+    C.add_text(model, tok, [a], [engine.encode("wrong turn")])
+    a.trim(n, rope)
+    C.add_text(model, tok, [a], [engine.encode("right turn")])
+    b = KVCache.for_model(model).new_context()
+    C.add_text(model, tok, [b], [engine.encode("one two three")])
+    C.add_text(model, tok, [b], [engine.encode("right turn")])
+    torch.testing.assert_close(a.cache.keys[:, a.row, : a.length], b.cache.keys[:, b.row, : b.length])
+
+
+def test_batched_prompts_equal_single(engine):
+    prompts = ["A cat.", "A much longer prompt about a dog in a park at noon."]
+    sampling = SamplingConfig(max_new_tokens=6)
+    s = engine.new_sessions(2)
+    engine.add_text(s, prompts)
+    batched, out_b = engine.generate_text(s, sampling, keep_logits=True)
+    for i, p in enumerate(prompts):
+        one = engine.new_sessions(1)
+        engine.add_text(one, [p])
+        single, out_1 = engine.generate_text(one, sampling, keep_logits=True)
+        assert out_1.ids[0] == out_b.ids[i]
+        for step, logits in enumerate(out_1.step_logits):
+            torch.testing.assert_close(logits[0], out_b.step_logits[step][i], atol=1e-5, rtol=1e-5)
+
+
+def sequential_cfg(engine, sessions, grid, cfg, noise):
+    """Reference: every branch of every image in its own forward, one after another."""
+    model, tok = engine.model, engine.tokens
+    xs = [n.clone() for n in noise]
+    ts = flow.sampling_timesteps(cfg.num_timesteps, cfg.timestep_shift).tolist()
+    for i in range(len(ts) - 1):
+        t = ts[i]
+        s_text, s_img = cfg.scales_at(t)
+        for b, s in enumerate(sessions):
+            def vel(ctx):
+                q = C.latent_query(model, tok, xs[b], t, grid, ctx.rope)
+                return model.llm2vae(forward_queries(model, [ctx.fork()], [q], commit=False)[0][1:-1])
+            with torch.no_grad():
+                v = vel(s.full)
+                vt = vel(s.text_uncond) if s_text > 1 else None
+                vi = vel(s.img_uncond) if s_text > 1 and s_img > 1 else None
+            g = flow.apply_cfg(v, vt, vi, s_text, s_img, cfg.cfg_renorm_type, cfg.cfg_renorm_min)
+            xs[b] = flow.euler_step(xs[b], g, t, ts[i + 1])
+    return xs
+
+
+@pytest.mark.parametrize("renorm", ["global", "channel", "text_channel"])
+def test_batched_cfg_equals_sequential_branches(engine, renorm):
+    sessions = engine.new_sessions(2)
+    engine.add_image(sessions, [image(1, 48, 64), image(2, 48, 64)])
+    engine.add_text(sessions, ["Make it blue.", "Add a small red hat on top of it."])
+    cfg = ImageGenConfig(num_timesteps=5, cfg_text_scale=3.0, cfg_img_scale=1.7, cfg_interval=(0.3, 1.0),
+                         cfg_renorm_type=renorm, cfg_renorm_min=0.2)
+    grid = (3, 4)
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(12, engine.model.cfg.patch_latent_dim, generator=g) for _ in range(2)]
+    batched = generate_latents(engine.model, engine.tokens, [s.branches() for s in sessions], grid, cfg, noise=noise)
+    reference = sequential_cfg(engine, sessions, grid, cfg, noise)
+    for a, b in zip(batched, reference):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_does_not_change_contexts(engine):
+    s = engine.new_sessions(1)
+    engine.add_text(s, ["A cat."])
+    before = (s[0].full.length, s[0].full.rope, s[0].full.cache.keys[:, s[0].full.row, : s[0].full.length].clone())
+    engine.generate_image(s, (32, 32), ImageGenConfig(num_timesteps=3, cfg_img_scale=1.0))
+    engine.generate_text(s, SamplingConfig(max_new_tokens=3))
+    assert (s[0].full.length, s[0].full.rope) == before[:2]
+    assert torch.equal(s[0].full.cache.keys[:, s[0].full.row, : s[0].full.length], before[2])
+
+
+def test_seeded_text_to_image_is_reproducible(engine):
+    cfg = ImageGenConfig(num_timesteps=3, cfg_img_scale=1.0)
+    a, _ = engine.text_to_image(["A cat.", "A dog."], (32, 48), cfg, seed=7)
+    b, _ = engine.text_to_image(["A cat.", "A dog."], (32, 48), cfg, seed=7)
+    assert [im.size for im in a] == [(48, 32)] * 2
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(a, b))
+
+
+def test_think_mode_runs(engine):
+    images, thoughts = engine.text_to_image(["A cat."], (32, 32), ImageGenConfig(num_timesteps=2), think=True,
+                                            think_sampling=SamplingConfig(max_new_tokens=4))
+    assert len(images) == 1 and len(thoughts) == 1
+
+
+def test_edit_output_keeps_input_size(engine):
+    out, _ = engine.edit([image(3, 48, 80)], ["Make it purple."], ImageGenConfig(num_timesteps=2))
+    assert out[0].size == (80, 48)
+
+
+def test_interleaved_output_follows_the_model_hints(engine, monkeypatch):
+    script = iter([engine.tokens.start_of_image, engine.tokens.bos, engine.tokens.eos])
+    real = engine._set_hints
+
+    def scripted(sessions, hidden):
+        real(sessions, hidden)
+        for s in sessions:
+            s.next_hint = next(script, engine.tokens.eos)
+
+    monkeypatch.setattr(engine, "_set_hints", scripted)
+    out = engine.interleave(["Count up from one:"], size=(32, 32), cfg=ImageGenConfig(num_timesteps=2),
+                            sampling=SamplingConfig(max_new_tokens=3))
+    assert isinstance(out[0], Image.Image) and isinstance(out[1], str) and len(out) == 2
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert sample_next(logits, SamplingConfig(temperature=0)).item() == 1
+    g = torch.Generator().manual_seed(0)
+    assert all(sample_next(logits, SamplingConfig(temperature=1.0, top_k=1), g).item() == 1 for _ in range(20))
+    assert all(sample_next(logits, SamplingConfig(temperature=1.0, top_p=0.01), g).item() == 1 for _ in range(20))
+    draws = {sample_next(logits, SamplingConfig(temperature=1.0, top_k=2), g).item() for _ in range(200)}
+    assert draws == {1, 3}
+
+
+@pytest.mark.parametrize("size,match", [((30, 32), "multiples of 16"), ((16 * 17, 32), "exceeds the model")])
+def test_bad_sizes(engine, size, match):
+    s = engine.new_sessions(1)
+    engine.add_text(s, ["x"])
+    with pytest.raises(ValueError, match=match):
+        engine.generate_image(s, size)
+
+
+def test_prompt_over_context_limit(engine):
+    engine.max_context, old = 16, engine.max_context
+    try:
+        with pytest.raises(ValueError, match="over the model's limit"):
+            engine.add_text(engine.new_sessions(1), ["a very long prompt " * 10])
+    finally:
+        engine.max_context = old
+
+
+def test_unreadable_image(engine, tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        engine.add_image(engine.new_sessions(1), [bad])
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Engine.from_pretrained(tmp_path / "none")
