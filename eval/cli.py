@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's official value")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights (bf16 on GPU)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--image-dir", default=None, help="POPE / VQA: folder of COCO images if not under --data")
     p.add_argument("--out", metavar="DIR", default=None, help="results folder (default runs/eval/...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -48,14 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.task or not args.data:
                 print("bagel-eval: --model needs --task and --data", file=sys.stderr)
                 return 2
-            predictor = runner.load_predictor(args.model, seed=args.seed)
+            predictor = runner.load_predictor(args.model, seed=args.seed, dtype=args.dtype, device=args.device)
             manifest = runner.run(args.task, args.data, predictor, protocol=args.protocol,
                                   limit=args.limit, batch_size=args.batch_size, out_dir=args.out,
                                   model=args.model, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                   progress=not args.quiet, read_kwargs=read_kwargs)
-    except runner.InferenceEngineMissing as e:
-        print(f"bagel-eval: {e}", file=sys.stderr)
-        return 3
     except (DataLayoutError, ValueError, FileNotFoundError) as e:
         print(f"bagel-eval: {e}", file=sys.stderr)
         return 2

@@ -2,8 +2,8 @@
 
 The model enters through one small interface, `Predictor`: a callable taking a list of `Request`s
 (question text, PIL images, max_new_tokens) and returning one answer string per request. Anything
-with that shape works (tests pass a plain function). `load_predictor` is the single place that will
-build one from a BAGEL checkpoint directory once the inference engine exists.
+with that shape works (tests pass a plain function). `load_predictor` builds one from a BAGEL
+checkpoint directory on top of `bagel.inference.engine.Engine`.
 
 Outputs of a run, in OUT_DIR: predictions.jsonl (self-contained, see eval/items.py),
 judgements.jsonl (one scored row per item), manifest.json (everything needed to reproduce the number).
@@ -33,18 +33,38 @@ class Predictor(Protocol):
     def __call__(self, requests: list[Request]) -> list[str]: ...
 
 
-class InferenceEngineMissing(RuntimeError):
-    pass
+class EnginePredictor:
+    """Answers requests with a BAGEL model the way the official `Bagel.chat` does for the VLM
+    benchmarks: each image prefilled on its own through the ViT, then the question, then greedy
+    decoding. A batch of requests is decoded together (prompts of different lengths)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __call__(self, requests: list[Request]) -> list[str]:
+        from bagel.inference.generate_text import SamplingConfig
+
+        engine = self.engine
+        sessions = engine.new_sessions(len(requests))
+        for session, req in zip(sessions, requests):
+            for image in req.images:
+                engine.add_image([session], [image], vae=False, vit=True)
+        engine.add_text(sessions, [r.question for r in requests])
+        longest = max(r.max_new_tokens for r in requests)
+        _, out = engine.generate_text(sessions, SamplingConfig(max_new_tokens=longest))
+        # greedy rows are independent, so cutting a row at its own limit equals decoding it alone
+        return [engine.tokenizer.decode(ids[: r.max_new_tokens]) for ids, r in zip(out.ids, requests)]
 
 
-def load_predictor(model_dir: str, seed: int = 0) -> Predictor:
-    """Build a predictor from a BAGEL checkpoint directory. Not possible yet: there is no text
-    generation entry point in bagel.inference. Plug it in here (and only here) when there is."""
-    raise InferenceEngineMissing(
-        f"cannot evaluate {model_dir!r}: the BAGEL inference engine (text generation in "
-        f"bagel.inference) is not installed yet. Score saved predictions with "
-        f"`bagel-eval --score-only PREDICTIONS.jsonl --task TASK`, or call "
-        f"eval.runner.run(...) with your own Predictor.")
+def load_predictor(model_dir: str, seed: int = 0, dtype: str = "fp32", device: str = "cpu") -> Predictor:
+    """A predictor over a BAGEL checkpoint directory (our layout or the released one)."""
+    import torch
+
+    from bagel.inference.engine import Engine
+
+    torch.manual_seed(seed)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    return EnginePredictor(Engine.from_pretrained(model_dir, dtype=dtypes[dtype], device=device))
 
 
 def get_task(name: str):

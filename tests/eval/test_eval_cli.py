@@ -1,6 +1,7 @@
 """The runner with an injected predictor on two tasks, then `bagel-eval --score-only` end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,12 +82,25 @@ def test_score_only_cli_on_hand_written_predictions(tmp_path, synthetic):
         assert len(judged) == 3
 
 
-def test_model_path_fails_clearly_without_inference_engine(tmp_path, synthetic, capsys):
-    rc = cli.main(["--model", str(tmp_path), "--task", "mme", "--data", synthetic.write_mme(tmp_path / "MME")])
-    assert rc == 3
-    assert "inference engine" in capsys.readouterr().err
-    with pytest.raises(runner.InferenceEngineMissing):
-        runner.load_predictor(str(tmp_path))
+def test_model_path_runs_the_engine_end_to_end(tmp_path, synthetic):
+    """A real (tiny, random) BAGEL model through the engine: every item asked, scored, counted."""
+    model = Path(__file__).resolve().parents[1] / "assets" / "bagel_official_tiny"
+    out = tmp_path / "out"
+    rc = cli.main(["--model", str(model), "--task", "mme", "--data", synthetic.write_mme(tmp_path / "MME"),
+                   "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out), "--quiet"])
+    assert rc == 0
+    m = _manifest(out)
+    assert m["model"] == str(model) and m["counts"]["items"] > 0
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == m["counts"]["items"]
+    answered = [p for p in preds if isinstance(p["prediction"], str)]
+    assert len(answered) == m["counts"]["items"] - m["counts"]["missing"] > 0  # missing images stay counted
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path, synthetic, capsys):
+    rc = cli.main(["--model", str(tmp_path / "none"), "--task", "mme", "--data", synthetic.write_mme(tmp_path / "MME")])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_layout_and_bad_rows(tmp_path, capsys):
