@@ -23,8 +23,8 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "data": ["pyarrow"],  # parquet converters
-        "dev": ["pytest>=7", "scikit-learn", "pyarrow"],
-        "app": ["gradio"],
+        "dev": ["pytest>=7", "scikit-learn", "pyarrow", "selenium>=4.11"],
+        "app": ["gradio>=6,<7"],
     },
     entry_points={
         "console_scripts": [

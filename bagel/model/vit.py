@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from bagel.config import ViTConfig
-from bagel.model.attention import block_diagonal_attention
+from bagel.model.attention import AttentionPlan, block_diagonal_layout, packed_attention, prepare_attention
 from bagel.model.layers import GeluMLP
 
 
@@ -29,12 +29,12 @@ class ViTAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.o_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, seqlens: list[int], backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         heads = (self.num_heads, self.head_dim)
         q = self.q_proj(x).unflatten(-1, heads)  # (N, H, hd)
         k = self.k_proj(x).unflatten(-1, heads)
         v = self.v_proj(x).unflatten(-1, heads)
-        out = block_diagonal_attention(q, k, v, seqlens, backend)  # (N, H, hd)
+        out = packed_attention(q, k, v, plan)  # (N, H, hd), bidirectional within each image
         return self.o_proj(out.flatten(1))
 
 
@@ -46,8 +46,8 @@ class ViTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, seqlens: list[int], backend: str) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), seqlens, backend)
+    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), plan)
         return x + self.mlp(self.norm2(x))
 
 
@@ -67,6 +67,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ViT patches have {patches.shape[-1]} features, expected {self.cfg.patch_dim} "
                              f"(3 * {self.cfg.patch_size}^2)")
         x = self.patch_embed(patches) + self.pos_embed(position_ids)
+        plan = prepare_attention(block_diagonal_layout(seqlens), backend, x.device)  # once, not per layer
         for layer in self.layers:
-            x = layer(x, seqlens, backend)
+            x = layer(x, plan)
         return self.post_norm(x)
