@@ -9,7 +9,7 @@ $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[dev,app]"
+	$(PY) -m pip install -q -e ".[dev,app,train]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -25,6 +25,7 @@ setup(
         "data": ["pyarrow"],  # parquet converters
         "dev": ["pytest>=7", "scikit-learn", "pyarrow", "selenium>=4.11"],
         "app": ["gradio>=6,<7"],
+        "train": ["tensorboard", "matplotlib"],  # optional logging and loss plots
     },
     entry_points={
         "console_scripts": [
@@ -33,6 +34,7 @@ setup(
             "bagel-eval=eval.cli:main",
             "bagel-generate=bagel.cli.generate:main",
             "bagel-chat=bagel.cli.chat:main",
+            "bagel-train=bagel.train.cli:main",
         ]
     },
 )

@@ -170,6 +170,7 @@ class VAEConfig:
     z_channels: int = 16
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
+    norm_groups: int = 32  # GroupNorm groups (FLUX: 32); smaller lets tiny VAEs use ch < 32
 
     @property
     def downsample(self) -> int:

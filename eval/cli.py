@@ -5,8 +5,15 @@
     bagel-eval --model ckpt/ --task mme --data data/MME_Benchmark_release_version \
                [--protocol standard|bagel] [--limit N] [--batch-size B] [--out DIR]
 
-Tasks: mme, mmbench, mmmu, pope, vqav2. Data layouts: eval/README.md.
-Exit status: 0 scored, 2 bad arguments or data layout, 3 no inference engine.
+    bagel-eval --task geneval --model ckpt/ --data evaluation_metadata.jsonl --out runs/geneval \
+               [--samples-per-prompt 4] [--size 1024x1024] [--steps 50] [--cfg-text 4] [--seed 0] \
+               [--scorer MODULE:FUNCTION]           # text-to-image, GenEval layout (eval/geneval.py)
+    bagel-eval --task geneval --score-only runs/geneval --scorer MODULE:FUNCTION
+
+    bagel-eval --task digits --model runs/digits/model [--limit N] [--out DIR]   # the digits demo
+
+Tasks: mme, mmbench, mmmu, pope, vqav2, geneval, digits. Data layouts: eval/README.md.
+Exit status: 0 scored, 2 bad arguments or data layout.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eval import runner
+from eval import digits, geneval, runner
 from eval.items import PROTOCOLS, DataLayoutError
 
 
@@ -23,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--score-only", metavar="PREDICTIONS.jsonl", help="score a saved predictions file")
     mode.add_argument("--model", metavar="DIR", help="BAGEL checkpoint directory to evaluate")
-    p.add_argument("--task", choices=sorted(runner.TASKS), help="benchmark (inferred from the file with --score-only)")
+    p.add_argument("--task", choices=sorted([*runner.TASKS, geneval.TASK, digits.TASK]),
+                   help="benchmark (inferred from the file with --score-only)")
     p.add_argument("--data", metavar="PATH", help="local copy of the benchmark (see eval/README.md)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="standard")
     p.add_argument("--limit", type=int, default=None, help="first N items (MMBench: N questions)")
@@ -35,6 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", default=None, help="POPE / VQA: folder of COCO images if not under --data")
     p.add_argument("--out", metavar="DIR", default=None, help="results folder (default runs/eval/...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("geneval (text-to-image; defaults: BAGEL's GenEval script, see eval/geneval.py)")
+    g.add_argument("--samples-per-prompt", type=int, default=None, help="images per prompt (default 4)")
+    g.add_argument("--size", default=None, metavar="WxH", help="multiples of 16 (default 1024x1024)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="timestep grid points, steps - 1 model evaluations (default 50)")
+    g.add_argument("--cfg-text", type=float, default=None, help="text CFG scale (default 4)")
+    g.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("A", "B"),
+                   help="guide only where A < t <= B (default 0 1)")
+    g.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"], default=None,
+                   help="default global")
+    g.add_argument("--cfg-renorm-min", type=float, default=None, help="default 0")
+    g.add_argument("--timestep-shift", type=float, default=None, help="default 3")
+    g.add_argument("--no-grid", action="store_true", help="do not write <index>/grid.png")
+    g.add_argument("--scorer", metavar="MODULE:FUNCTION", default=None,
+                   help="judge each image (callable(out_dir, rows) -> [{'correct': bool, 'filename': ...}])")
     return p
 
 
@@ -42,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     read_kwargs = {"image_dir": args.image_dir} if args.image_dir and args.task in ("pope", "vqav2") else {}
     try:
-        if args.score_only:
+        if args.task == digits.TASK:
+            return _run_digits(args)
+        if args.task == geneval.TASK:
+            manifest = geneval.run_cli(args)
+        elif args.score_only:
             manifest = runner.score_only(args.score_only, task=args.task, protocol=args.protocol,
                                          data=args.data, out_dir=args.out, seed=args.seed,
                                          read_kwargs=read_kwargs)
@@ -59,6 +86,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bagel-eval: {e}", file=sys.stderr)
         return 2
     print(runner.format_table(manifest))
+    return 0
+
+
+def _run_digits(args) -> int:
+    if not args.model:
+        print("bagel-eval: --task digits needs --model", file=sys.stderr)
+        return 2
+    settings = digits.DigitsEvalConfig(limit=args.limit, seed=args.seed, batch_size=max(args.batch_size, 1))
+    for field, value in (("steps", args.steps), ("cfg_text", args.cfg_text), ("timestep_shift", args.timestep_shift)):
+        if value is not None:
+            setattr(settings, field, value)
+    engine = runner.load_engine(args.model, dtype=args.dtype, device=args.device)
+    metrics = digits.evaluate(engine, settings, out_dir=args.out, progress=not args.quiet)
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            print(f"{key:<32} {value:.4f}")
     return 0
 
 

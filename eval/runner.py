@@ -56,15 +56,21 @@ class EnginePredictor:
         return [engine.tokenizer.decode(ids[: r.max_new_tokens]) for ids, r in zip(out.ids, requests)]
 
 
-def load_predictor(model_dir: str, seed: int = 0, dtype: str = "fp32", device: str = "cpu") -> Predictor:
-    """A predictor over a BAGEL checkpoint directory (our layout or the released one)."""
+def load_engine(model_dir: str, dtype: str = "fp32", device: str = "cpu"):
     import torch
 
     from bagel.inference.engine import Engine
 
-    torch.manual_seed(seed)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    return EnginePredictor(Engine.from_pretrained(model_dir, dtype=dtypes[dtype], device=device))
+    return Engine.from_pretrained(model_dir, dtype=dtypes[dtype], device=device)
+
+
+def load_predictor(model_dir: str, seed: int = 0, dtype: str = "fp32", device: str = "cpu") -> Predictor:
+    """A predictor over a BAGEL checkpoint directory (our layout or the released one)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return EnginePredictor(load_engine(model_dir, dtype, device))
 
 
 def get_task(name: str):

@@ -42,6 +42,10 @@ class BagelOutput:
     mse: torch.Tensor | None  # (N_mse, p*p*C) elementwise squared error
     hidden: torch.Tensor  # (L, D) LLM output after the expert-wise final norm
     llm_input: torch.Tensor  # (L, D) packed input embeddings
+    # An exact zero that depends on every parameter this batch did not use (zero-length passes
+    # through the idle paths). It is part of `loss`; a trainer building its own loss adds it, so
+    # that FSDP/DDP see every parameter in every step on every rank (otherwise they hang).
+    participation: torch.Tensor
     vit_features: torch.Tensor | None = None  # (N_vit, vit_hidden) after post_norm
     connector_out: torch.Tensor | None = None  # (N_vit, D) before + vit_pos
     latent_clean: torch.Tensor | None = None  # (N_lat, p*p*C) patchified clean latents
@@ -131,15 +135,28 @@ class Bagel(nn.Module):
         device = self.llm.embed_tokens.weight.device
         seq = torch.zeros(L, d, dtype=dtype, device=device)
         seq = seq.index_copy(0, batch.text_indexes, self.llm.embed_tokens(batch.text_ids))
-        out = {}
-
-        if batch.vit_tokens is not None and batch.vit_tokens.numel():
-            feats, conn, emb = self.embed_vit(batch.vit_tokens, batch.vit_position_ids, batch.vit_token_seqlens)
-            seq = seq.index_copy(0, batch.vit_token_indexes, emb)
-            out.update(vit_features=feats, connector_out=conn)
+        out, idle = {}, []
+        # Every path runs on every batch, in this fixed order, on zero-length inputs when the batch
+        # has nothing for it: FSDP2 gathers each block when it runs, so all ranks must run the same
+        # blocks in the same order (and DDP needs a gradient for every parameter).
+        if self.cfg.visual_und:
+            has_vit = batch.vit_tokens is not None and batch.vit_tokens.numel() > 0
+            if has_vit:
+                patches, ids, lens = batch.vit_tokens, batch.vit_position_ids, batch.vit_token_seqlens
+            else:
+                patches, ids, lens = seq.new_zeros(0, self.cfg.vit.patch_dim), _no_ids(device), []
+            feats, conn, emb = self.embed_vit(patches, ids, lens)
+            if has_vit:
+                seq = seq.index_copy(0, batch.vit_token_indexes, emb)
+                out.update(vit_features=feats, connector_out=conn)
+            else:
+                idle.append(emb)
+        elif batch.vit_tokens is not None and batch.vit_tokens.numel():
+            raise ValueError("this model was built with visual_und=False but the batch has ViT images")
 
         latent_rows = None
-        if batch.vae_token_indexes is not None and batch.vae_token_indexes.numel():
+        has_latents = batch.vae_token_indexes is not None and batch.vae_token_indexes.numel() > 0
+        if has_latents:
             if batch.vae_latents is None:
                 raise ValueError("PackedBatch.vae_latents is missing: encode vae_images with the VAE first")
             clean = self.patchify_latents(batch.vae_latents, batch.vae_latent_shapes).float()
@@ -153,6 +170,9 @@ class Bagel(nn.Module):
             seq = seq.index_copy(0, batch.vae_token_indexes, self.embed_latents(x_t, t, batch.latent_position_ids))
             latent_rows = t > 0  # noisy rows, in latent-token order (== mse_loss_indexes order)
             out.update(latent_clean=clean, x_t=x_t, t=t)
+        elif self.cfg.visual_gen:
+            x = seq.new_zeros(0, self.cfg.patch_latent_dim)
+            idle.append(self.embed_latents(x, x.new_zeros(0), _no_ids(device)))
 
         route = Routing(und=batch.und_token_indexes, gen=batch.gen_token_indexes)
         layout = AttentionLayout(batch.sample_lens, batch.split_lens, batch.attn_modes)
@@ -160,27 +180,44 @@ class Bagel(nn.Module):
         hidden = self.llm(seq, batch.position_ids, route, lambda q, k, v: packed_attention(q, k, v, plan))
 
         ce_logits = ce = loss_ce = None
+        ce_rows = batch.ce_loss_indexes if batch.num_ce_tokens else _no_ids(device)
+        logits = self.llm.lm_head(hidden[ce_rows])
         if batch.num_ce_tokens:
-            ce_logits = self.llm.lm_head(hidden[batch.ce_loss_indexes])
+            ce_logits = logits
             ce = F.cross_entropy(ce_logits.float(), batch.label_ids, reduction="none")
             if ce_reweighting:
                 w = batch.ce_loss_weights.to(ce)
                 loss_ce = (ce * w).sum() / w.sum()
             else:
                 loss_ce = ce.mean()
+        else:
+            idle.append(logits)
 
         velocity = target = mse = loss_mse = None
-        if batch.num_mse_tokens:
-            velocity = self.llm2vae(hidden[batch.mse_loss_indexes])
-            target = flow.velocity_target(out["latent_clean"], noise.float())[latent_rows]
-            mse = (velocity.float() - target) ** 2
-            loss_mse = mse.mean(-1).mean()
+        if self.cfg.visual_gen:
+            mse_rows = batch.mse_loss_indexes if batch.num_mse_tokens else _no_ids(device)
+            pred = self.llm2vae(hidden[mse_rows])
+            if batch.num_mse_tokens:
+                velocity = pred
+                target = flow.velocity_target(out["latent_clean"], noise.float())[latent_rows]
+                mse = (velocity.float() - target) ** 2
+                loss_mse = mse.mean(-1).mean()
+            else:
+                idle.append(pred)
 
-        zero = hidden.new_zeros((), dtype=torch.float32)
-        loss = (ce_weight * loss_ce if loss_ce is not None else zero) + (
-            mse_weight * loss_mse if loss_mse is not None else zero)
+        participation = sum((x.float().sum() for x in idle), hidden.new_zeros((), dtype=torch.float32))
+        loss = participation
+        if loss_ce is not None:
+            loss = loss + ce_weight * loss_ce
+        if loss_mse is not None:
+            loss = loss + mse_weight * loss_mse
         return BagelOutput(loss=loss, loss_ce=loss_ce, loss_mse=loss_mse, ce_logits=ce_logits, ce=ce,
-                           velocity=velocity, target=target, mse=mse, hidden=hidden, llm_input=seq, **out)
+                           velocity=velocity, target=target, mse=mse, hidden=hidden, llm_input=seq,
+                           participation=participation, **out)
+
+
+def _no_ids(device) -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long, device=device)
 
 
 def _check_ids(ids: torch.Tensor, table_rows: int, what: str, setting: str) -> None:

@@ -181,10 +181,9 @@ def build_autoencoder(cfg: VAEConfig) -> "AutoencoderKL":
     from diffusers import AutoencoderKL
 
     channels = tuple(cfg.ch * m for m in cfg.ch_mult)
-    if any(c % 32 for c in channels):
-        raise ConfigError(
-            f"vae: channels {channels} (ch * ch_mult) must be multiples of 32 (GroupNorm groups)"
-        )
+    if any(c % cfg.norm_groups for c in channels):
+        raise ConfigError(f"vae: channels {channels} (ch * ch_mult) must be multiples of "
+                          f"norm_groups={cfg.norm_groups} (GroupNorm)")
     n = len(cfg.ch_mult)
     return AutoencoderKL(
         in_channels=cfg.in_channels,
@@ -195,7 +194,7 @@ def build_autoencoder(cfg: VAEConfig) -> "AutoencoderKL":
         layers_per_block=cfg.num_res_blocks,  # the decoder gets num_res_blocks + 1, as in BFL
         act_fn="silu",
         latent_channels=cfg.z_channels,
-        norm_num_groups=32,
+        norm_num_groups=cfg.norm_groups,
         sample_size=cfg.resolution,  # only used by diffusers' tiling, which we never enable
         scaling_factor=cfg.scale_factor,
         shift_factor=cfg.shift_factor,

@@ -132,12 +132,23 @@ def test_backward_reaches_both_experts(tiny_model):
         assert grad is not None and grad.abs().sum() > 0, name
 
 
-def test_und_only_batch_still_uses_every_parameter(tiny_model):
-    """FSDP/DDP need every expert in every step: a text-only batch still gives (zero) grads."""
-    batch = pack_samples([[Text([1, 2, 3], loss=True)]], tiny_model.cfg, TOKENS)
-    tiny_model.zero_grad()
-    tiny_model(batch).loss.backward()
-    assert tiny_model.llm.layers[0].gen.q_proj.weight.grad is not None
+@pytest.mark.parametrize("kind", ["text", "t2i"])
+def test_every_parameter_takes_part_in_every_step(tiny_model, kind):
+    """FSDP/DDP need every parameter in every step: a batch without ViT images, VAE images, CE or
+    MSE tokens still gives every parameter a gradient (zero where unused), and the loss is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    plan = [Text([1, 2, 3], loss=True)] if kind == "text" else [Text([1, 2]), VaeImage(torch.zeros(3, 32, 32), loss=True)]
+    batch = pack_samples([plan], tiny_model.cfg, TOKENS)
+    if kind == "t2i":
+        batch = encode_fake(batch, tiny_model.cfg, g)
+    tiny_model.zero_grad(set_to_none=True)
+    out = tiny_model(batch, generator=g)
+    out.loss.backward()
+    assert float(out.participation) == 0.0
+    expected = out.loss_ce if kind == "text" else out.loss_mse
+    assert torch.equal(out.loss, expected)
+    missing = [n for n, p in tiny_model.named_parameters() if p.grad is None]
+    assert not missing, missing
 
 
 def test_ce_reweighting(tiny_model):

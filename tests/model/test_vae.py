@@ -210,7 +210,7 @@ def test_save_bfl_round_trip(tmp_path, cfg, vae, ref):
 
 
 def test_build_rejects_channels_not_multiple_of_32():
-    with pytest.raises(ConfigError, match="multiples of 32"):
+    with pytest.raises(ConfigError, match="norm_groups=32"):
         V.build_autoencoder(VAEConfig(ch=48, ch_mult=(1, 1)))
 
 

@@ -1,0 +1,245 @@
+"""Training configuration: YAML recipe -> dataclasses -> dotted command-line overrides.
+
+    cfg = load_config("configs/train/tiny_cpu.yaml", ["--optim.lr=3e-4", "--train.steps=50"])
+
+Every section is a dataclass; an unknown key (in the YAML or an override) is an error that names
+the key, its section and the valid keys. Override values are parsed as YAML scalars, so
+`--parallel.mode=fsdp`, `--optim.lr=1e-4`, `--train.freeze_vit=true` and
+`--data.image_sizes=[32,48]` all do what they say. The resolved config is printed at start and
+saved as `config.yaml` in the run directory and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bagel.config import ConfigError
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"  # "tiny" (BagelConfig.tiny()) or "pretrained" (weights from `path`)
+    path: str | None = None  # our from_pretrained layout or the released layout
+    overrides: dict[str, Any] = field(default_factory=dict)  # BagelConfig fields, e.g. attn_backend
+    init_std: float = 0.02
+    vae_path: str | None = None  # ae.safetensors; None: `path`/ae.safetensors if present, else random
+
+
+@dataclass
+class DataSection:
+    kind: str = "synthetic"  # "synthetic" (random tensors, tests/benchmarks) | "pipeline" (data_pipelines)
+    # synthetic: every global batch holds `samples_per_batch` samples, deterministic per index.
+    samples_per_batch: int = 4
+    text_len: list[int] = field(default_factory=lambda: [8, 24])  # [min, max] text tokens
+    image_size: int = 32  # VAE images (multiple of 16) and ViT images (rounded to the patch size)
+    vocab_low: int = 8  # draw text ids in [vocab_low, vocab_size - 8)
+    seed: int = 1234
+    num_batches: int = 0  # > 0: cycle over this many distinct global batches (overfitting tests)
+    # pipeline: a data YAML (configs/data/*.yaml), read by the function `source` names.
+    config: str | None = None
+    source: str = "data_pipelines.train_source:make_source"
+    num_workers: int = 2
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    min_lr: float = 1e-7
+    schedule: str = "constant"  # "constant" | "cosine" (to min_lr at train.steps)
+    warmup_steps: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-15
+    weight_decay: float = 0.0  # not applied to norms, biases, embeddings
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still computed and logged)
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    seed: int = 4396
+    ce_weight: float = 1.0
+    mse_weight: float = 1.0
+    ce_reweighting: bool = False
+    ema: float = 0.9999  # 0 disables the EMA
+    freeze_llm: bool = False
+    freeze_vit: bool = False
+    freeze_und: bool = False  # the understanding expert (und weights, text embedding, lm_head)
+    vae_sample: bool = True  # sample the VAE posterior (official) or take its mean
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    debug_overflow_steps: list[int] = field(default_factory=list)  # fault injection (tests)
+
+
+@dataclass
+class ParallelSection:
+    mode: str = "none"  # "none" | "fsdp" | "ddp"
+    param_dtype: str = "fp32"  # "fp32" | "bf16" | "fp16" (compute dtype; master weights stay fp32)
+    reduce_dtype: str = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    loss_scale: float = 65536.0  # fp16 only: initial dynamic loss scale
+    loss_scale_growth_interval: int = 200
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # steps between checkpoints; 0: only at the end (and on SIGTERM)
+    keep: int = 3
+    resume: str = "auto"  # "auto" (newest complete one in run_dir, if any) | "none" | a path
+    export: bool = True  # at the end: run_dir/export (from_pretrained) + run_dir/export_official
+    debug_crash_during_save: int = -1  # fault injection (tests): exit mid-write at this step
+
+
+@dataclass
+class LogSection:
+    every: int = 1
+    progress: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "bagel"
+    peak_tflops: float = 0.0  # 0: known-GPU table, or a GEMM measured at start on CPU
+    plot: bool = True  # loss curves PNG at the end
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def __post_init__(self):
+        choices = {
+            ("model", "preset"): ("tiny", "pretrained"),
+            ("data", "kind"): ("synthetic", "pipeline"),
+            ("optim", "schedule"): ("constant", "cosine"),
+            ("parallel", "mode"): ("none", "fsdp", "ddp"),
+            ("parallel", "param_dtype"): ("fp32", "bf16", "fp16"),
+            ("parallel", "reduce_dtype"): ("fp32", "bf16", "fp16"),
+        }
+        for (section, key), allowed in choices.items():
+            value = getattr(getattr(self, section), key)
+            if value not in allowed:
+                raise ConfigError(f"{section}.{key}={value!r}; expected one of {allowed}")
+        if self.model.preset == "pretrained" and not self.model.path:
+            raise ConfigError("model.preset='pretrained' needs model.path")
+        if self.data.kind == "pipeline" and not self.data.config:
+            raise ConfigError("data.kind='pipeline' needs data.config (a configs/data/*.yaml)")
+        if self.optim.grad_accum < 1:
+            raise ConfigError(f"optim.grad_accum={self.optim.grad_accum} must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------------
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {names}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    """Light type checking: ints are accepted for floats; everything else must match."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    base = origin or hint
+    if base is typing.Union or str(base) == "types.UnionType":
+        base = next(a for a in args if a is not type(None))
+        base = typing.get_origin(base) or base
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if base in (int, float, str, bool, list, dict) and not isinstance(value, base):
+        raise ConfigError(f"{key}={value!r}: expected {getattr(base, '__name__', base)}, got "
+                          f"{type(value).__name__}")
+    if base is int and isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected int, got bool")
+    return value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """["--optim.lr=1e-4", "--train.steps", "5"] -> {"optim": {"lr": 1e-4}, "train": {"steps": 5}}."""
+    nested: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"override {arg!r} must look like --section.key=value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} has no value")
+            key, raw = arg[2:], args[i + 1]
+            i += 1
+        i += 1
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict, where: str = "") -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        # `model.overrides` is a free-form dict: merge it key by key as well.
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{where}.{k}" if where else k)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"train config {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at top level")
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(TrainConfig, data, "")
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, data, "")

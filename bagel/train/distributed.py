@@ -1,0 +1,84 @@
+"""Process-group setup and the few collectives the trainer needs.
+
+Launch modes (the environment decides, nothing else):
+- single process: `bagel-train --config ...` (no RANK/WORLD_SIZE): no process group at all;
+- one node:  `torchrun --standalone --nproc_per_node N -m bagel.train.cli --config ...`;
+- many nodes: on every node `torchrun --nnodes M --nproc_per_node N --node_rank R
+  --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id RUN -m bagel.train.cli --config ...`.
+The backend is NCCL when CUDA is available and gloo otherwise (CPU, tests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group torchrun describes (or stay single-process); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (a no-op without a process group); returns `t`."""
+    if dist.is_available() and dist.is_initialized():
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        if dist.get_backend() == "nccl" and t.device.type == "cpu":  # NCCL reduces CUDA tensors only
+            on_gpu = t.cuda()
+            dist.all_reduce(on_gpu, op=reduce_op)
+            t.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(t, op=reduce_op)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

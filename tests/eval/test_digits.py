@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+
+from bagel.inference.engine import Engine
+from bagel.transforms import ResizeSpec
+from eval import digits
+
+
+def test_judge_is_accurate_on_real_held_out_digits():
+    judge = digits.Judge()
+    acc = judge.accuracy_on_real(32)
+    assert acc["judge_accuracy_raw_8x8"] > 0.97
+    assert acc["judge_accuracy_round_trip"] > 0.95
+
+
+def test_split_is_fixed():
+    train, test = digits.load_split("train"), digits.load_split("test")
+    assert (len(train[1]), len(test[1])) == (1438, 359)
+
+
+@pytest.mark.parametrize("text,want", [("seven", 7), ("It is a Three.", 3), ("zero, maybe one", 0), ("no idea", None)])
+def test_parse_answer(text, want):
+    assert digits.parse_answer(text) == want
+
+
+def test_evaluate_runs_end_to_end_on_a_tiny_model(official_dir, tmp_path):
+    engine = Engine.from_pretrained(official_dir, vae_transform=ResizeSpec(32, 32, 16), vit_transform=ResizeSpec(28, 28, 14))
+    cfg = digits.DigitsEvalConfig(limit=3, seeds=1, steps=2, batch_size=4)
+    m = digits.evaluate(engine, cfg, out_dir=tmp_path, progress=False)
+    for key in ("understanding_accuracy", "generation_accuracy", "edit_accuracy", "interleaved_accuracy"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["counts"] == {"understanding": 3, "generation": 10, "edit": 3, "interleaved": 10}
+    assert {"samples.png", "edits.png", "interleaved.png", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}

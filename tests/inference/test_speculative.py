@@ -1,0 +1,299 @@
+"""Speculative decoding: greedy output equals plain decoding, the sampler's output distribution
+equals the target's, tree attention equals running each path, compaction equals a fresh prefill."""
+
+import math
+
+import pytest
+import torch
+
+from bagel.config import BagelConfig
+from bagel.inference.context import add_text
+from bagel.inference.forward import Query, forward_queries
+from bagel.inference.generate_text import SamplingConfig, generate_text
+from bagel.inference.kv_cache import KVCache
+from bagel.inference.speculative import (SpecConfig, Tree, generate_speculative, probs_from_logits,
+                                         tree_from_accuracies, typical_threshold, verify_greedy,
+                                         verify_sample_chain, verify_sample_tree, verify_typical)
+from bagel.model.bagel import Bagel
+from bagel.model.heads import HeadsConfig, MedusaHeads, attach_draft_heads
+from bagel.tokenizer import SpecialTokens
+
+TOKENS = SpecialTokens(bos=301, eos=302, start_of_image=309, end_of_image=310)
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 40, 41], [13]]
+TREE = Tree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0)])
+
+
+def _model(seed=0, std=0.2):
+    torch.manual_seed(seed)
+    model = Bagel(BagelConfig.tiny(visual_gen=False, visual_und=False))
+    model.init_weights(std=std, generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def _random_heads(model, kind, n=3, seed=1):
+    heads = attach_draft_heads(model, HeadsConfig(kind=kind, num_heads=n))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.2, generator=g)
+    return heads
+
+
+def _prefilled(model, prompts):
+    cache = KVCache.for_model(model, rows=2 * len(prompts))
+    ctxs = [cache.new_context() for _ in prompts]
+    add_text(model, TOKENS, ctxs, prompts)
+    return cache, ctxs
+
+
+def _compare(model, heads, spec, n, tokens=TOKENS, prompts=PROMPTS, cache_tol=1e-5):
+    cache, ctxs = _prefilled(model, prompts)
+    a, b = [c.fork() for c in ctxs], [c.fork() for c in ctxs]
+    ref = generate_text(model, tokens, a, SamplingConfig(max_new_tokens=n))
+    out = generate_speculative(model, tokens, b, SamplingConfig(max_new_tokens=n), heads=heads, spec=spec)
+    assert out.ids == ref.ids and out.finished == ref.finished
+    for x, y in zip(a, b):  # the cache holds exactly what plain decoding fed
+        assert (x.length, x.rope) == (y.length, y.rope)
+        for store in (cache.keys, cache.values):
+            torch.testing.assert_close(store[:, y.row, :y.length], store[:, x.row, :x.length], atol=cache_tol, rtol=0)
+    return ref, out
+
+
+@pytest.mark.parametrize("kind,tree", [("medusa", None), ("medusa", TREE), ("mtp", None)])
+def test_greedy_equals_plain_random_heads(kind, tree):
+    model = _model()
+    _compare(model, _random_heads(model, kind), SpecConfig(tree=tree), n=16)
+
+
+# An "n-gram" model: zero attention outputs and MLPs, so the hidden state is norm(emb(current
+# token)) and the next token a fixed function f of the current one. Oracle drafters then know the
+# future exactly, which puts EOS and the length limit inside accepted blocks.
+def _ngram_model():
+    model = _model(seed=3, std=0.5)
+    with torch.no_grad():
+        for layer in model.llm.layers:
+            layer.und.o_proj.weight.zero_()
+            layer.und.mlp.down_proj.weight.zero_()
+    return model
+
+
+def _next_table(model):
+    with torch.no_grad():
+        h = model.llm.final_norm.und(model.llm.embed_tokens.weight)
+        return model.llm.lm_head(h).argmax(-1)  # (V,) f(x)
+
+
+class OracleMedusa(MedusaHeads):
+    """Head k returns a one-hot of f^(k+2)(x) where x is read back from the hidden state."""
+
+    def __init__(self, model, n):
+        super().__init__(HeadsConfig(num_heads=n), model.cfg.llm)
+        self.emb = model.llm.final_norm.und(model.llm.embed_tokens.weight).detach()
+        self.f = _next_table(model)
+
+    def forward(self, h, lm_head):
+        x = (h @ self.emb.T).argmax(-1)
+        out = []
+        for _ in range(len(self.heads) + 1):
+            x = self.f[x]
+            out.append(torch.nn.functional.one_hot(x, self.emb.shape[0]).to(h.dtype) * 10)
+        return torch.stack(out[1:])
+
+
+def _oracle_mtp(model, n):
+    heads = attach_draft_heads(model, HeadsConfig(kind="mtp", num_heads=n))
+    d = model.cfg.llm.hidden_size
+    with torch.no_grad():  # block = identity, input = norm(emb(next token)): predicts f(next token)
+        for m in heads.stack:
+            m.block.expert.o_proj.weight.zero_()
+            m.block.expert.mlp.down_proj.weight.zero_()
+            m.eh_proj.weight.zero_()
+            m.eh_proj.weight[:, :d] = torch.eye(d)
+    return heads
+
+
+def _eos_on_path(model, at):
+    """A token that greedy decoding emits `at` steps in (becomes the EOS for the test)."""
+    f, x, seen = _next_table(model), TOKENS.bos, []
+    for _ in range(at + 1):
+        x = int(f[x])
+        seen.append(x)
+    assert seen.index(seen[at]) == at, "pick another step: the token repeats earlier"
+    return SpecialTokens(bos=TOKENS.bos, eos=seen[at], start_of_image=309, end_of_image=310)
+
+
+@pytest.mark.parametrize("kind,tree", [("medusa", None), ("medusa", TREE), ("mtp", None)])
+def test_oracle_drafts_eos_inside_block_and_length_limit(kind, tree):
+    model = _ngram_model()
+    k = 3
+    heads = OracleMedusa(model, k) if kind == "medusa" else _oracle_mtp(model, k)
+    # Length limit mid-block: 10 = 1 + 4 + 4 + 1 with tau = 4.
+    ref, out = _compare(model, heads, SpecConfig(tree=tree), n=10)
+    assert not any(ref.finished) and out.stats.tau == pytest.approx(k + 1)
+    # EOS as the 7th generated token: inside the second accepted block.
+    tokens = _eos_on_path(model, 6)
+    ref, out = _compare(model, heads, SpecConfig(tree=tree), n=30, tokens=tokens)
+    assert all(ref.finished) and all(len(i) == 6 for i in ref.ids)
+    assert out.stats.forwards == 3  # root, then 4 + 3 (EOS dropped)
+
+
+# Tree attention and compaction -----------------------------------------------------------------------
+def test_tree_buffers():
+    t = TREE
+    assert t.paths[0] == () and t.size == 9 and t.topk == [3, 2, 1]
+    for i, p in enumerate(t.paths):
+        assert int(t.depth[i]) == len(p)
+        for j, q in enumerate(t.paths):
+            assert bool(t.mask[i, j]) == (p[:len(q)] == q)
+    assert [t.paths[n] for n in t.path_to(t.paths.index((0, 1, 0)))] == [(), (0,), (0, 1), (0, 1, 0)]
+    with pytest.raises(ValueError, match="no parent"):
+        Tree.from_paths([(0,), (1, 1)])
+    acc = torch.tensor([[0.6, 0.2, 0.1], [0.4, 0.1, 0.05]])
+    assert tree_from_accuracies(acc, 4).paths[1:] == [(0,), (1,), (2,), (0, 0)]  # values .6 .2 .1 .24
+
+
+def test_tree_logits_equal_separate_paths_and_compaction_equals_prefill():
+    model = _model()
+    cache, ctxs = _prefilled(model, PROMPTS[:2])
+    toks = torch.randint(0, 300, (TREE.size,), generator=torch.Generator().manual_seed(0))
+    ctx = ctxs[1]
+    fork = ctx.fork()
+    q = Query(model.llm.embed_tokens(toks), ctx.rope + TREE.depth, torch.zeros(TREE.size, dtype=torch.bool),
+              causal=True, mask=TREE.mask)
+    start = fork.length
+    # batch it with a plain block on the other context to exercise padding
+    h_tree = forward_queries(model, [fork, ctxs[0]], [q, Query(model.llm.embed_tokens(toks[:2]), ctxs[0].rope +
+                             torch.arange(2), torch.zeros(2, dtype=torch.bool), True)], commit=True)[0]
+    for leaf in range(TREE.size):
+        path = TREE.path_to(leaf)
+        c = ctx.fork()
+        h = forward_queries(model, [c], [Query(model.llm.embed_tokens(toks[path]), ctx.rope + torch.arange(len(path)),
+                                               torch.zeros(len(path), dtype=torch.bool), True)], commit=True)[0]
+        torch.testing.assert_close(h_tree[path], h, atol=1e-5, rtol=0)
+    # Compaction of the path to node (0, 1, 0) equals a fresh prefill of that text.
+    from bagel.inference.speculative import _compact
+
+    path = TREE.path_to(TREE.paths.index((0, 1, 0)))
+    _compact(fork, start, path)
+    fresh_cache, fresh = _prefilled(model, [PROMPTS[1]])
+    forward_queries(model, fresh, [Query(model.llm.embed_tokens(toks[path]), fresh[0].rope + torch.arange(len(path)),
+                                         torch.zeros(len(path), dtype=torch.bool), True)], commit=True)
+    assert fork.length == fresh[0].length and fork.rope == fresh[0].rope + len(path)
+    for a, b in ((cache.keys, fresh_cache.keys), (cache.values, fresh_cache.values)):
+        torch.testing.assert_close(a[:, fork.row, :fork.length], b[:, fresh[0].row, :fork.length], atol=1e-5, rtol=0)
+
+
+# Verification rules: distributions -------------------------------------------------------------------
+def _chi2_tv(counts: torch.Tensor, p: torch.Tensor, n: int):
+    exp = p * n
+    keep = exp > 0
+    assert counts[~keep].sum() == 0, "sampled a token of zero target probability"
+    chi2 = float(((counts[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    dof = int(keep.sum()) - 1
+    tv = 0.5 * float((counts / n - p).abs().sum())
+    return chi2, dof, tv
+
+
+def _assert_matches(counts, p, n):
+    chi2, dof, tv = _chi2_tv(counts, p, n)
+    # chi2 with dof <= 7 exceeds dof + 6 sqrt(2 dof) with probability < 1e-4; TV bound ~ 4 sqrt(V / n)
+    assert chi2 < dof + 6 * math.sqrt(2 * max(dof, 1)), (chi2, dof)
+    assert tv < 4 * math.sqrt(len(p) / n), tv
+
+
+V = 8
+CASES = {
+    "p_eq_q": (torch.tensor([.3, .2, .1, .1, .1, .1, .05, .05]), torch.tensor([.3, .2, .1, .1, .1, .1, .05, .05])),
+    "disjoint": (torch.tensor([.5, .5, 0, 0, 0, 0, 0, 0]), torch.tensor([0, 0, .25, .25, .25, .25, 0, 0])),
+    "one_hot_q": (torch.tensor([.1, .2, .3, .1, .1, .1, .05, .05]), torch.tensor([0, 0, 0, 0, 0, 0, 0, 1.])),
+    "q_zero_where_p": (torch.tensor([.4, .3, .2, .1, 0, 0, 0, 0]), torch.tensor([.5, .5, 0, 0, 0, 0, 0, 0])),
+    "one_hot_p": (torch.tensor([0, 0, 1., 0, 0, 0, 0, 0]), torch.tensor([.2, .2, .1, .1, .1, .1, .1, .1])),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sample_chain_first_token_distribution(case):
+    p, q = (x.double() for x in CASES[case])
+    g = torch.Generator().manual_seed(0)
+    n, counts = 20000, torch.zeros(V, dtype=torch.float64)
+    P, Q = torch.stack([p, p]), q[None]
+    for _ in range(n):
+        x = int(torch.multinomial(q, 1, generator=g))
+        a, nxt = verify_sample_chain(P, Q, [x], g)
+        counts[x if a == 1 else nxt] += 1
+    _assert_matches(counts, p, n)
+
+
+def test_sample_chain_two_token_joint_markov():
+    """A toy Markov target and draft, gamma = 2: the first two emitted tokens' joint law is p's."""
+    g = torch.Generator().manual_seed(1)
+    Vs = 4
+    p1 = torch.tensor([.4, .3, .2, .1], dtype=torch.float64)
+    P2 = torch.softmax(torch.randn(Vs, Vs, generator=g, dtype=torch.float64) * 2, -1)  # p(x2 | x1)
+    q1 = torch.tensor([.1, .1, .4, .4], dtype=torch.float64)
+    Q2 = torch.softmax(torch.randn(Vs, Vs, generator=g, dtype=torch.float64) * 2, -1)
+    n, counts = 30000, torch.zeros(Vs * Vs, dtype=torch.float64)
+    for _ in range(n):
+        x1 = int(torch.multinomial(q1, 1, generator=g))
+        x2 = int(torch.multinomial(Q2[x1], 1, generator=g))
+        P = torch.stack([p1, P2[x1], P2[x2]])
+        a, nxt = verify_sample_chain(P, torch.stack([q1, Q2[x1]]), [x1, x2], g)
+        if a == 0:  # second token from the target given the corrected first
+            y1 = nxt
+            y2 = int(torch.multinomial(P2[y1], 1, generator=g))
+        elif a == 1:
+            y1, y2 = x1, nxt
+        else:
+            y1, y2 = x1, x2
+        counts[y1 * Vs + y2] += 1
+    _assert_matches(counts, (p1[:, None] * P2).flatten(), n)
+
+
+@pytest.mark.parametrize("case", ["p_eq_q", "one_hot_p", "q_zero_where_p"])
+def test_sample_tree_distribution(case):
+    p = CASES[case][0].double()
+    tree = Tree.from_paths([(0,), (1,), (2,), (0, 0)])
+    g = torch.Generator().manual_seed(2)
+    toks = [0, 2, 1, 4, 3]  # root, three siblings (one of them p = 0 in some cases), a grandchild
+    P = torch.stack([p] * tree.size)
+    n, counts = 20000, torch.zeros(V, dtype=torch.float64)
+    for _ in range(n):
+        path, nxt = verify_sample_tree(tree, toks, P, g)
+        counts[toks[path[1]] if len(path) > 1 else nxt] += 1
+    _assert_matches(counts, p, n)
+
+
+def test_probs_from_logits_matches_sample_next_support():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    p = probs_from_logits(logits, SamplingConfig(temperature=0.7, top_k=3, top_p=0.9))
+    assert p[0, 3] == 0 and p[0, 4] == 0 and float(p.sum()) == pytest.approx(1.0)
+
+
+def test_greedy_and_typical_rules():
+    tree = Tree.chain(2)
+    assert verify_greedy(tree, [9, 4, 5], [4, 7, 1]) == ([0, 1], 7)
+    assert verify_greedy(tree, [9, 3, 5], [4, 7, 1]) == ([0], 4)
+    # Medusa's worked example: H ~ 1.238 nats, delta * exp(-H) ~ 0.087 < epsilon: top-3 pass
+    p = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05])
+    bound = float(typical_threshold(p, 0.09, 0.3))
+    assert bound == pytest.approx(0.3 * math.exp(-1.2386), abs=1e-3)
+    assert [float(x) > bound for x in p] == [True, True, True, False, False]
+    assert float(typical_threshold(p, 0.2, 0.3)) >= bound and float(typical_threshold(p, 0.09, 0.4)) >= bound
+    P = torch.stack([p, p, p])
+    assert verify_typical(tree, [0, 2, 3], P, 0.09, 0.3) == ([0, 1], 0)
+
+
+def test_sampling_end_to_end_runs_and_is_seeded():
+    model = _model()
+    heads = _random_heads(model, "medusa")
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=20)
+    outs = []
+    for _ in range(2):
+        _, ctxs = _prefilled(model, PROMPTS)
+        outs.append(generate_speculative(model, TOKENS, ctxs, cfg, heads=heads,
+                                         generator=torch.Generator().manual_seed(5)).ids)
+    assert outs[0] == outs[1] and all(len(i) <= 12 for i in outs[0])
+    for spec in (SpecConfig(tree=TREE), SpecConfig(tree=TREE, mode="typical")):
+        _, ctxs = _prefilled(model, PROMPTS)
+        generate_speculative(model, TOKENS, ctxs, cfg, heads=heads, spec=spec, generator=torch.Generator())

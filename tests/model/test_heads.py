@@ -1,0 +1,133 @@
+"""Draft heads: structure, storage, loss label shifts, and MTP decoding state == offline forward."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from bagel.config import BagelConfig
+from bagel.inference.forward import Query, forward_queries
+from bagel.inference.generate_text import SamplingConfig
+from bagel.inference.kv_cache import KVCache
+from bagel.inference.speculative import _MTPDrafter
+from bagel.model.bagel import Bagel
+from bagel.model.heads import HeadsConfig, attach_draft_heads, load_draft_heads, save_draft_heads
+from bagel.train.heads.losses import medusa_loss, mtp_forward, shifted_targets
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = Bagel(BagelConfig.tiny(visual_gen=False, visual_und=False))
+    m.init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))
+    return m.eval()
+
+
+def _randomise(heads, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.2, generator=g) if p.ndim > 1 else p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_medusa_blocks_are_distinct_and_start_from_lm_head():
+    model = _model()
+    heads = attach_draft_heads(model, HeadsConfig(kind="medusa", num_heads=3, num_layers=2, own_lm_head=True))
+    blocks = [b for h in heads.heads for b in h.blocks]
+    assert len({id(b) for b in blocks}) == 6 and len({id(b.linear.weight) for b in blocks}) == 6
+    assert all(h.lm_head.weight.data_ptr() != model.llm.lm_head.weight.data_ptr() for h in heads.heads)
+    torch.testing.assert_close(heads.heads[0].lm_head.weight, model.llm.lm_head.weight)
+    h = torch.randn(5, 64)
+    # zero-initialised blocks: x + SiLU(0) = x, so a fresh head predicts what lm_head does
+    torch.testing.assert_close(heads(h, model.llm.lm_head)[1], model.llm.lm_head(h))
+    shared = attach_draft_heads(model, HeadsConfig(kind="mtp", num_heads=2))
+    names = {n for n, _ in shared.named_parameters()}
+    assert not any("embed" in n or "lm_head" in n for n in names)  # embedding and head stay the LLM's
+
+
+@pytest.mark.parametrize("kind", ["medusa", "mtp"])
+def test_save_load_roundtrip(tmp_path, kind):
+    model = _model()
+    heads = attach_draft_heads(model, HeadsConfig(kind=kind, num_heads=2))
+    _randomise(heads)
+    save_draft_heads(heads, tmp_path)
+    loaded = load_draft_heads(tmp_path, model.cfg.llm)
+    assert loaded.cfg == heads.cfg
+    for (k, a), (_, b) in zip(heads.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    other = dataclasses.replace(BagelConfig.tiny().llm, hidden_size=128)
+    with pytest.raises(ValueError, match="shape"):
+        load_draft_heads(tmp_path, other)
+    with pytest.raises(ValueError, match="unknown key"):
+        HeadsConfig.from_dict({"kind": "medusa", "heads": 3})
+
+
+def test_label_shifts():
+    ids = torch.arange(12)
+    labels = ids + 1  # CE position t predicts the token at t+1
+    ce = torch.ones(12, dtype=torch.bool)
+    ce[5] = False  # a segment end
+    for s in range(1, 4):
+        target, valid = shifted_targets(labels, ce, s)
+        for t in range(12):
+            expect = t + s + 1 < 13 and all(ce[t:t + s + 1]) and t + s < 12
+            assert bool(valid[t]) == expect
+            if expect:
+                assert int(target[t]) == t + s + 1  # Medusa head s-1 at t targets t + 2 + (s-1)
+
+
+def test_medusa_loss_targets_tokens_two_ahead():
+    model = _model()
+    heads = attach_draft_heads(model, HeadsConfig(kind="medusa", num_heads=2, own_lm_head=True))
+    L = 10
+    labels, ce = torch.arange(1, L + 1), torch.ones(L, dtype=torch.bool)
+    with torch.no_grad():  # head k: lm_head rows make "predict position + 2 + k" exact for one-hot hiddens
+        for k, head in enumerate(heads.heads):
+            head.lm_head.weight.zero_()
+            for t in range(L):
+                head.lm_head.weight[t + 2 + k, t] = 50.0
+    hidden = torch.nn.functional.one_hot(torch.arange(L), 64).float()
+    heads.heads[0].blocks[0].linear.bias.data.fill_(-30.0)  # SiLU(-30) ~ 0: block = identity
+    heads.heads[1].blocks[0].linear.bias.data.fill_(-30.0)
+    loss, acc = medusa_loss(heads, model.llm.lm_head, hidden, labels, ce)
+    assert acc == [1.0, 1.0] and float(loss.detach()) < 1e-3
+
+
+def test_mtp_decoding_state_equals_offline_forward():
+    """The drafter's cached, incremental module states give the drafts the full training-style
+    forward gives, after two extension steps (committed and scratch positions)."""
+    model = _model()
+    heads = attach_draft_heads(model, HeadsConfig(kind="mtp", num_heads=3))
+    _randomise(heads)
+    x = [301, 17, 18, 19, 20, 21, 22, 23, 24]  # x_0 = <|im_start|>
+    cache = KVCache.for_model(model)
+    ctx = cache.new_context()
+    emb = model.llm.embed_tokens(torch.tensor(x))
+    h = forward_queries(model, [ctx], [Query(emb, torch.arange(len(x)), torch.zeros(len(x), dtype=torch.bool),
+                                             True)], commit=True)[0]
+    drafter = _MTPDrafter(model, heads, 1, [0], torch.tensor([x[0]]))
+    greedy = SamplingConfig(max_new_tokens=1)
+    drafter.extend(0, h[:3], x[1:4])  # fed x0..x2, root x3
+    drafter.draft([0], greedy, None)
+    drafter.extend(0, h[3:7], x[4:8])  # fed x3..x6, root x7
+    drafts, _ = drafter.draft([0], greedy, None)
+    N, drafts = 7, drafts[0].tolist()
+    labels = torch.tensor(x[1:N + 1] + drafts[:2])  # labels[t] = token t+1, drafts after the root
+    ce = torch.ones(len(labels), dtype=torch.bool)
+    hidden = torch.cat([h[:N], torch.zeros(len(labels) - N, 64)])
+    with torch.no_grad():
+        outs = mtp_forward(heads, model.llm, hidden, labels, ce, torch.arange(len(labels)))
+    assert [int(o[0][N - 1].argmax()) for o in outs] == drafts
+
+
+def test_head_training_loop_smoke(tmp_path):
+    from bagel.train.heads.loop import load_config, train_heads
+
+    cfg = load_config("configs/train/heads_digits.yaml", ["--train.steps=4", "--train.log_every=2",
+                                                          f"--run_dir={tmp_path}", "--train.lr=1e-2"])
+    logs = []
+    model, acc = train_heads(cfg, log=logs.append)
+    assert len(acc) == 3 and (tmp_path / "heads" / "draft_heads.safetensors").is_file()
+    heads = load_draft_heads(tmp_path / "heads", model.cfg.llm)
+    assert torch.equal(heads.heads[0].blocks[0].linear.weight, model.draft_heads.heads[0].blocks[0].linear.weight)
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config("configs/train/heads_digits.yaml", ["--train.stepz=3"])
