@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test parity clean
+.PHONY: venv test demo parity clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,11 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+# The embedded default: data, tokenizer, first-stage VAE, unified pretraining, evaluation, report
+# (runs/digits/report.md). About 10-15 minutes on 2 CPU cores.
+demo: venv
+	$(PY) scripts/digits_demo.py
 
 parity: venv
 	$(VENV)/bin/bagel-parity tests/assets/bagel_official_tiny

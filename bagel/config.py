@@ -203,6 +203,7 @@ class BagelConfig:
     interpolate_pos: bool = False
     timestep_shift: float = 1.0  # training-time shift of sampled timesteps
     attn_backend: str = "sdpa_loop"  # one of ATTENTION_BACKENDS
+    draft_heads: Any = None  # bagel.model.heads.HeadsConfig: Medusa / MTP heads for speculative decoding
 
     def __post_init__(self):
         if isinstance(self.llm, dict):
@@ -211,6 +212,10 @@ class BagelConfig:
             self.vit = _from_dict(ViTConfig, self.vit, "vit")
         if isinstance(self.vae, dict):
             self.vae = _from_dict(VAEConfig, self.vae, "vae")
+        if isinstance(self.draft_heads, dict):
+            from bagel.model.heads import HeadsConfig  # lazy: heads imports the model layers
+
+            self.draft_heads = HeadsConfig.from_dict(self.draft_heads, "draft_heads")
         if self.attn_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
                 f"attn_backend={self.attn_backend!r} is unknown; expected one of {ATTENTION_BACKENDS}"
@@ -248,6 +253,24 @@ class BagelConfig:
             max_latent_size=16,
             vit_max_num_patch_per_side=16,
             timestep_shift=2.0,
+        )
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+    @classmethod
+    def digits(cls, **overrides) -> "BagelConfig":
+        """The CPU demo model (~2M parameters): 32 px images, 4x4 tokens per image on both paths.
+
+        VAE: 4x downsampling (32 px -> 8x8x4 latents -> 4x4 tokens of 16 features); ViT: 8 px
+        patches (4x4 tokens); vocabulary: a 300-token BPE + Qwen2.5's 22 added tokens."""
+        cfg = cls(
+            llm=LLMConfig(vocab_size=322, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+            vit=ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                          patch_size=8, image_size=32),
+            vae=VAEConfig(ch=16, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=4, norm_groups=8),
+            max_latent_size=4,
+            vit_max_num_patch_per_side=4,
+            timestep_shift=1.0,
         )
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 

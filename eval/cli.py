@@ -1,4 +1,4 @@
-"""`bagel-eval`: score saved predictions, or (once the inference engine exists) run a benchmark.
+"""`bagel-eval`: run a benchmark on a model, or score saved predictions.
 
     bagel-eval --score-only runs/eval/mme/predictions.jsonl --task mme --protocol bagel
     bagel-eval --score-only preds.jsonl --task pope --data data/pope      # gold from the benchmark

@@ -160,5 +160,7 @@ def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def export_official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Our state dict under the official names (for writing an `ema.safetensors`)."""
-    return convert_state_dict(model.state_dict(), "to_official", "model")
+    """Our state dict under the official names (for writing an `ema.safetensors`). Draft heads
+    have no place in the released layout and are left out (save them with save_draft_heads)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("draft_heads.")}
+    return convert_state_dict(state, "to_official", "model")

@@ -24,7 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--speculative", choices=["medusa", "mtp"], default=None,
+                   help="decode with draft heads (same greedy output, fewer forwards)")
+    p.add_argument("--heads", default=None, help="draft heads directory (default: the model's own heads)")
     return p
+
+
+def enable_speculative(engine, kind: str, heads_dir: str | None) -> None:
+    from bagel.model.heads import load_draft_heads
+
+    heads = None
+    if heads_dir:
+        w = engine.model.llm.embed_tokens.weight
+        heads = load_draft_heads(heads_dir, engine.model.cfg.llm, dtype=w.dtype, device=w.device)
+    found = heads if heads is not None else getattr(engine.model, "draft_heads", None)
+    if found is not None and found.cfg.kind != kind:
+        raise ValueError(f"--speculative {kind}, but the draft heads are {found.cfg.kind!r} heads")
+    engine.use_speculative(heads)
 
 
 class Chat:
@@ -83,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from bagel.inference.generate_text import SamplingConfig
 
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-        chat = Chat(load_engine(args), sampling, args.think)
+        engine = load_engine(args)
+        if args.speculative:
+            enable_speculative(engine, args.speculative, args.heads)
+        chat = Chat(engine, sampling, args.think)
         for path in args.image:
             chat.add_image(path)
         if args.question is not None:

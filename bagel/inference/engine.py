@@ -61,6 +61,19 @@ class Engine:
         self.vae_transform, self.vit_transform = vae_transform, vit_transform
         self.max_context = max_context or model.cfg.llm.max_position_embeddings
         self.cache = KVCache.for_model(model)
+        self.speculative = None  # (heads, SpecConfig): decode text with draft heads, same output
+
+    def use_speculative(self, heads=None) -> None:
+        """Decode text speculatively with draft heads (the model's own, or `heads`). Greedy output
+        is token-identical to plain decoding; sampling keeps the target distribution."""
+        from bagel.inference.speculative import SpecConfig
+
+        heads = heads if heads is not None else getattr(self.model, "draft_heads", None)
+        if heads is None:
+            raise ValueError("this model has no draft heads: train some (python -m bagel.train.heads) "
+                             "or pass a heads directory")
+        # A chain as deep as the heads (SpecConfig's default); trees: bagel.inference.speculative.
+        self.speculative = (heads, SpecConfig())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -152,7 +165,14 @@ class Engine:
                       generator: torch.Generator | None = None, keep_logits: bool = False):
         """Decode an answer per session on a fork of its full context (the context is unchanged)."""
         forks = [s.full.fork() for s in sessions]
-        out = generate_text(self.model, self.tokens, forks, sampling, generator, keep_logits)
+        if self.speculative is not None and not keep_logits:
+            from bagel.inference.speculative import generate_speculative
+
+            heads, spec = self.speculative
+            out = generate_speculative(self.model, self.tokens, forks, sampling, heads=heads, spec=spec,
+                                       generator=generator)
+        else:
+            out = generate_text(self.model, self.tokens, forks, sampling, generator, keep_logits)
         texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in out.ids]
         return texts, out
 

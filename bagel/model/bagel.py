@@ -24,6 +24,7 @@ from bagel import flow
 from bagel.batch import PackedBatch
 from bagel.config import BagelConfig
 from bagel.model.attention import AttentionLayout, packed_attention, prepare_attention
+from bagel.model.heads import build_draft_heads, init_draft_heads
 from bagel.model.layers import GeluMLP, TimestepEmbedder, sincos_2d_table
 from bagel.model.mot import MoTLanguageModel, Routing
 from bagel.model.vae import crop_latent, patchify_latent
@@ -69,6 +70,8 @@ class Bagel(nn.Module):
             self.vae2llm = nn.Linear(cfg.patch_latent_dim, d)
             self.llm2vae = nn.Linear(d, cfg.patch_latent_dim)
             self.register_buffer("latent_pos_table", sincos_2d_table(cfg.max_latent_size, d))
+        # Optional draft heads for speculative decoding (bagel.model.heads); saved with the model.
+        self.draft_heads = build_draft_heads(cfg.draft_heads, cfg.llm)
 
     # Initialisation (training from scratch) --------------------------------------------------
     @torch.no_grad()
@@ -91,6 +94,8 @@ class Bagel(nn.Module):
             self.llm2vae.weight.zero_()
             self.llm2vae.bias.zero_()
             self.latent_pos_table.copy_(sincos_2d_table(self.cfg.max_latent_size, d))
+        if self.draft_heads is not None:
+            init_draft_heads(self.draft_heads, self, std, generator)
 
     # Embedding pieces -------------------------------------------------------------------------
     def embed_vit(self, patches, position_ids, seqlens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

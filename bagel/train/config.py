@@ -24,7 +24,7 @@ from bagel.config import ConfigError
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"  # "tiny" (BagelConfig.tiny()) or "pretrained" (weights from `path`)
+    preset: str = "tiny"  # "tiny" / "digits" (BagelConfig presets) or "pretrained" (weights from `path`)
     path: str | None = None  # our from_pretrained layout or the released layout
     overrides: dict[str, Any] = field(default_factory=dict)  # BagelConfig fields, e.g. attn_backend
     init_std: float = 0.02
@@ -120,7 +120,7 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {
-            ("model", "preset"): ("tiny", "pretrained"),
+            ("model", "preset"): ("tiny", "digits", "pretrained"),
             ("data", "kind"): ("synthetic", "pipeline"),
             ("optim", "schedule"): ("constant", "cosine"),
             ("parallel", "mode"): ("none", "fsdp", "ddp"),

@@ -23,6 +23,8 @@ process.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import signal
@@ -98,6 +100,7 @@ class Trainer:
         if path is None and m.path and (Path(m.path) / "ae.safetensors").is_file():
             path = str(Path(m.path) / "ae.safetensors")
         if path is not None:
+            self._adopt_vae_scaling(Path(path).with_name("ae_config.json"))
             vae = load_vae(path, self.model_cfg.vae)
         else:  # random frozen VAE (tiny runs); seeded so that every rank builds the same one
             with torch.random.fork_rng():
@@ -105,6 +108,19 @@ class Trainer:
                 vae = VAE(self.model_cfg.vae)
         vae.requires_grad_(False)
         return vae.to(self.device).eval()
+
+    def _adopt_vae_scaling(self, config_file: Path) -> None:
+        """A first-stage VAE ships its fitted latent scale/shift in ae_config.json: take them (the
+        architecture must match the model's), so the run and its exports use the right values."""
+        if not config_file.is_file():
+            return
+        from bagel.config import ConfigError, VAEConfig
+
+        found, ours = VAEConfig.from_json(config_file), self.model_cfg.vae
+        arch = lambda c: dataclasses.replace(c, scale_factor=0.0, shift_factor=0.0)  # noqa: E731
+        if arch(found) != arch(ours):
+            raise ConfigError(f"{config_file}: VAE architecture {found} does not match the model's {ours}")
+        self.model_cfg.vae = found
 
     def _build_source(self, factory):
         if factory is not None:

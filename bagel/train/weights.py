@@ -33,8 +33,8 @@ TensorSource = Callable[[str, tuple[int, ...]], torch.Tensor]
 
 def model_config(section) -> BagelConfig:
     """The BagelConfig a `ModelSection` describes."""
-    if section.preset == "tiny":
-        return BagelConfig.tiny(**section.overrides)
+    if section.preset in ("tiny", "digits"):
+        return getattr(BagelConfig, section.preset)(**section.overrides)
     path = Path(section.path)
     if (path / "config.json").is_file():
         cfg = BagelConfig.from_json(path / "config.json")

@@ -62,3 +62,26 @@ def test_chat_interactive(official_dir, monkeypatch, capsys):
     assert chat.main(["--model", str(official_dir), "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "error: cannot read image" in out
+
+
+def test_chat_speculative_gives_the_same_answer(official_dir, tmp_path, capsys):
+    import torch
+
+    from bagel.checkpoint.official import load_official_model
+    from bagel.model.heads import HeadsConfig, attach_draft_heads, save_draft_heads
+
+    model = load_official_model(official_dir)
+    torch.manual_seed(0)
+    heads = attach_draft_heads(model, HeadsConfig(kind="medusa", num_heads=3))
+    with torch.no_grad():  # random (not zero) blocks: drafts are wrong often, output must not change
+        for p in heads.parameters():
+            p.normal_(0, 0.5)
+    save_draft_heads(heads, tmp_path / "heads")
+    args = ["--model", str(official_dir), "--question", "What is it?", "--max-new-tokens", "12"]
+    assert chat.main(args) == 0
+    plain = capsys.readouterr().out
+    assert chat.main([*args, "--speculative", "medusa", "--heads", str(tmp_path / "heads")]) == 0
+    assert capsys.readouterr().out == plain
+    assert chat.main([*args, "--speculative", "mtp", "--heads", str(tmp_path / "heads")]) == 2
+    assert "are 'medusa' heads" in capsys.readouterr().err
+    assert chat.main([*args, "--speculative", "medusa"]) == 2  # the fixture model has no heads
