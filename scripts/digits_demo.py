@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "digits"
 TRAIN_CONFIG = ROOT / "configs" / "train" / "digits_cpu.yaml"
+DATA_CONFIG = ROOT / "configs" / "data" / "digits.yaml"
 IMAGE_SIZE = 32
 
 
@@ -44,11 +44,23 @@ def stage(name: str, timings: dict):
     return Timer()
 
 
-def make_data(fresh: bool) -> None:
+def make_data(data: Path, out: Path, fresh: bool) -> Path:
+    """Shards under `data`, and the run's data config (configs/data/digits.yaml with its paths
+    pointed at `data` and at this run's tokenizer)."""
+    import yaml
+
     from data_pipelines.digits import write_digits
 
-    if fresh or not (DATA / "train" / "t2i" / "manifest.json").is_file():
-        write_digits(DATA, size=IMAGE_SIZE)
+    if fresh or not (data / "train" / "t2i" / "manifest.json").is_file():
+        write_digits(data, size=IMAGE_SIZE)
+    cfg = yaml.safe_load(DATA_CONFIG.read_text())
+    cfg["tokenizer"] = str((out / "tokenizer").resolve())
+    for source in cfg["sources"]:
+        source["manifest"] = str((data / "train" / source["name"]).resolve())
+    path = out / "data.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
 
 
 def make_tokenizer(out: Path) -> None:
@@ -82,10 +94,13 @@ def make_vae(out: Path, steps: int) -> dict:
     return {"vae_reconstruction_mae": mae, "vae_steps": steps}
 
 
-def train(steps: int | None) -> None:
-    cmd = [str(Path(sys.executable).with_name("bagel-train")), "--config", str(TRAIN_CONFIG)]
+def train(out: Path, data_config: Path, steps: int | None) -> None:
+    cmd = [str(Path(sys.executable).with_name("bagel-train")), "--config", str(TRAIN_CONFIG),
+           f"--run_dir={out / 'train'}", f"--model.vae_path={out / 'vae' / 'ae.safetensors'}",
+           f"--data.config={data_config}"]
     if steps:
-        cmd.append(f"--train.steps={steps}")
+        cmd += [f"--train.steps={steps}", f"--optim.warmup_steps={min(50, steps // 10)}",
+                f"--checkpoint.every={steps}"]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 
@@ -153,6 +168,7 @@ def write_report(out: Path, metrics: dict, timings: dict, extra: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "runs" / "digits"))
+    p.add_argument("--data", default=str(ROOT / "data" / "digits"), help="where the shards go")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--eval-seeds", type=int, default=10, help="generated images per digit")
@@ -180,7 +196,7 @@ def main() -> None:
 
 def run_training_stages(args, out: Path, timings: dict, extra: dict) -> None:
     with stage("data", timings):
-        make_data(args.fresh)
+        data_config = make_data(Path(args.data), out, args.fresh)
     with stage("tokenizer", timings):
         make_tokenizer(out / "tokenizer")
     with stage("vae", timings):
@@ -189,7 +205,7 @@ def run_training_stages(args, out: Path, timings: dict, extra: dict) -> None:
     with stage("train", timings):
         if (out / "train").exists():
             shutil.rmtree(out / "train")  # a new run (the trainer would resume an old one)
-        train(args.steps)
+        train(out, data_config, args.steps)
     (out / "stages.json").write_text(json.dumps({"timings": timings, **extra}, indent=2) + "\n")
 
 

@@ -22,6 +22,9 @@ def test_pipeline_source_resumes_exactly(tmp_path, make_cfg):
     for s in data["sources"]:
         s["manifest"] = s["manifest"].replace("data/digits", "digits")
     data["packing"].update(max_tokens=512, expected_tokens=512, max_tokens_per_sample=512)
+    # this test trains the `tiny` preset (16 px latent tokens, 14 px patches), not the digits model
+    data["transforms"] = {"vae": {"max_size": 32, "min_size": 32, "stride": 16},
+                          "vit": {"max_size": 28, "min_size": 28, "stride": 14}}
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
 
     def cfg(name, *extra):
