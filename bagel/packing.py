@@ -49,7 +49,12 @@ class VaeImage:
     timestep_logit: float | None = None  # noisy targets: None draws N(0, 1) at pack time
 
 
-PlanItem = Text | VitImage | VaeImage
+@dataclass
+class DroppedImage:
+    """An image condition removed by CFG dropout: no tokens, but it keeps its RoPE slot."""
+
+
+PlanItem = Text | VitImage | VaeImage | DroppedImage
 Sample = list[PlanItem]
 
 
@@ -60,6 +65,22 @@ class CfgDropout:
     text: float = 0.1
     vit: float = 0.3
     vae: float = 0.3
+
+
+def apply_cfg_dropout(sample: Sample, dropout: CfgDropout, draw) -> Sample:
+    """Drop `enable_cfg` conditions: a dropped text disappears (the RoPE counter does not move), a
+    dropped image becomes a `DroppedImage` (the counter still advances by one), as the official
+    packer does. `draw()` returns uniform [0, 1) numbers, one per droppable item, in plan order."""
+    out: Sample = []
+    for item in sample:
+        if isinstance(item, Text) and item.enable_cfg and draw() < dropout.text:
+            continue
+        if isinstance(item, VitImage) and item.enable_cfg and draw() < dropout.vit:
+            item = DroppedImage()
+        elif isinstance(item, VaeImage) and item.enable_cfg and not item.loss and draw() < dropout.vae:
+            item = DroppedImage()
+        out.append(item)
+    return out
 
 
 def patchify_image(image: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -95,9 +116,11 @@ def _check_image(item, stride: int, max_per_side: int, what: str, setting: str) 
 
 
 def estimate_num_tokens(sample: Sample, cfg) -> int:
-    """Exact sequence length of `sample` once packed (without CFG dropout)."""
+    """Exact sequence length of `sample` once packed (dropout already applied, or none)."""
     n = 0
     for item in sample:
+        if isinstance(item, DroppedImage):
+            continue
         if isinstance(item, Text):
             n += len(item.ids) + 2
         elif isinstance(item, VitImage):
@@ -131,10 +154,13 @@ def pack_samples(samples: list[Sample], cfg, tokens, generator: torch.Generator 
         if not sample:
             raise ValueError(f"sample {sample_no} has an empty plan")
         start, rope = curr, 0
+        if dropout is not None:
+            sample = apply_cfg_dropout(sample, dropout, draw)
         for item in sample:
+            if isinstance(item, DroppedImage):
+                rope += 1  # a dropped image still takes its RoPE slot (official behaviour)
+                continue
             if isinstance(item, Text):
-                if item.enable_cfg and dropout and draw() < dropout.text:
-                    continue  # a dropped text does not advance the RoPE counter
                 ids = list(item.ids)
                 n = len(ids) + 2
                 text_ids += [tokens.bos, *ids, tokens.eos]
@@ -154,9 +180,6 @@ def pack_samples(samples: list[Sample], cfg, tokens, generator: torch.Generator 
                 attn_modes.append("causal")
                 rope += n
             elif isinstance(item, VitImage):
-                if item.enable_cfg and dropout and draw() < dropout.vit:
-                    rope += 1  # a dropped image still takes its RoPE slot (official behaviour)
-                    continue
                 gh, gw = _check_image(item, cfg.vit.patch_size, cfg.vit_max_num_patch_per_side, "ViT",
                                      "vit_max_num_patch_per_side")
                 n_img = gh * gw
@@ -171,9 +194,6 @@ def pack_samples(samples: list[Sample], cfg, tokens, generator: torch.Generator 
                 attn_modes.append("full")
                 rope += 1
             elif isinstance(item, VaeImage):
-                if item.enable_cfg and not item.loss and dropout and draw() < dropout.vae:
-                    rope += 1
-                    continue
                 gh, gw = _check_image(item, cfg.latent_downsample, cfg.max_latent_size, "VAE", "max_latent_size")
                 n_img = gh * gw
                 text_ids += [tokens.start_of_image, tokens.end_of_image]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bagel.packing import Sample, Text, VaeImage, VitImage
+from bagel.packing import CfgDropout, DroppedImage, Sample, Text, VaeImage, VitImage, apply_cfg_dropout
 from bagel.tokenizer import SpecialTokens
 from data_pipelines.schema import ImageSegment, SchemaError, TextSegment, loads_document
 from data_pipelines.shards import SampleRef, stable_seed
@@ -36,7 +36,7 @@ class DecodedSample:
     key: str
     ref: SampleRef
     plan: Sample
-    num_tokens: int  # tokens in the packed sequence, markers included, before CFG dropout
+    num_tokens: int  # tokens in the packed sequence, markers included, after CFG dropout
 
 
 class SampleDecoder:
@@ -47,8 +47,9 @@ class SampleDecoder:
     """
 
     def __init__(self, tokenizer, tokens: SpecialTokens, vae: ResizeSpec, vit: ResizeSpec,
-                 seed: int = 0):
+                 seed: int = 0, dropout: CfgDropout | None = None):
         self.tokenizer, self.tokens, self.vae, self.vit, self.seed = tokenizer, tokens, vae, vit, seed
+        self.dropout = dropout
         self._cache: dict[str, list[int]] = {}  # prompts repeat a lot (digits: 30 distinct texts)
 
     def encode(self, text: str) -> list[int]:
@@ -72,7 +73,6 @@ class SampleDecoder:
         rng = None
         num_images = len(doc.images)
         plan: Sample = []
-        num_tokens = 0
         for seg in doc.segments:
             if isinstance(seg, TextSegment):
                 text = seg.text
@@ -86,14 +86,12 @@ class SampleDecoder:
                 ids = self.encode(text)
                 plan.append(Text(ids, loss=seg.loss, enable_cfg=seg.cfg,
                                  special_token_loss=seg.special_token_loss, special_token_label=label))
-                num_tokens += len(ids) + 2
                 continue
             assert isinstance(seg, ImageSegment)
             image = self._open_image(raw, key, seg.image)
             for role in seg.roles:
                 spec = self.vit if role == "vit" else self.vae
                 tensor = transform_image(image, spec, num_images)  # (3, H, W) in [-1, 1]
-                num_tokens += (tensor.shape[1] // spec.stride) * (tensor.shape[2] // spec.stride) + 2
                 if role == "vit":
                     plan.append(VitImage(tensor, enable_cfg=seg.cfg))
                 elif role == "vae":
@@ -102,7 +100,21 @@ class SampleDecoder:
                     plan.append(VaeImage(tensor, loss=True, enable_cfg=False))
         if not any(getattr(item, "loss", False) for item in plan):
             raise SkipSample("no_loss", f"{key}: no segment carries a loss")
-        return DecodedSample(key, ref, plan, num_tokens)
+        if self.dropout is not None:
+            # CFG dropout is decided here, per sample and visit, so packing budgets the tokens that
+            # really go into the pack (and a resumed stream decides the same).
+            drop_rng = np.random.default_rng(stable_seed(self.seed, key, ref.visit, "cfg"))
+            plan = apply_cfg_dropout(plan, self.dropout, lambda: float(drop_rng.random()))
+        return DecodedSample(key, ref, plan, sum(self._num_tokens(item) for item in plan))
+
+    def _num_tokens(self, item) -> int:
+        """Packed length of one plan item, markers included."""
+        if isinstance(item, DroppedImage):
+            return 0
+        if isinstance(item, Text):
+            return len(item.ids) + 2
+        stride = self.vit.stride if isinstance(item, VitImage) else self.vae.stride
+        return (item.image.shape[1] // stride) * (item.image.shape[2] // stride) + 2
 
     @staticmethod
     def _open_image(raw: dict[str, Any], key: str, name: str) -> Image.Image:

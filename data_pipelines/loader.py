@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bagel.packing import CfgDropout
 from bagel.tokenizer import SpecialTokens, load_tokenizer
 from data_pipelines.decode import SampleDecoder
 from data_pipelines.mixing import DataConfig, Mixer
@@ -57,7 +58,9 @@ class SlotPipeline:
                  model_cfg, *, slot: int, num_slots: int):
         self.stats: Counter = Counter()
         vae, vit = config.transforms.get("vae", VAE_DEFAULT), config.transforms.get("vit", VIT_DEFAULT)
-        decoder = SampleDecoder(tokenizer, tokens, vae=vae, vit=vit, seed=config.seed)
+        d = config.packing.dropout
+        dropout = CfgDropout(text=d.get("text", 0.0), vit=d.get("vit", 0.0), vae=d.get("vae", 0.0))
+        decoder = SampleDecoder(tokenizer, tokens, vae=vae, vit=vit, seed=config.seed, dropout=dropout)
         self.mixer = Mixer(config, manifests, decoder, slot=slot, num_slots=num_slots, stats=self.stats)
         self.packer = TokenBudgetPacker(self.mixer, config.packing, self.stats)
         self.builder = PackBuilder(self.packer, model_cfg, tokens, seed=config.seed, slot=slot)

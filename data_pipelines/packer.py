@@ -12,9 +12,10 @@ without its two silent drops):
    (`too_long`). The release skips these without counting.
 5. At the end of a finite stream the buffer is flushed into final packs.
 
-Counting uses the exact packed length (`estimate_num_tokens`: text + 2, image grid + 2) before
-CFG dropout; dropout itself (and the per-pack layout) is `bagel.packing.pack_samples`' job, driven
-by a generator seeded per pack from (seed, slot, pack index), so resuming needs no RNG state.
+Counting uses the exact packed length (text + 2, image grid + 2) after CFG dropout, which the
+decoder decides per sample from (seed, key, visit); the per-pack layout and timestep draws are
+`bagel.packing.pack_samples`' job, with a generator seeded per pack from (seed, slot, pack
+index), so resuming needs no RNG state.
 The buffer is saved as sample references and re-decoded on restore.
 """
 
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from bagel.batch import PackedBatch
-from bagel.packing import CfgDropout, pack_samples
+from bagel.packing import pack_samples
 from data_pipelines.decode import DecodedSample
 from data_pipelines.mixing import PackingConfig
 from data_pipelines.shards import SampleRef, count_skip, stable_seed
@@ -110,8 +111,6 @@ class PackBuilder:
     def __init__(self, packer: TokenBudgetPacker, model_cfg, tokens, *, seed: int, slot: int):
         self.packer, self.model_cfg, self.tokens = packer, model_cfg, tokens
         self.seed, self.slot = seed, slot
-        d = packer.config.dropout
-        self.dropout = CfgDropout(text=d.get("text", 0.0), vit=d.get("vit", 0.0), vae=d.get("vae", 0.0))
         self.index = 0
 
     def __iter__(self) -> "PackBuilder":
@@ -122,8 +121,8 @@ class PackBuilder:
         if group is None:
             raise StopIteration
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "pack", self.slot, self.index))
-        batch = pack_samples([s.plan for s in group], self.model_cfg, self.tokens,
-                             generator=generator, dropout=self.dropout)
+        # CFG dropout was decided at decode time (SampleDecoder), so num_tokens are real tokens.
+        batch = pack_samples([s.plan for s in group], self.model_cfg, self.tokens, generator=generator)
         pack = Pack(batch=batch, keys=[s.key for s in group],
                     num_tokens=sum(s.num_tokens for s in group),
                     max_tokens=self.packer.config.max_tokens, slot=self.slot, index=self.index)
