@@ -32,7 +32,7 @@ def test_demo_runs_end_to_end(tmp_path):
     # the README's commands work on the demo model
     seven = tmp_path / "seven.png"
     gen = subprocess.run([str(BIN / "bagel-generate"), "--model", str(model), "--prompt", "a handwritten digit seven",
-                          "--out", str(seven), "--size", "32x32", "--steps", "3"], capture_output=True, text=True,
+                          "--out", str(seven), "--steps", "3"], capture_output=True, text=True,
                          timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert Image.open(seven).size == (32, 32)

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="input image: edit it according to the prompt")
     p.add_argument("--think", action="store_true", help="write a plan first, then generate (think mode)")
     p.add_argument("--out", required=True, help="output PNG (with --batch N: OUT_0.png ...)")
-    p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 16 (default 1024x1024; edits keep the input size)")
+    p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 16 (default: the model's image size, 1024x1024 for BAGEL-7B-MoT; "
+                        "edits keep the input size)")
     p.add_argument("--steps", type=int, default=50, help="timestep grid points (steps - 1 model evaluations)")
     p.add_argument("--cfg-text", type=float, default=4.0)
     p.add_argument("--cfg-img", type=float, default=None, help="default 1.0 (text-to-image) / 2.0 (edit)")
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             images, thoughts = engine.edit([args.image] * args.batch, [args.prompt] * args.batch, cfg, seed=args.seed,
                                            think=args.think, think_sampling=think, progress=True)
         else:
-            size = args.size or (1024, 1024)
+            side = engine.vae_transform.max_size  # the model's native generation size
+            size = args.size or (side, side)
             images, thoughts = engine.text_to_image([args.prompt] * args.batch, size, cfg, seed=args.seed,
                                                     think=args.think, think_sampling=think, progress=True)
         out = Path(args.out)
