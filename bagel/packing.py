@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bagel.batch import PackedBatch
+
 
 @dataclass
 class Text:
@@ -133,14 +135,12 @@ def estimate_num_tokens(sample: Sample, cfg) -> int:
 
 
 def pack_samples(samples: list[Sample], cfg, tokens, generator: torch.Generator | None = None,
-                 dropout: CfgDropout | None = None) -> "PackedBatch":
+                 dropout: CfgDropout | None = None) -> PackedBatch:
     """Pack `samples` into one PackedBatch (see the module docstring for the layout).
 
     `cfg` is a BagelConfig (geometry), `tokens` a SpecialTokens. `generator` drives timestep
     draws and CFG dropout; `dropout=None` keeps every condition.
     """
-    from bagel.batch import PackedBatch
-
     def draw() -> float:
         return float(torch.rand((), generator=generator))
 

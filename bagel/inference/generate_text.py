@@ -32,22 +32,28 @@ class TextOutput:
     step_logits: list[torch.Tensor] = field(default_factory=list)  # per step (B, vocab), if kept
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
-    if cfg.temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / cfg.temperature
+def probs_from_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """(..., V) logits -> the distribution sampled from: temperature, then top-k, then top-p
+    (nucleus: drop a token once the tokens ranked above it hold top_p of the mass)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.to(dtype) / cfg.temperature
     if cfg.top_k > 0:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(-1) - probs >= cfg.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
+    return logits.softmax(-1)
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids: argmax when temperature is 0, else a draw."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    probs = probs_from_logits(logits, cfg)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 

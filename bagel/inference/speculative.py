@@ -45,7 +45,7 @@ from types import SimpleNamespace
 import torch
 
 from bagel.inference.forward import Query, forward_queries
-from bagel.inference.generate_text import SamplingConfig
+from bagel.inference.generate_text import SamplingConfig, probs_from_logits
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.model.heads import MedusaHeads, MTPHeads
 from bagel.tokenizer import SpecialTokens
@@ -125,22 +125,6 @@ def tree_from_accuracies(acc: torch.Tensor, budget: int) -> Tree:
 
 
 # Probabilities and verification rules ----------------------------------------------------------------
-def probs_from_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """(..., V) logits -> the distribution `sample_next` samples (temperature, top-k, top-p), fp32+."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    logits = logits.to(dtype) / cfg.temperature
-    if cfg.top_k > 0:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= cfg.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits.softmax(-1)
-
-
 def _draw(p: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(p.cpu(), 1, generator=generator))
 

@@ -23,7 +23,6 @@ import torch
 from bagel.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig
 from bagel.inference import context as C
 from bagel.inference.forward import Query, forward_queries
-from bagel.inference.generate_image import Branches
 from bagel.inference.generate_text import SamplingConfig, generate_text
 from bagel.inference.kv_cache import KVCache
 from bagel.model.bagel import Bagel

@@ -9,11 +9,11 @@ import torch
 from bagel.config import BagelConfig
 from bagel.inference.context import add_text
 from bagel.inference.forward import Query, forward_queries
-from bagel.inference.generate_text import SamplingConfig, generate_text
+from bagel.inference.generate_text import SamplingConfig, generate_text, probs_from_logits
 from bagel.inference.kv_cache import KVCache
-from bagel.inference.speculative import (SpecConfig, Tree, generate_speculative, probs_from_logits,
-                                         tree_from_accuracies, typical_threshold, verify_greedy,
-                                         verify_sample_chain, verify_sample_tree, verify_typical)
+from bagel.inference.speculative import (SpecConfig, Tree, generate_speculative, tree_from_accuracies,
+                                         typical_threshold, verify_greedy, verify_sample_chain, verify_sample_tree,
+                                         verify_typical)
 from bagel.model.bagel import Bagel
 from bagel.model.heads import HeadsConfig, MedusaHeads, attach_draft_heads
 from bagel.tokenizer import SpecialTokens

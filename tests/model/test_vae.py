@@ -5,7 +5,6 @@ The fixture was produced by the official BFL `AutoEncoder` in float32 on CPU; it
 suggests 1e-4); the measured gap is ~2e-6, all of it from F.silu versus x * sigmoid(x).
 """
 
-import json
 import os
 import subprocess
 import sys
