@@ -10,14 +10,13 @@ from bagel.model import attention
 from bagel.model.attention import (
     ATTN_MODES,
     AttentionLayout,
-    block_diagonal_attention,
     block_diagonal_layout,
     bottom_right_causal_mask,
-    cached_attention,
     dense_mask,
     packed_attention,
     prepare_attention,
 )
+from bagel.model.cached_attention import block_diagonal_attention, cached_attention
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 HQ, HKV, D = 4, 2, 16
