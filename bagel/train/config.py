@@ -73,6 +73,11 @@ class TrainSection:
     freeze_und: bool = False  # the understanding expert (und weights, text embedding, lm_head)
     vae_sample: bool = True  # sample the VAE posterior (official) or take its mean
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    # Draft heads (model.overrides.draft_heads): extra loss weight, Medusa per-head decay, and
+    # heads_only = Medusa-1 style (backbone frozen, only the heads train).
+    heads_weight: float = 0.0
+    heads_decay: float = 0.8
+    heads_only: bool = False
     debug_overflow_steps: list[int] = field(default_factory=list)  # fault injection (tests)
 
 
@@ -135,6 +140,8 @@ class TrainConfig:
             raise ConfigError("model.preset='pretrained' needs model.path")
         if self.data.kind == "pipeline" and not self.data.config:
             raise ConfigError("data.kind='pipeline' needs data.config (a configs/data/*.yaml)")
+        if (self.train.heads_weight > 0 or self.train.heads_only) and self.parallel.mode == "fsdp":
+            raise ConfigError("training draft heads is supported with parallel.mode none or ddp (not fsdp yet)")
         if self.optim.grad_accum < 1:
             raise ConfigError(f"optim.grad_accum={self.optim.grad_accum} must be >= 1")
 

@@ -30,7 +30,8 @@ def apply_freeze(model: nn.Module, train) -> list[str]:
     frozen = []
     for name, p in model.named_parameters():
         parts = name.split(".")
-        freeze = ((train.freeze_llm and parts[0] == "llm")
+        freeze = ((getattr(train, "heads_only", False) and parts[0] != "draft_heads")
+                  or (train.freeze_llm and parts[0] == "llm")
                   or (train.freeze_vit and parts[0] == "vit")
                   or (train.freeze_und and (("und" in parts and parts[0] == "llm")
                                             or parts[:2] in (["llm", "embed_tokens"], ["llm", "lm_head"]))))

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from bagel.config import ConfigError
 from bagel.model.bagel import Bagel
 from bagel.train import checkpointing
 from bagel.train.batches import SyntheticSource, TrainItem
@@ -73,8 +74,8 @@ class Trainer:
             model = Bagel(self.model_cfg)
         self.frozen = apply_freeze(model, t)
         no_decay = no_decay_names(model)
-        tensors = (pretrained_source(cfg.model.path) if cfg.model.preset == "pretrained"
-                   else scratch_source(self.model_cfg, cfg.model.init_std, t.seed))
+        scratch = scratch_source(self.model_cfg, cfg.model.init_std, t.seed)
+        tensors = pretrained_source(cfg.model.path, fallback=scratch) if cfg.model.preset == "pretrained" else scratch
         self.model = parallelize(model, p, self.dist, lambda m: materialize(m, tensors, self.device))
         self.model.train()
         self.params = [q for q in self.model.parameters() if q.requires_grad]
@@ -82,6 +83,10 @@ class Trainer:
         self.ema = EMA(self.model, t.ema) if t.ema > 0 else None
         self.scaler = LossScaler(p.loss_scale, p.loss_scale_growth_interval, enabled=p.param_dtype == "fp16")
         self.vae = self._build_vae() if self.model_cfg.visual_gen else None
+        self.heads = self._unwrapped().draft_heads if (t.heads_weight > 0 or t.heads_only) else None
+        if (t.heads_weight > 0 or t.heads_only) and self.heads is None:
+            raise ConfigError("train.heads_weight / heads_only need draft heads: set model.overrides.draft_heads "
+                              "(e.g. {kind: medusa, num_heads: 4})")
 
         self.source = self._build_source(source_factory)
         self.tokens = self.source.tokens
@@ -109,12 +114,23 @@ class Trainer:
         vae.requires_grad_(False)
         return vae.to(self.device).eval()
 
+    def _unwrapped(self):
+        return getattr(self.model, "module", self.model)  # DDP wraps; FSDP2 shards in place
+
+    def _heads_loss(self, out, batch) -> torch.Tensor:
+        """Draft-head loss on the LLM's hidden states (detached when only the heads train)."""
+        from bagel.train.heads.losses import draft_heads_loss
+
+        hidden = out.hidden.detach() if self.cfg.train.heads_only else out.hidden
+        loss, _ = draft_heads_loss(self._unwrapped(), self.heads, batch, hidden, self.cfg.train.heads_decay)
+        return loss
+
     def _adopt_vae_scaling(self, config_file: Path) -> None:
         """A first-stage VAE ships its fitted latent scale/shift in ae_config.json: take them (the
         architecture must match the model's), so the run and its exports use the right values."""
         if not config_file.is_file():
             return
-        from bagel.config import ConfigError, VAEConfig
+        from bagel.config import VAEConfig
 
         found, ours = VAEConfig.from_json(config_file), self.model_cfg.vae
         arch = lambda c: dataclasses.replace(c, scale_factor=0.0, shift_factor=0.0)  # noqa: E731
@@ -207,6 +223,7 @@ class Trainer:
         inject = self.step in t.debug_overflow_steps
 
         sums = torch.zeros(2, dtype=torch.float64)
+        heads_sum = 0.0
         for i, item in enumerate(items):
             with no_sync(self.model, p, i == len(items) - 1):
                 with autocast(p, self.device):
@@ -215,6 +232,10 @@ class Trainer:
                 ce_sum, mse_sum = self._loss_terms(out, item)
                 # + out.participation (an exact 0): every parameter in the graph on every rank
                 loss = (t.ce_weight * ce_sum / n_ce + t.mse_weight * mse_sum / n_mse) * world + out.participation
+                if self.heads is not None:
+                    heads_loss = self._heads_loss(out, item.batch)
+                    loss = heads_loss if t.heads_only else loss + t.heads_weight * heads_loss
+                    heads_sum += float(heads_loss.detach())
                 scale = self.scaler.scale * (1e30 if inject else 1.0)  # injected overflow (tests)
                 if loss.requires_grad:  # a micro-batch without any loss token adds nothing
                     (loss * scale).backward()
@@ -244,7 +265,8 @@ class Trainer:
         local = torch.tensor([sum(i.batch.sequence_length for i in items),
                               sum(batch_flops(self.model_cfg, i.batch) for i in items)], dtype=torch.float64)
         all_reduce(local)
-        record = {"step": self.step + 1, "loss_ce": loss_ce, "loss_mse": loss_mse, "grad_norm": norm,
+        extra_heads = {"loss_heads": heads_sum / len(items)} if self.heads is not None else {}
+        record = {"step": self.step + 1, "loss_ce": loss_ce, "loss_mse": loss_mse, "grad_norm": norm, **extra_heads,
                   "lr": lr, "tokens": float(local[0]), "flops": float(local[1]),
                   "skipped_steps": self.counters["skipped_steps"], "loss_scale": self.scaler.scale,
                   "ce_tokens": n_ce, "mse_tokens": n_mse, "step_ok": float(ok)}

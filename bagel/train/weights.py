@@ -59,8 +59,9 @@ def scratch_source(cfg: BagelConfig, std: float, seed: int) -> TensorSource:
     return make
 
 
-def pretrained_source(path: str | Path) -> TensorSource:
-    """Per-tensor reader over `model.safetensors` (ours) or `ema.safetensors` (released layout)."""
+def pretrained_source(path: str | Path, fallback: TensorSource | None = None) -> TensorSource:
+    """Per-tensor reader over `model.safetensors` (ours) or `ema.safetensors` (released layout).
+    Draft heads the checkpoint lacks (new heads on a pretrained backbone) come from `fallback`."""
     from safetensors import safe_open
 
     from bagel.checkpoint.official import convert_key
@@ -78,6 +79,8 @@ def pretrained_source(path: str | Path) -> TensorSource:
             names[name] = key
 
     def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in names and fallback is not None and name.startswith("draft_heads."):
+            return fallback(name, shape)
         if name not in names:
             raise KeyError(f"{file}: no tensor for parameter {name!r} (shape {list(shape)})")
         t = handle.get_tensor(names[name])
