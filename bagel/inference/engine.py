@@ -228,21 +228,13 @@ class Engine:
         g = torch.Generator().manual_seed(seed)
         if think:
             self.add_text(sessions, [GEN_THINK_SYSTEM_PROMPT] * len(sessions))
-            think = False  # the system prompt is in; _prompt_and_think only decodes
-            thoughts = self._add_images_then_think(sessions, images, instructions, think_sampling, g)
-        else:
-            self.add_image(sessions, images, generator=g)
-            self.add_text(sessions, instructions)
-            thoughts = []
+        self.add_image(sessions, images, generator=g)
+        self.add_text(sessions, instructions)
+        thoughts = self._think(sessions, think_sampling) if think else []
         sizes = {s.image_size for s in sessions}
         if len(sizes) > 1:
             raise ValueError(f"batched edits need input images of one size after resizing, got {sorted(sizes)}")
         return self.generate_image(sessions, None, cfg, generator=g, progress=progress), thoughts
-
-    def _add_images_then_think(self, sessions, images, instructions, sampling, g):
-        self.add_image(sessions, images, generator=g)
-        self.add_text(sessions, instructions)
-        return self._think(sessions, sampling)
 
     def _prompt_and_think(self, sessions, prompts, think, sampling) -> list[str]:
         if think:
@@ -277,9 +269,8 @@ class Engine:
             if hint == self.tokens.start_of_image:
                 image = self.generate_image(s, size or s[0].image_size, cfg, generator=g)[0]
                 outputs.append(image)
-                before = s[0].full.length
                 self.add_image(s, [image], vae=True, vit=vit_for_outputs, generator=g)
-                self._hint_from_last_marker(s[0], before)
+                self._hint_from_last_marker(s[0])
             elif hint == self.tokens.bos:
                 text = self.generate_text(s, sampling, generator=g)[0][0]
                 outputs.append(text)
@@ -288,7 +279,7 @@ class Engine:
                 break
         return outputs
 
-    def _hint_from_last_marker(self, session: Session, _before: int) -> None:
+    def _hint_from_last_marker(self, session: Session) -> None:
         """Prediction at the closing <|vision_end|> of the image just added: re-run that single
         token as a query (cheap) to read the LM head there."""
         from bagel.inference.forward import Query, forward_queries

@@ -177,9 +177,12 @@ def test_think_mode_runs(engine):
     assert len(images) == 1 and len(thoughts) == 1
 
 
-def test_edit_output_keeps_input_size(engine):
-    out, _ = engine.edit([image(3, 48, 80)], ["Make it purple."], ImageGenConfig(num_timesteps=2))
+@pytest.mark.parametrize("think", [False, True])
+def test_edit_output_keeps_input_size(engine, think):
+    out, thoughts = engine.edit([image(3, 48, 80)], ["Make it purple."], ImageGenConfig(num_timesteps=2), think=think,
+                                think_sampling=SamplingConfig(max_new_tokens=3))
     assert out[0].size == (80, 48)
+    assert len(thoughts) == (1 if think else 0)
 
 
 def test_interleaved_output_follows_the_model_hints(engine, monkeypatch):
