@@ -37,20 +37,37 @@ DIGITS_VAE = ResizeSpec(max_size=64, min_size=64, stride=16)
 DIGITS_VIT = ResizeSpec(max_size=56, min_size=56, stride=14)
 
 
+# The task texts (the demo's prompts; eval/digits.py asks the model with the same ones).
+QUESTION = "What digit is this?"
+EDIT_INSTRUCTION = "Change it to the next digit."
+
+
+def caption(digit: int) -> str:
+    return f"a handwritten digit {WORDS[digit]}"
+
+
+def count_prompt(digit: int) -> str:
+    return f"Count up from {WORDS[digit]}:"
+
+
 def split_of(index: int) -> str:
     return "test" if index % 5 == 4 else "train"
 
 
-def digit_png(pixels: np.ndarray, size: int) -> bytes:
-    """(8, 8) float ink in 0..16 -> RGB PNG of size x size."""
+def digit_image(pixels: np.ndarray, size: int) -> Image.Image:
+    """(8, 8) float ink in 0..16 -> grey-on-black RGB image of size x size (bicubic)."""
     grey = Image.fromarray(np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8), mode="L")
+    return grey.resize((size, size), Image.BICUBIC).convert("RGB")
+
+
+def digit_png(pixels: np.ndarray, size: int) -> bytes:
     out = io.BytesIO()
-    grey.resize((size, size), Image.BICUBIC).convert("RGB").save(out, format="PNG")
+    digit_image(pixels, size).save(out, format="PNG")
     return out.getvalue()
 
 
 def count_document(start: int, names: list[str], **meta) -> Document:
-    segments = [TextSegment(f"Count up from {WORDS[start]}:", cfg=True)]
+    segments = [TextSegment(count_prompt(start), cfg=True)]
     for i, name in enumerate(names):
         last = i == len(names) - 1
         segments.append(ImageSegment(name, ("target",) if last else ("target", "vae", "vit")))
@@ -88,15 +105,15 @@ def write_digits(out_dir: str | Path, *, size: int = 64, max_samples: int = 500,
             for i in tqdm(index, desc=f"{split}/{task}", disable=not progress):
                 d, key = labels[i], f"digit{i:04d}"
                 if task == "t2i":
-                    writer.write(key, t2i_document(f"a handwritten digit {WORDS[d]}", label=int(d),
+                    writer.write(key, t2i_document(caption(d), label=int(d),
                                                    index=i), {"0.png": pngs[i]})
                 elif task == "vqa":
-                    doc = vqa_document([("What digit is this?", WORDS[d])], ["0.png"],
+                    doc = vqa_document([(QUESTION, WORDS[d])], ["0.png"],
                                        label=int(d), index=i)
                     writer.write(key, doc, {"0.png": pngs[i]})
                 elif task == "edit":
                     j = int(rng.choice(by_label[(d + 1) % 10]))
-                    doc = edit_document("0.png", "Change it to the next digit.", "1.png",
+                    doc = edit_document("0.png", EDIT_INSTRUCTION, "1.png",
                                         label=int(d), index=i, target_index=j)
                     writer.write(key, doc, {"0.png": pngs[i], "1.png": pngs[j]})
                 else:

@@ -26,34 +26,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+# The dataset owns the task texts, the split and the rendering; the benchmark asks with the same.
+from data_pipelines.digits import (EDIT_INSTRUCTION, QUESTION, WORDS, caption, count_prompt,  # noqa: F401
+                                   digit_image, split_of)
+
 TASK = "digits"
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-QUESTION = "What digit is this?"
-EDIT = "Change it to the next digit."
-
-
-def caption(digit: int) -> str:
-    return f"a handwritten digit {WORDS[digit]}"
-
-
-def count_prompt(digit: int) -> str:
-    return f"Count up from {WORDS[digit]}:"
+EDIT = EDIT_INSTRUCTION
 
 
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 8, 8) ink in 0..16 and (N,) labels of the fixed train/test split."""
+    """(N, 8, 8) ink in 0..16 and (N,) labels of the fixed train/test split (as the shards)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    held_out = np.arange(len(data.target)) % 5 == 4
-    keep = held_out if split == "test" else ~held_out
+    keep = np.array([split_of(i) == split for i in range(len(data.target))])
     return data.images[keep], data.target[keep]
-
-
-def digit_image(pixels: np.ndarray, size: int) -> Image.Image:
-    """8x8 ink (0..16) -> grey-on-black RGB image of size x size (bicubic, as the shards store it)."""
-    grey = Image.fromarray(np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8), mode="L")
-    return grey.resize((size, size), Image.BICUBIC).convert("RGB")
 
 
 def to_features(image: Image.Image) -> np.ndarray:

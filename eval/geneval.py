@@ -56,6 +56,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
+from eval import runner
 from eval.items import DataLayoutError, write_jsonl
 
 TASK = "geneval"
@@ -173,14 +174,6 @@ def read(path: str, limit: int | None = None) -> list[Prompt]:
 
 # ----------------------------------------------------------------------------------------------------
 # Generation
-
-
-def load_engine(model_dir: str, dtype: str = "fp32", device: str = "cpu"):
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
-    from eval.runner import load_engine as load
-
-    return load(model_dir, dtype, device)
 
 
 def _grid_image(images: list):
@@ -412,7 +405,6 @@ def run(data: str, engine, out_dir: str | None = None, settings: GenSettings = G
         protocol: str = "standard", progress: bool = True, scorer_name: str | None = None) -> dict:
     """Generate GenEval images with `engine` into a new folder, optionally score; returns the manifest.
     `scorer`: a callable or 'MODULE:FUNCTION' (see the module docstring)."""
-    from eval import runner
 
     t0 = time.time()
     settings.check()
@@ -467,7 +459,6 @@ def run(data: str, engine, out_dir: str | None = None, settings: GenSettings = G
 
 def score_only(images_dir: str, scorer, out_dir: str | None = None, protocol: str = "standard") -> dict:
     """Score a folder written by `run` (or any GenEval-layout folder) -> manifest in `out_dir`."""
-    from eval import runner
 
     t0 = time.time()
     if scorer is None:
@@ -515,7 +506,7 @@ def run_cli(args) -> dict:
     read(args.data, args.limit)
     _check_new_out_dir(args.out)
     scorer = load_scorer(args.scorer) if args.scorer else None
-    engine = load_engine(args.model, args.dtype, args.device)  # checks are done: loading takes minutes
+    engine = runner.load_engine(args.model, args.dtype, args.device)  # checks are done: loading takes minutes
     return run(args.data, engine, args.out, settings, limit=args.limit, batch_size=args.batch_size,
                scorer=scorer, scorer_name=args.scorer, model=args.model, protocol=args.protocol,
                progress=not args.quiet)

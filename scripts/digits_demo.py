@@ -65,10 +65,10 @@ def make_data(data: Path, out: Path, fresh: bool) -> Path:
 
 def make_tokenizer(out: Path) -> None:
     from data_pipelines.tokenizer import train_tokenizer
-    from eval.digits import EDIT, QUESTION, WORDS, caption, count_prompt
+    from data_pipelines.digits import EDIT_INSTRUCTION, QUESTION, WORDS, caption, count_prompt
 
     texts = [caption(d) for d in range(10)] + [count_prompt(d) for d in range(10)] + list(WORDS)
-    texts += [QUESTION, EDIT]
+    texts += [QUESTION, EDIT_INSTRUCTION]
     train_tokenizer(texts * 20, out, vocab_size=300)
 
 
@@ -77,7 +77,8 @@ def make_vae(out: Path, steps: int) -> dict:
     from bagel.model.vae import save_vae_bfl
     from bagel.train.autoencoder import AutoencoderTrainConfig, reconstruction_error, train_autoencoder
     from bagel.transforms import to_tensor
-    from eval.digits import digit_image, load_split
+    from data_pipelines.digits import digit_image
+    from eval.digits import load_split
 
     train, _ = load_split("train")
     test, _ = load_split("test")

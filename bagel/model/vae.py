@@ -8,8 +8,8 @@ Notable choices:
   `F.silu` (diffusers) versus BFL's `x * sigmoid(x)`: on the tiny official fixture that costs
   <= 2.6e-6 max abs (outputs of magnitude ~2); with `x * sigmoid(x)` swapped in the outputs are
   bit-identical. We keep the fused SiLU.
-- Weights are stored in BFL's `ae.safetensors` layout. The renaming is data: two regex tables
-  (one per direction) plus two structural rules: BFL's decoder `up[i]` is diffusers'
+- Weights are stored in BFL's `ae.safetensors` layout. The renaming is data: one table of name
+  templates read in both directions, plus two structural rules: BFL's decoder `up[i]` is diffusers'
   `up_blocks[L-1-i]` (BFL runs `up` from the last index, diffusers from the first), and the
   attention q/k/v/proj_out are 1x1 convs ([C, C, 1, 1]) in BFL but Linear layers ([C, C]) in
   diffusers.
@@ -41,57 +41,43 @@ if TYPE_CHECKING:
 # ------------------------------------------------------------------------------------------------
 # Checkpoint key map: BFL `ae.safetensors` <-> diffusers `AutoencoderKL.state_dict()`
 # ------------------------------------------------------------------------------------------------
-# Each row is (full-match regex, replacement); the first matching row wins. Decoder levels keep
-# BFL's index here; `_flip_decoder_level` then reverses it (see the module docstring).
-_RESNET_PARAM = r"(norm1|conv1|norm2|conv2)\.(weight|bias)"
-
-BFL_TO_DIFFUSERS: tuple[tuple[str, str], ...] = (
-    (r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", r"\1.\2.\3"),
-    (r"(encoder|decoder)\.norm_out\.(weight|bias)", r"\1.conv_norm_out.\2"),
-    (rf"encoder\.down\.(\d+)\.block\.(\d+)\.{_RESNET_PARAM}", r"encoder.down_blocks.\1.resnets.\2.\3.\4"),
-    (r"encoder\.down\.(\d+)\.block\.(\d+)\.nin_shortcut\.(weight|bias)",
-     r"encoder.down_blocks.\1.resnets.\2.conv_shortcut.\3"),
-    (r"encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)",
-     r"encoder.down_blocks.\1.downsamplers.0.conv.\2"),
-    (rf"decoder\.up\.(\d+)\.block\.(\d+)\.{_RESNET_PARAM}", r"decoder.up_blocks.\1.resnets.\2.\3.\4"),
-    (r"decoder\.up\.(\d+)\.block\.(\d+)\.nin_shortcut\.(weight|bias)",
-     r"decoder.up_blocks.\1.resnets.\2.conv_shortcut.\3"),
-    (r"decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)", r"decoder.up_blocks.\1.upsamplers.0.conv.\2"),
-    (rf"(encoder|decoder)\.mid\.block_1\.{_RESNET_PARAM}", r"\1.mid_block.resnets.0.\2.\3"),
-    (rf"(encoder|decoder)\.mid\.block_2\.{_RESNET_PARAM}", r"\1.mid_block.resnets.1.\2.\3"),
-    (r"(encoder|decoder)\.mid\.attn_1\.norm\.(weight|bias)", r"\1.mid_block.attentions.0.group_norm.\2"),
-    (r"(encoder|decoder)\.mid\.attn_1\.q\.(weight|bias)", r"\1.mid_block.attentions.0.to_q.\2"),
-    (r"(encoder|decoder)\.mid\.attn_1\.k\.(weight|bias)", r"\1.mid_block.attentions.0.to_k.\2"),
-    (r"(encoder|decoder)\.mid\.attn_1\.v\.(weight|bias)", r"\1.mid_block.attentions.0.to_v.\2"),
-    (r"(encoder|decoder)\.mid\.attn_1\.proj_out\.(weight|bias)", r"\1.mid_block.attentions.0.to_out.0.\2"),
+# One row per tensor family: (BFL template, diffusers template), read in both directions.
+# Placeholders: {io} encoder|decoder, {i}/{j} level and block numbers, {r} a resnet parameter,
+# {wb} weight|bias. Decoder levels keep BFL's index here; `_flip_decoder_level` then reverses it.
+KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("{io}.conv_in.{wb}", "{io}.conv_in.{wb}"),
+    ("{io}.conv_out.{wb}", "{io}.conv_out.{wb}"),
+    ("{io}.norm_out.{wb}", "{io}.conv_norm_out.{wb}"),
+    ("encoder.down.{i}.block.{j}.{r}.{wb}", "encoder.down_blocks.{i}.resnets.{j}.{r}.{wb}"),
+    ("encoder.down.{i}.block.{j}.nin_shortcut.{wb}", "encoder.down_blocks.{i}.resnets.{j}.conv_shortcut.{wb}"),
+    ("encoder.down.{i}.downsample.conv.{wb}", "encoder.down_blocks.{i}.downsamplers.0.conv.{wb}"),
+    ("decoder.up.{i}.block.{j}.{r}.{wb}", "decoder.up_blocks.{i}.resnets.{j}.{r}.{wb}"),
+    ("decoder.up.{i}.block.{j}.nin_shortcut.{wb}", "decoder.up_blocks.{i}.resnets.{j}.conv_shortcut.{wb}"),
+    ("decoder.up.{i}.upsample.conv.{wb}", "decoder.up_blocks.{i}.upsamplers.0.conv.{wb}"),
+    ("{io}.mid.block_1.{r}.{wb}", "{io}.mid_block.resnets.0.{r}.{wb}"),
+    ("{io}.mid.block_2.{r}.{wb}", "{io}.mid_block.resnets.1.{r}.{wb}"),
+    ("{io}.mid.attn_1.norm.{wb}", "{io}.mid_block.attentions.0.group_norm.{wb}"),
+    ("{io}.mid.attn_1.q.{wb}", "{io}.mid_block.attentions.0.to_q.{wb}"),
+    ("{io}.mid.attn_1.k.{wb}", "{io}.mid_block.attentions.0.to_k.{wb}"),
+    ("{io}.mid.attn_1.v.{wb}", "{io}.mid_block.attentions.0.to_v.{wb}"),
+    ("{io}.mid.attn_1.proj_out.{wb}", "{io}.mid_block.attentions.0.to_out.0.{wb}"),
 )
+_PLACEHOLDERS = {"io": "encoder|decoder", "i": r"\d+", "j": r"\d+", "r": "norm1|conv1|norm2|conv2",
+                 "wb": "weight|bias"}
 
-DIFFUSERS_TO_BFL: tuple[tuple[str, str], ...] = (
-    (r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", r"\1.\2.\3"),
-    (r"(encoder|decoder)\.conv_norm_out\.(weight|bias)", r"\1.norm_out.\2"),
-    (rf"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.{_RESNET_PARAM}", r"encoder.down.\1.block.\2.\3.\4"),
-    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.(weight|bias)",
-     r"encoder.down.\1.block.\2.nin_shortcut.\3"),
-    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)",
-     r"encoder.down.\1.downsample.conv.\2"),
-    (rf"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.{_RESNET_PARAM}", r"decoder.up.\1.block.\2.\3.\4"),
-    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.(weight|bias)",
-     r"decoder.up.\1.block.\2.nin_shortcut.\3"),
-    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", r"decoder.up.\1.upsample.conv.\2"),
-    (rf"(encoder|decoder)\.mid_block\.resnets\.0\.{_RESNET_PARAM}", r"\1.mid.block_1.\2.\3"),
-    (rf"(encoder|decoder)\.mid_block\.resnets\.1\.{_RESNET_PARAM}", r"\1.mid.block_2.\2.\3"),
-    (r"(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.(weight|bias)", r"\1.mid.attn_1.norm.\2"),
-    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_q\.(weight|bias)", r"\1.mid.attn_1.q.\2"),
-    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_k\.(weight|bias)", r"\1.mid.attn_1.k.\2"),
-    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_v\.(weight|bias)", r"\1.mid.attn_1.v.\2"),
-    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.(weight|bias)", r"\1.mid.attn_1.proj_out.\2"),
-)
+
+def _compile(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    body = "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{_PLACEHOLDERS[p]})" for k, p in enumerate(parts))
+    return re.compile(body)
+
+
+_BFL_TO_DIFFUSERS = [(_compile(bfl), ours) for bfl, ours in KEY_MAP]
+_DIFFUSERS_TO_BFL = [(_compile(ours), bfl) for bfl, ours in KEY_MAP]
 
 # Weights that are [C, C, 1, 1] convs in BFL and [C, C] Linear layers in diffusers (diffusers names).
 ATTN_LINEAR_WEIGHT = r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight"
 
-_BFL_TO_DIFFUSERS = [(re.compile(p), r) for p, r in BFL_TO_DIFFUSERS]
-_DIFFUSERS_TO_BFL = [(re.compile(p), r) for p, r in DIFFUSERS_TO_BFL]
 _ATTN_LINEAR_WEIGHT = re.compile(ATTN_LINEAR_WEIGHT)
 _BFL_DECODER_LEVEL = re.compile(r"decoder\.up\.(\d+)\.")
 _DIFFUSERS_DECODER_LEVEL = re.compile(r"decoder\.up_blocks\.(\d+)\.")
@@ -99,10 +85,10 @@ _DIFFUSERS_DECODER_LEVEL = re.compile(r"decoder\.up_blocks\.(\d+)\.")
 
 def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str | None:
     """`key` renamed by the first matching row of `table`, or None if no row matches."""
-    for pattern, replacement in table:
+    for pattern, template in table:
         m = pattern.fullmatch(key)
         if m:
-            return m.expand(replacement)
+            return template.format(**m.groupdict())
     return None
 
 

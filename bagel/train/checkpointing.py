@@ -74,10 +74,7 @@ def save(run_dir: str | Path, step: int, model, optimizer, ema_state: dict[str, 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    if ema_state is not None:
-        state["ema"] = ema_state
+    state = _sharded_state(model, optimizer, ema_state)
     with _quiet():
         dcp.save(state, checkpoint_id=str(tmp))
     torch.save(rank_state, tmp / f"rank_{dist.rank:05d}.pt")
@@ -99,6 +96,15 @@ def save(run_dir: str | Path, step: int, model, optimizer, ema_state: dict[str, 
     return final
 
 
+def _sharded_state(model, optimizer, ema_state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """What DCP saves and loads in place: model, optimizer and (if any) EMA state dicts."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema_state is not None:
+        state["ema"] = ema_state
+    return state
+
+
 def load(path: str | Path, model, optimizer, ema_state: dict[str, torch.Tensor] | None,
          dist: DistInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model, optimizer and EMA in place; returns (trainer_state, this rank's state)."""
@@ -112,14 +118,11 @@ def load(path: str | Path, model, optimizer, ema_state: dict[str, torch.Tensor] 
             f"{rank_file} is missing: the checkpoint was written by {trainer_state.get('world_size')} "
             f"ranks and this run has {dist.world_size}; the data-loader state only resumes on the same "
             "world size (weights alone can be reloaded with model.preset=pretrained after an export)")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    if ema_state is not None:
-        state["ema"] = ema_state
+    state = _sharded_state(model, optimizer, ema_state)
     with _quiet():
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rank_state = torch.load(rank_file, weights_only=False)
+    rank_state = torch.load(rank_file, weights_only=True)  # tensors and plain containers: no unpickling
     return trainer_state, rank_state
 
 

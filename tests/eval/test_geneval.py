@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval import cli, geneval
+from eval import cli, geneval, runner
 
 TINY = Path(__file__).parents[1] / "assets" / "bagel_official_tiny"
 
@@ -31,7 +31,7 @@ def write_meta(path, lines=LINES) -> str:
 
 @pytest.fixture(scope="module")
 def engine():
-    return geneval.load_engine(str(TINY))
+    return runner.load_engine(str(TINY))
 
 
 def pngs(root) -> dict:
@@ -90,7 +90,7 @@ def test_layout_metadata_and_seeds_independent_of_batch_size(tmp_path, engine, m
     assert m["counts"]["prompts"] == 2 and m["counts"]["images"] == 4 and m["metrics"] == {}
 
     # the same run through the CLI with batches of 3 (one batch spans both prompts): same bytes
-    monkeypatch.setattr(geneval, "load_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(runner, "load_engine", lambda *a, **k: engine)
     out3 = tmp_path / "bs3"
     assert cli.main(["--task", "geneval", "--model", str(TINY), "--data", data, *SMALL, "--seed", "7",
                      "--batch-size", "3", "--out", str(out3)]) == 0
