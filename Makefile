@@ -17,8 +17,8 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q
 
-# The embedded default: data, tokenizer, first-stage VAE, unified pretraining, evaluation, report
-# (runs/digits/report.md). About 6 minutes on 2 CPU cores, after the install.
+# The embedded default: data, tokenizer, first-stage VAE and ViT, unified pretraining, evaluation, report
+# (runs/digits/report.md). About 10 minutes on 2 CPU cores, after the install.
 demo: venv
 	$(PY) scripts/digits_demo.py
 

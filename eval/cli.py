@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="PATH", help="local copy of the benchmark (see eval/README.md)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="standard")
     p.add_argument("--limit", type=int, default=None, help="first N items (MMBench: N questions)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default 1; digits: 32, the demo's (its noise draws are per batch)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's official value")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights (bf16 on GPU)")
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        print(f"bagel-eval: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
     read_kwargs = {"image_dir": args.image_dir} if args.image_dir and args.task in ("pope", "vqav2") else {}
     try:
         if args.task == digits.TASK:
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             predictor = runner.load_predictor(args.model, seed=args.seed, dtype=args.dtype, device=args.device)
             manifest = runner.run(args.task, args.data, predictor, protocol=args.protocol,
-                                  limit=args.limit, batch_size=args.batch_size, out_dir=args.out,
+                                  limit=args.limit, batch_size=args.batch_size or 1, out_dir=args.out,
                                   model=args.model, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                   progress=not args.quiet, read_kwargs=read_kwargs)
     except (DataLayoutError, ValueError, FileNotFoundError) as e:
@@ -93,7 +97,9 @@ def _run_digits(args) -> int:
     if not args.model:
         print("bagel-eval: --task digits needs --model", file=sys.stderr)
         return 2
-    settings = digits.DigitsEvalConfig(limit=args.limit, seed=args.seed, batch_size=max(args.batch_size, 1))
+    settings = digits.DigitsEvalConfig(limit=args.limit, seed=args.seed)
+    if args.batch_size:
+        settings.batch_size = args.batch_size
     for field, value in (("steps", args.steps), ("cfg_text", args.cfg_text), ("timestep_shift", args.timestep_shift)):
         if value is not None:
             setattr(settings, field, value)

@@ -77,12 +77,12 @@ def parse_answer(text: str) -> int | None:
 @dataclass
 class DigitsEvalConfig:
     limit: int | None = None  # held-out images used for understanding / editing (None: all 359)
-    seeds: int = 4  # generated images per digit (and count runs per start digit)
+    seeds: int = 10  # generated images per digit (and count runs per start digit)
     steps: int = 20
     cfg_text: float = 4.0
     cfg_img: float = 2.0
     timestep_shift: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 32  # noise is drawn per batch: another size gives other (equally valid) draws
     seed: int = 0
 
 

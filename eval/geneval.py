@@ -501,13 +501,12 @@ def run_cli(args) -> dict:
         raise ValueError("--task geneval --model needs --data (the GenEval prompt metadata .jsonl)")
     settings = settings_from_args(args)
     settings.check()  # before loading the model
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    batch_size = args.batch_size or 1
     read(args.data, args.limit)
     _check_new_out_dir(args.out)
     scorer = load_scorer(args.scorer) if args.scorer else None
     engine = runner.load_engine(args.model, args.dtype, args.device)  # checks are done: loading takes minutes
-    return run(args.data, engine, args.out, settings, limit=args.limit, batch_size=args.batch_size,
+    return run(args.data, engine, args.out, settings, limit=args.limit, batch_size=batch_size,
                scorer=scorer, scorer_name=args.scorer, model=args.model, protocol=args.protocol,
                progress=not args.quiet)
 

@@ -1,4 +1,4 @@
-"""The digits demo end to end on a handful of steps: data, tokenizer, VAE, bagel-train,
+"""The digits demo end to end on a handful of steps: data, tokenizer, VAE, ViT, bagel-train,
 evaluation, report, and the CLIs the README shows on the resulting model."""
 
 import json
@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 def test_demo_runs_end_to_end(tmp_path):
     out, data = tmp_path / "run", tmp_path / "data"
     cmd = [sys.executable, str(REPO / "scripts" / "digits_demo.py"), "--out", str(out), "--data", str(data),
-           "--steps", "3", "--vae-steps", "3", "--eval-seeds", "1", "--eval-limit", "4"]
+           "--steps", "3", "--vae-steps", "3", "--vit-steps", "3", "--eval-seeds", "1", "--eval-limit", "4"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for name in ("metrics.json", "report.md", "samples.png", "edits.png", "interleaved.png", "loss.png"):
@@ -24,7 +24,9 @@ def test_demo_runs_end_to_end(tmp_path):
     for key in ("understanding_accuracy", "generation_accuracy", "edit_accuracy", "interleaved_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["judge_accuracy_raw_8x8"] > 0.95
-    assert set(metrics["timings_seconds"]) == {"data", "tokenizer", "vae", "train", "evaluate"}
+    assert 0.0 <= metrics["vit_zero_shot_accuracy"] <= 1.0
+    assert (out / "vit" / "vit.safetensors").is_file()
+    assert set(metrics["timings_seconds"]) == {"data", "tokenizer", "vae", "vit", "train", "evaluate"}
     model = out / "model"
     assert {"config.json", "model.safetensors", "ae.safetensors", "tokenizer.json", "transforms.json"} <= {
         p.name for p in model.iterdir()}

@@ -29,6 +29,7 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)  # BagelConfig fields, e.g. attn_backend
     init_std: float = 0.02
     vae_path: str | None = None  # ae.safetensors; None: `path`/ae.safetensors if present, else random
+    vit_path: str | None = None  # a first-stage ViT (vit.* tensors) to start a scratch run from
 
 
 @dataclass

@@ -44,7 +44,7 @@ from bagel.train.distributed import DistInfo, all_reduce, init_distributed
 from bagel.train.metrics import Throughput, batch_flops, peak_tflops
 from bagel.train.optim import EMA, LossScaler, apply_freeze, build_optimizer, clip_, grad_norm, lr_at, no_decay_names, set_lr
 from bagel.train.parallelize import DTYPES, autocast, no_sync, parallelize
-from bagel.train.weights import export, materialize, model_config, pretrained_source, scratch_source
+from bagel.train.weights import export, materialize, model_config, pretrained_source, scratch_source, with_tensors_from
 
 
 class TrainingError(RuntimeError):
@@ -76,6 +76,10 @@ class Trainer:
         no_decay = no_decay_names(model)
         scratch = scratch_source(self.model_cfg, cfg.model.init_std, t.seed)
         tensors = pretrained_source(cfg.model.path, fallback=scratch) if cfg.model.preset == "pretrained" else scratch
+        if cfg.model.vit_path:
+            if not self.model_cfg.visual_und:
+                raise ConfigError(f"model.vit_path={cfg.model.vit_path} but this model has no ViT (visual_und=False)")
+            tensors = with_tensors_from(tensors, cfg.model.vit_path, "vit.")
         self.model = parallelize(model, p, self.dist, lambda m: materialize(m, tensors, self.device))
         self.model.train()
         self.params = [q for q in self.model.parameters() if q.requires_grad]

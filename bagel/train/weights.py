@@ -34,12 +34,21 @@ TensorSource = Callable[[str, tuple[int, ...]], torch.Tensor]
 def model_config(section) -> BagelConfig:
     """The BagelConfig a `ModelSection` describes."""
     if section.preset in ("tiny", "digits"):
-        return getattr(BagelConfig, section.preset)(**section.overrides)
+        # Nested overrides reach into sub-configs: {"llm": {"num_hidden_layers": 6}}.
+        base = getattr(BagelConfig, section.preset)()
+        return BagelConfig.from_dict(_deep_merge(base.to_dict(), section.overrides), f"preset {section.preset}")
     path = Path(section.path)
     if (path / "config.json").is_file():
         cfg = BagelConfig.from_json(path / "config.json")
         return BagelConfig.from_dict({**cfg.to_dict(), **section.overrides}, str(path / "config.json"))
     return BagelConfig.from_official_dir(path, **section.overrides)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def scratch_source(cfg: BagelConfig, std: float, seed: int) -> TensorSource:
@@ -86,6 +95,33 @@ def pretrained_source(path: str | Path, fallback: TensorSource | None = None) ->
         t = handle.get_tensor(names[name])
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{file}: {names[name]} has shape {list(t.shape)}, the model expects {list(shape)}")
+        return t.float()
+
+    return read
+
+
+def with_tensors_from(source: TensorSource, path: str | Path, prefix: str) -> TensorSource:
+    """`source`, except that parameters named `prefix*` come from the safetensors file `path`
+    (a first-stage encoder, e.g. `vit.*` from `bagel.train.vision_encoder`)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (expected a safetensors file of {prefix}* tensors)")
+    handle = safe_open(str(path), framework="pt")
+    keys = set(handle.keys())
+    if not any(k.startswith(prefix) for k in keys):
+        raise ValueError(f"{path}: no tensor named {prefix}*; found e.g. {sorted(keys)[:3]}")
+
+    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if not name.startswith(prefix):
+            return source(name, shape)
+        if name not in keys:
+            raise KeyError(f"{path}: no tensor for parameter {name!r} (shape {list(shape)})")
+        t = handle.get_tensor(name)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{path}: {name} has shape {list(t.shape)}, the model expects {list(shape)} "
+                             "(was it trained for another model config?)")
         return t.float()
 
     return read

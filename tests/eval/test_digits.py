@@ -30,3 +30,18 @@ def test_evaluate_runs_end_to_end_on_a_tiny_model(official_dir, tmp_path):
         assert 0.0 <= m[key] <= 1.0
     assert m["counts"] == {"understanding": 3, "generation": 10, "edit": 3, "interleaved": 10}
     assert {"samples.png", "edits.png", "interleaved.png", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_cli_uses_the_demo_settings_so_it_reproduces_the_report(monkeypatch):
+    # The demo evaluates with DigitsEvalConfig(); noise is drawn per batch, so the CLI must keep
+    # the same batch size and seeds by default to print the report's figures.
+    from eval import cli, runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "load_engine", lambda *a, **k: "engine")
+    monkeypatch.setattr(digits, "evaluate", lambda engine, settings, **k: seen.setdefault("s", settings) and {})
+    assert cli.main(["--task", "digits", "--model", "m", "--quiet"]) == 0
+    assert seen.pop("s") == digits.DigitsEvalConfig()
+    assert cli.main(["--task", "digits", "--model", "m", "--quiet", "--batch-size", "8", "--limit", "5"]) == 0
+    assert (seen["s"].batch_size, seen["s"].limit) == (8, 5)
+    assert cli.main(["--task", "digits", "--model", "m", "--batch-size", "0"]) == 2
