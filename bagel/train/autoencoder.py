@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from bagel.config import VAEConfig
 from bagel.model.vae import VAE
+from bagel.train.optim import fit_one_cycle
 
 
 @dataclass
@@ -36,33 +37,18 @@ def train_autoencoder(images: torch.Tensor, cfg: VAEConfig, train: AutoencoderTr
     g = torch.Generator().manual_seed(train.seed)
     torch.manual_seed(train.seed)
     vae = VAE(dataclasses.replace(cfg, scale_factor=1.0, shift_factor=0.0))
-    opt = torch.optim.AdamW(vae.parameters(), lr=train.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
-    steps = range(train.steps)
-    if progress:
-        from tqdm import tqdm
 
-        steps = tqdm(steps, desc="autoencoder", unit="step")
-    losses = []
-    vae.train()
-    for _ in steps:
+    def step_loss():
         x = images[torch.randint(0, images.shape[0], (train.batch_size,), generator=g)]
-        moments = vae.encoder_moments(x)
-        mean, logvar = moments.chunk(2, dim=1)
+        mean, logvar = vae.encoder_moments(x).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
         recon = vae.ae.decode(z).sample
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
-        loss = rec + train.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(rec))
-        if progress:
-            steps.set_postfix(recon=f"{losses[-1]:.4f}")
-    vae.eval()
+        return rec + train.kl_weight * kl, rec.item()
+
+    losses = fit_one_cycle(vae, step_loss, train.steps, train.lr, desc="autoencoder", progress=progress)
     fit_latent_scaling(vae, images)
     return vae, losses
 

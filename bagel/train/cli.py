@@ -12,7 +12,8 @@
 RUN_DIR/checkpoints, if any; `--resume none` starts afresh; `--resume PATH` loads that one.
 
 Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 1 a training error (e.g.
-too many non-finite steps; the last good checkpoint is left intact), 2 a config error.
+too many non-finite steps; the last good checkpoint is left intact), 2 a config error (including
+model paths or weight files that do not fit the model).
 """
 
 from __future__ import annotations
@@ -59,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bagel-train: config error: {e}", file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(cfg, source_factory=factory)
+        try:
+            trainer = Trainer(cfg, source_factory=factory)
+        except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+            # bad paths or weights that do not fit the model: say which, no traceback
+            print(f"bagel-train: cannot start: {e}", file=sys.stderr)
+            return 2
         result = trainer.run()
     except TrainingError as e:
         print(f"bagel-train: stopped: {e}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@
   ever holds a full EMA copy (the official trainer keeps a full fp32 EMA per rank).
 - `LossScaler`: dynamic loss scaling for fp16 that works with sharded gradients: the overflow
   check runs on each rank's local shards and is all-reduced, so all ranks skip together.
+- `fit_one_cycle`: the short single-process loop of the first stages (autoencoder, ViT).
 """
 
 from __future__ import annotations
@@ -156,3 +157,32 @@ class LossScaler:
 
     def load_state_dict(self, state: dict) -> None:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+def fit_one_cycle(module: nn.Module, step_loss, steps: int, lr: float, weight_decay: float = 0.0,
+                  desc: str = "train", progress: bool = True) -> list[float]:
+    """AdamW with a one-cycle schedule (10% warm-up) over `steps` calls of `step_loss() -> (loss,
+    figure)`: the loss is minimised, the float figure logged and returned per step."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=desc, unit="step")
+    figures = []
+    module.train()
+    for _ in range(steps):
+        loss, figure = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        figures.append(float(figure))
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(loss=f"{figures[-1]:.4f}")
+    if bar is not None:
+        bar.close()
+    module.eval()
+    return figures

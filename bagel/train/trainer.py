@@ -44,6 +44,7 @@ from bagel.train.distributed import DistInfo, all_reduce, init_distributed
 from bagel.train.metrics import Throughput, batch_flops, peak_tflops
 from bagel.train.optim import EMA, LossScaler, apply_freeze, build_optimizer, clip_, grad_norm, lr_at, no_decay_names, set_lr
 from bagel.train.parallelize import DTYPES, autocast, no_sync, parallelize
+from bagel.train.vision_encoder import VIT_PREFIX
 from bagel.train.weights import export, materialize, model_config, pretrained_source, scratch_source, with_tensors_from
 
 
@@ -79,7 +80,8 @@ class Trainer:
         if cfg.model.vit_path:
             if not self.model_cfg.visual_und:
                 raise ConfigError(f"model.vit_path={cfg.model.vit_path} but this model has no ViT (visual_und=False)")
-            tensors = with_tensors_from(tensors, cfg.model.vit_path, "vit.")
+            names = {n for n, _ in model.named_parameters()}
+            tensors = with_tensors_from(tensors, cfg.model.vit_path, VIT_PREFIX, names)
         self.model = parallelize(model, p, self.dist, lambda m: materialize(m, tensors, self.device))
         self.model.train()
         self.params = [q for q in self.model.parameters() if q.requires_grad]

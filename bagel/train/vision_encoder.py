@@ -3,15 +3,15 @@
 BAGEL starts its understanding path from a pretrained SigLIP encoder, whose tokens already carry
 what an image shows. A ViT trained from scratch inside the unified model only learns what the
 understanding answers ask of it, and slowly; on the digits demo the generation expert then could
-not read an input image's class from the ViT tokens (edit accuracy 34%, with the pretrained
-encoder 89% at the same cost). This stage supplies the missing pretrained encoder in seconds.
+not read an input image's class from the ViT tokens (edit accuracy 34%; 93% from this encoder,
+kept frozen, at the same 1,500 steps). This stage supplies the pretrained encoder in seconds.
 
 The loss is SigLIP's (Zhai et al., 2023): image and text embeddings are L2-normalised, every
 (image, text) pair in the batch gets the logit `exp(t) * <x, y> + b` and a binary label, and the
 loss is the mean over images of the summed `-log sigmoid(label * logit)`. Captions repeat in a
 small dataset, so pairs with identical captions count as positives, not only the diagonal. The
 text tower is deliberately tiny (mean of token embeddings, then a linear map) and is thrown away;
-only the ViT is kept, with the parameter names of `BagelModel.vit`.
+only the ViT is kept, under the unified model's parameter names (`Bagel.vit`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from bagel.config import ViTConfig
 from bagel.model.vit import VisionTransformer
 from bagel.packing import grid_position_ids, patchify_image
+from bagel.train.optim import fit_one_cycle
 
 VIT_PREFIX = "vit."  # parameter names inside the unified model
 
@@ -130,30 +131,17 @@ def pretrain_vision_encoder(images: torch.Tensor, captions: list[list[int]], vit
             elif name.endswith("bias") and param.ndim == 1:
                 param.zero_()
     caption_key = [tuple(c) for c in captions]
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
-    steps = range(train.steps)
-    if progress:
-        from tqdm import tqdm
 
-        steps = tqdm(steps, desc="vision encoder", unit="step")
-    losses = []
-    model.train()
-    for _ in steps:
+    def step_loss():
         idx = torch.randint(0, images.shape[0], (min(train.batch_size, images.shape[0]),), generator=g).tolist()
         x = random_shift(images[idx], train.max_shift, g)
-        ids, offsets = _bag([captions[i] for i in idx])
         keys = [caption_key[i] for i in idx]
         positives = torch.tensor([[a == b for b in keys] for a in keys])
-        loss = sigmoid_loss(model.logits(model.embed_images(x), model.embed_texts(ids, offsets)), positives)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress:
-            steps.set_postfix(loss=f"{losses[-1]:.4f}")
-    model.eval()
+        loss = sigmoid_loss(model.logits(model.embed_images(x), model.embed_texts(*_bag([captions[i] for i in idx]))),
+                            positives)
+        return loss, loss.item()
+
+    losses = fit_one_cycle(model, step_loss, train.steps, train.lr, train.weight_decay, "vision encoder", progress)
     return model, losses
 
 

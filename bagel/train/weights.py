@@ -100,24 +100,25 @@ def pretrained_source(path: str | Path, fallback: TensorSource | None = None) ->
     return read
 
 
-def with_tensors_from(source: TensorSource, path: str | Path, prefix: str) -> TensorSource:
+def with_tensors_from(source: TensorSource, path: str | Path, prefix: str, names: set[str]) -> TensorSource:
     """`source`, except that parameters named `prefix*` come from the safetensors file `path`
-    (a first-stage encoder, e.g. `vit.*` from `bagel.train.vision_encoder`)."""
+    (a first-stage encoder, e.g. `vit.*` from `bagel.train.vision_encoder`). `names`: the model's
+    parameter names; the file must hold exactly those under `prefix`."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected a safetensors file of {prefix}* tensors)")
     handle = safe_open(str(path), framework="pt")
-    keys = set(handle.keys())
-    if not any(k.startswith(prefix) for k in keys):
-        raise ValueError(f"{path}: no tensor named {prefix}*; found e.g. {sorted(keys)[:3]}")
+    have = {k for k in handle.keys() if k.startswith(prefix)}
+    want = {n for n in names if n.startswith(prefix)}
+    if have != want:
+        raise ValueError(f"{path}: the {prefix}* tensors do not match the model: missing {sorted(want - have)[:3]}, "
+                         f"unexpected {sorted(have - want)[:3]} (was it trained for another model config?)")
 
     def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if not name.startswith(prefix):
             return source(name, shape)
-        if name not in keys:
-            raise KeyError(f"{path}: no tensor for parameter {name!r} (shape {list(shape)})")
         t = handle.get_tensor(name)
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{path}: {name} has shape {list(t.shape)}, the model expects {list(shape)} "

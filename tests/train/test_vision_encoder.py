@@ -1,6 +1,7 @@
 """First-stage ViT pretraining (SigLIP loss) and starting a unified run from its weights."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,9 +109,12 @@ def test_bad_vit_files_are_named_in_the_error(make_cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         Trainer(make_cfg("a", f"--model.vit_path={tmp_path / 'missing.safetensors'}"))
     save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match=r"no tensor named vit\.\*"):
+    with pytest.raises(ValueError, match=r"vit\.\* tensors do not match the model: missing \['vit\."):
         Trainer(make_cfg("b", f"--model.vit_path={tmp_path / 'other.safetensors'}"))
     tensors = _vit_file(make_cfg, tmp_path / "vit.safetensors")
+    save_file({**tensors, "vit.layers.9.extra": torch.zeros(2)}, str(tmp_path / "deeper.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected \['vit\.layers\.9\.extra'\]"):
+        Trainer(make_cfg("d", f"--model.vit_path={tmp_path / 'deeper.safetensors'}"))
     name = sorted(n for n in tensors if n.endswith("patch_embed.weight"))[0]
     tensors[name] = torch.zeros(3, 3)
     save_file(tensors, str(tmp_path / "wrong.safetensors"))
@@ -126,3 +130,14 @@ def test_embeddings_are_unit_norm():
     x = model.embed_images(torch.randn(3, 3, 32, 32))
     t = model.embed_texts(torch.tensor([1, 2, 3]), torch.tensor([0, 2]))
     assert torch.allclose(x.norm(dim=-1), torch.ones(3)) and torch.allclose(t.norm(dim=-1), torch.ones(2))
+
+
+def test_bagel_train_reports_a_bad_vit_file_without_a_traceback(tmp_path, capsys):
+    from bagel.train.cli import main
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny_cpu.yaml"
+    missing = tmp_path / "nope.safetensors"
+    assert main(["--config", str(recipe), f"--run_dir={tmp_path / 'run'}", f"--model.vit_path={missing}",
+                 "--train.steps=1", "--log.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "bagel-train: cannot start:" in err and str(missing) in err and "Traceback" not in err
