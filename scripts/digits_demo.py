@@ -74,24 +74,29 @@ def make_tokenizer(out: Path) -> None:
     train_tokenizer(texts * 20, out, vocab_size=300)
 
 
-def make_vae(out: Path, steps: int) -> dict:
-    from bagel.config import BagelConfig
-    from bagel.model.vae import save_vae_bfl
-    from bagel.train.autoencoder import AutoencoderTrainConfig, reconstruction_error, train_autoencoder
+def digit_tensors(split: str) -> tuple[torch.Tensor, list[int]]:
+    """One split of the digits as the model sees them: (N, 3, 32, 32) in [-1, 1], and the labels."""
     from bagel.transforms import to_tensor
     from data_pipelines.digits import digit_image
     from eval.digits import load_split
 
-    train, _ = load_split("train")
-    test, _ = load_split("test")
-    as_tensor = lambda xs: torch.stack([to_tensor(digit_image(p, IMAGE_SIZE)) for p in xs])  # noqa: E731
+    pixels, labels = load_split(split)
+    return torch.stack([to_tensor(digit_image(p, IMAGE_SIZE)) for p in pixels]), [int(y) for y in labels]
+
+
+def make_vae(out: Path, steps: int) -> dict:
+    from bagel.config import BagelConfig
+    from bagel.model.vae import save_vae_bfl
+    from bagel.train.autoencoder import AutoencoderTrainConfig, reconstruction_error, train_autoencoder
+
+    (train, _), (test, _) = digit_tensors("train"), digit_tensors("test")
     cfg = BagelConfig.digits().vae
-    vae, losses = train_autoencoder(as_tensor(train), cfg, AutoencoderTrainConfig(steps=steps))
+    vae, losses = train_autoencoder(train, cfg, AutoencoderTrainConfig(steps=steps))
     out.mkdir(parents=True, exist_ok=True)
     save_vae_bfl(vae, out / "ae.safetensors")
     vae_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vae.cfg.__dict__.items()}
     (out / "ae_config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
-    mae = reconstruction_error(vae, as_tensor(test))
+    mae = reconstruction_error(vae, test)
     print(f"autoencoder: held-out reconstruction MAE {mae:.4f} (pixels in [-1, 1]); "
           f"latent scale {vae.cfg.scale_factor:.4f}, shift {vae.cfg.shift_factor:.4f}")
     return {"vae_reconstruction_mae": mae, "vae_steps": steps}
@@ -102,19 +107,16 @@ def make_vision_encoder(out: Path, tokenizer: Path, steps: int) -> dict:
     from bagel.tokenizer import load_tokenizer
     from bagel.train.vision_encoder import (VisionPretrainConfig, pretrain_vision_encoder, save_vision_encoder,
                                             zero_shot_accuracy)
-    from bagel.transforms import to_tensor
-    from data_pipelines.digits import caption, digit_image
-    from eval.digits import load_split
+    from data_pipelines.digits import caption
 
     tok = load_tokenizer(tokenizer)
-    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
-    as_tensor = lambda xs: torch.stack([to_tensor(digit_image(p, IMAGE_SIZE)) for p in xs])  # noqa: E731
-    (train, train_labels), (test, test_labels) = load_split("train"), load_split("test")
+    captions = [tok.encode(caption(d), add_special_tokens=False) for d in range(10)]
+    (train, train_labels), (test, test_labels) = digit_tensors("train"), digit_tensors("test")
     cfg = BagelConfig.digits()
-    model, _ = pretrain_vision_encoder(as_tensor(train), [encode(caption(d)) for d in train_labels], cfg.vit,
-                                       len(tok), cfg.vit_max_num_patch_per_side, VisionPretrainConfig(steps=steps))
+    model, _ = pretrain_vision_encoder(train, [captions[d] for d in train_labels], cfg.vit, len(tok),
+                                       cfg.vit_max_num_patch_per_side, VisionPretrainConfig(steps=steps))
     save_vision_encoder(model, out / "vit.safetensors")
-    acc = zero_shot_accuracy(model, as_tensor(test), list(test_labels), [encode(caption(d)) for d in range(10)])
+    acc = zero_shot_accuracy(model, test, test_labels, captions)
     print(f"vision encoder: held-out zero-shot accuracy {acc:.1%} (image vs the ten captions)")
     return {"vit_zero_shot_accuracy": acc, "vit_steps": steps}
 

@@ -225,12 +225,13 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict, extra: dict, where: str = "") -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, dicts merged key by key (recipes, overrides, preset model configs)."""
     out = dict(base)
     for k, v in extra.items():
         # `model.overrides` is a free-form dict: merge it key by key as well.
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, f"{where}.{k}" if where else k)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -245,7 +246,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at top level")
-    data = _merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, parse_overrides(overrides or []))
     return _build(TrainConfig, data, "")
 
 

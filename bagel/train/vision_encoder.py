@@ -130,13 +130,14 @@ def pretrain_vision_encoder(images: torch.Tensor, captions: list[list[int]], vit
                 param.normal_(0.0, train.init_std, generator=g)
             elif name.endswith("bias") and param.ndim == 1:
                 param.zero_()
-    caption_key = [tuple(c) for c in captions]
+    unique: dict[tuple[int, ...], int] = {}
+    caption_ids = torch.tensor([unique.setdefault(tuple(c), len(unique)) for c in captions])  # equal captions, equal id
 
     def step_loss():
         idx = torch.randint(0, images.shape[0], (min(train.batch_size, images.shape[0]),), generator=g).tolist()
         x = random_shift(images[idx], train.max_shift, g)
-        keys = [caption_key[i] for i in idx]
-        positives = torch.tensor([[a == b for b in keys] for a in keys])
+        ids = caption_ids[idx]
+        positives = ids[:, None] == ids[None, :]
         loss = sigmoid_loss(model.logits(model.embed_images(x), model.embed_texts(*_bag([captions[i] for i in idx]))),
                             positives)
         return loss, loss.item()

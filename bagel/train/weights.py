@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from bagel.config import BagelConfig
 from bagel.model.layers import sincos_2d_table
+from bagel.train.config import deep_merge
 from bagel.train.parallelize import canonical_name
 
 TensorSource = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -36,19 +37,12 @@ def model_config(section) -> BagelConfig:
     if section.preset in ("tiny", "digits"):
         # Nested overrides reach into sub-configs: {"llm": {"num_hidden_layers": 6}}.
         base = getattr(BagelConfig, section.preset)()
-        return BagelConfig.from_dict(_deep_merge(base.to_dict(), section.overrides), f"preset {section.preset}")
+        return BagelConfig.from_dict(deep_merge(base.to_dict(), section.overrides), f"preset {section.preset}")
     path = Path(section.path)
     if (path / "config.json").is_file():
         cfg = BagelConfig.from_json(path / "config.json")
         return BagelConfig.from_dict({**cfg.to_dict(), **section.overrides}, str(path / "config.json"))
     return BagelConfig.from_official_dir(path, **section.overrides)
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def scratch_source(cfg: BagelConfig, std: float, seed: int) -> TensorSource:
