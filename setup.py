@@ -12,7 +12,6 @@ setup(
         "transformers>=4.49",
         "diffusers>=0.30",
         "safetensors>=0.4",
-        "einops>=0.7",
         "webdataset>=0.2.90",
         "numpy",
         "pillow",
@@ -29,12 +28,13 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "bagel-parity=bagel.parity:main",
-            "bagel-data=data_pipelines.cli:main",
-            "bagel-eval=eval.cli:main",
+            "bagel-parity=bagel.cli.parity:main",
+            "bagel-data=bagel.cli.data:main",
+            "bagel-eval=bagel.cli.eval:main",
             "bagel-generate=bagel.cli.generate:main",
             "bagel-chat=bagel.cli.chat:main",
-            "bagel-train=bagel.train.cli:main",
+            "bagel-train=bagel.cli.train:main",
+            "bagel-app=bagel.cli.app:main",
         ]
     },
 )

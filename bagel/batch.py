@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+# Attention mode of a split (the rule is in bagel/model/attention.py).
 ATTN_MODES = ("causal", "full", "noise")
 
 
@@ -44,7 +45,9 @@ class PackedBatch:
     vae_latent_shapes: list[tuple[int, int]] | None = None  # per image (h, w) token grid
     latent_position_ids: torch.Tensor | None = None  # (N_lat,) long: row * max_latent_size + col
     vae_token_indexes: torch.Tensor | None = None  # (N_lat,) long: flat positions
-    timesteps: torch.Tensor | None = None  # (N_lat,) float: timestep LOGITS, -inf = clean (t=0)
+    # (N_lat,) float: logit-normal draws u per latent token, t = shift(sigmoid(u)) (flow.noise_latents);
+    # -inf marks clean latents (t = 0)
+    timestep_logits: torch.Tensor | None = None
     mse_loss_indexes: torch.Tensor | None = None  # (N_mse,) long: flat positions of noisy latents
 
     # Text loss ---------------------------------------------------------------------------------
@@ -83,8 +86,8 @@ class PackedBatch:
             expect(int(self.vit_token_seqlens.sum()) == n_vit,
                    f"sum(vit_token_seqlens)={int(self.vit_token_seqlens.sum())} != {n_vit} ViT tokens")
         if n_lat:
-            expect(self.timesteps is not None and self.timesteps.numel() == n_lat,
-                   f"timesteps must have one value per latent token ({n_lat})")
+            expect(self.timestep_logits is not None and self.timestep_logits.numel() == n_lat,
+                   f"timestep_logits must have one value per latent token ({n_lat})")
             n_grid = sum(h * w for h, w in self.vae_latent_shapes)
             expect(n_grid == n_lat, f"vae_latent_shapes cover {n_grid} tokens, vae_token_indexes {n_lat}")
         if self.ce_loss_indexes is not None:

@@ -13,8 +13,10 @@ architecture is hidden in loader code:
 * VAE: the FLUX autoencoder (`ch=128, ch_mult=(1,2,4,4), z_channels=16`) with
   `scale_factor=0.3611`, `shift_factor=0.1159`.
 
-Presets: `BagelConfig.tiny()` (tests), `BagelConfig.from_official_dir(path)` (a released-layout
-directory), `BagelConfig.from_json` / `to_json` (our own checkpoints).
+Presets: `BagelConfig.tiny()` (tests), `BagelConfig.digits()` (the CPU demo),
+`BagelConfig.from_official_dir(path)` (a released-layout directory), `BagelConfig.from_json` /
+`to_json` (our own checkpoints). This module imports nothing else from the project: configs are
+plain data at the bottom of the import graph.
 """
 
 from __future__ import annotations
@@ -25,11 +27,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The attention backends `BagelConfig.attn_backend` may name (bagel/model/attention.py runs them).
 ATTENTION_BACKENDS = ("dense", "sdpa", "sdpa_loop", "flex", "flash")
+
+# Compute / weight dtypes by the names every CLI and recipe uses (torch names them in parse_dtype,
+# imported late so that a CLI's --help does not pay for importing torch).
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
     """A config value or key is invalid; the message names it and what was expected."""
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON object from `path`; a missing file, bad JSON or another JSON type is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _from_dict(cls, data: dict[str, Any], source: str, ignore: tuple[str, ...] = ()):
@@ -86,6 +107,9 @@ class LLMConfig:
             raise ConfigError(f"llm.hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
         if self.tie_word_embeddings:
             raise ConfigError("llm.tie_word_embeddings=True is not supported (BAGEL unties lm_head)")
+        if not self.qk_norm:
+            raise ConfigError("llm.qk_norm=False is not supported: the MoT layer always normalises q and k "
+                              "per head (Qwen2MoTDecoderLayer, as released)")
 
     @property
     def head_dim(self) -> int:
@@ -101,7 +125,7 @@ class LLMConfig:
 
     @classmethod
     def from_hf_json(cls, path: str | Path) -> "LLMConfig":
-        data = json.loads(Path(path).read_text())
+        data = read_json_object(path)
         scaling = data.get("rope_scaling")
         if scaling not in (None, {}) and scaling.get("rope_type", scaling.get("type")) != "default":
             raise ConfigError(f"{path}: rope_scaling={scaling} is not supported (plain RoPE only)")
@@ -148,7 +172,7 @@ class ViTConfig:
 
     @classmethod
     def from_hf_json(cls, path: str | Path) -> "ViTConfig":
-        data = json.loads(Path(path).read_text())
+        data = read_json_object(path)
         if "num_hidden_layers" not in data:
             raise ConfigError(f"{path}: missing key 'num_hidden_layers'")
         # The release drops the last SigLIP layer: the JSON count is one more than the weights hold.
@@ -178,13 +202,43 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
-        data = json.loads(Path(path).read_text())
+        data = read_json_object(path)
         downsample = data.pop("downsample", None)  # derived from ch_mult; must agree if present
         cfg = _from_dict(cls, data, str(path))
         if downsample is not None and downsample != cfg.downsample:
             raise ConfigError(f"{path}: downsample={downsample} disagrees with ch_mult={list(cfg.ch_mult)} "
                               f"(which gives {cfg.downsample})")
         return cfg
+
+
+HEAD_KINDS = ("medusa", "mtp")
+
+
+@dataclass
+class HeadsConfig:
+    """Draft heads for speculative decoding (bagel/model/heads.py)."""
+
+    kind: str = "medusa"  # "medusa" | "mtp"
+    num_heads: int = 4  # Medusa heads K, or MTP modules D
+    num_layers: int = 1  # Medusa: residual blocks per head (MTP: always one transformer block)
+    own_lm_head: bool = False  # Medusa: a vocabulary projection per head (initialised from lm_head)
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise ConfigError(f"draft_heads.kind={self.kind!r}: expected one of {HEAD_KINDS}")
+        if self.num_heads < 1 or self.num_layers < 1:
+            raise ConfigError(f"draft_heads: num_heads={self.num_heads} and num_layers={self.num_layers} "
+                              "must be >= 1")
+        if self.kind == "mtp" and (self.num_layers != 1 or self.own_lm_head):
+            raise ConfigError("draft_heads.kind='mtp' has one block per module and the shared lm_head: "
+                              "num_layers must be 1 and own_lm_head false")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "draft_heads") -> "HeadsConfig":
+        return _from_dict(cls, data, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -201,9 +255,11 @@ class BagelConfig:
     vit_max_num_patch_per_side: int = 70
     connector_act: str = "gelu_pytorch_tanh"
     interpolate_pos: bool = False
-    timestep_shift: float = 1.0  # training-time shift of sampled timesteps
+    # Shift applied to the timesteps drawn for training (flow.noise_latents); the sampler's shift
+    # is ImageGenConfig.timestep_shift. The release calls this one `timestep_shift` too.
+    train_timestep_shift: float = 1.0
     attn_backend: str = "sdpa_loop"  # one of ATTENTION_BACKENDS
-    draft_heads: Any = None  # bagel.model.heads.HeadsConfig: Medusa / MTP heads for speculative decoding
+    draft_heads: HeadsConfig | None = None  # Medusa / MTP heads for speculative decoding
 
     def __post_init__(self):
         if isinstance(self.llm, dict):
@@ -213,8 +269,6 @@ class BagelConfig:
         if isinstance(self.vae, dict):
             self.vae = _from_dict(VAEConfig, self.vae, "vae")
         if isinstance(self.draft_heads, dict):
-            from bagel.model.heads import HeadsConfig  # lazy: heads imports the model layers
-
             self.draft_heads = HeadsConfig.from_dict(self.draft_heads, "draft_heads")
         if self.attn_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
@@ -252,7 +306,7 @@ class BagelConfig:
             vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4),
             max_latent_size=16,
             vit_max_num_patch_per_side=16,
-            timestep_shift=2.0,
+            train_timestep_shift=2.0,
         )
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
@@ -270,7 +324,7 @@ class BagelConfig:
             vae=VAEConfig(ch=16, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=4, norm_groups=8),
             max_latent_size=4,
             vit_max_num_patch_per_side=4,
-            timestep_shift=1.0,
+            train_timestep_shift=1.0,
         )
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
@@ -295,9 +349,10 @@ class BagelConfig:
         if (path / "ae_config.json").is_file():
             kwargs["vae"] = VAEConfig.from_json(path / "ae_config.json")
         if (path / "bagel_config.json").is_file():
-            extra = json.loads((path / "bagel_config.json").read_text())
+            extra = read_json_object(path / "bagel_config.json")
             for k in ("vae_transform", "vit_transform"):  # inference transform args, not architecture
                 extra.pop(k, None)
+            _rename_release_keys(extra)
             names = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(extra) - names)
             if unknown:
@@ -311,11 +366,28 @@ class BagelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "BagelConfig":
-        return _from_dict(cls, dict(data), source)
+        data = dict(data)
+        _rename_release_keys(data)  # also reads our config.json files written before the rename
+        return _from_dict(cls, data, source)
 
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_json(cls, path: str | Path) -> "BagelConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+        return cls.from_dict(read_json_object(path), str(path))
+
+
+def _rename_release_keys(data: dict[str, Any]) -> None:
+    """The release (and our configs before 2026-11) name the training shift `timestep_shift`."""
+    if "timestep_shift" in data:
+        data.setdefault("train_timestep_shift", data.pop("timestep_shift"))
+
+
+def parse_dtype(name: str):
+    """'fp32' | 'bf16' | 'fp16' -> the torch dtype; anything else is a ConfigError naming the choices."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype {name!r} is unknown; expected one of {list(DTYPE_NAMES)}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

@@ -4,11 +4,14 @@ Time runs from t = 0 (data) to t = 1 (noise):  x_t = (1 - t) * x0 + t * eps, and
 predicts the velocity v = eps - x0 (pointing from data to noise). Sampling integrates from t = 1
 down to 0 with Euler steps x <- x - v * dt.
 
-Training draws t = sigmoid(u), u ~ N(0, 1) (logit-normal), then applies the resolution shift
-t <- s t / (1 + (s - 1) t); clean conditioning images carry u = -inf, i.e. t = 0.
+Training draws t = sigmoid(u), u ~ N(0, 1) (logit-normal; the packer draws u per image), then
+applies the resolution shift t <- s t / (1 + (s - 1) t); clean conditioning images carry u = -inf,
+i.e. t = 0. `noise_latents` is the whole training-side recipe in one call.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -23,11 +26,6 @@ def timesteps_from_logits(logits: torch.Tensor, shift: float) -> torch.Tensor:
     return shift_timesteps(torch.sigmoid(logits), shift)
 
 
-def sample_timestep_logits(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One standard-normal logit per noisy image (the dataset side of the official recipe)."""
-    return torch.randn(n, generator=generator)
-
-
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) x0 + t eps; t has one value per row of x0."""
     t = t[:, None]
@@ -36,6 +34,36 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.T
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
+
+
+@dataclass
+class NoisedLatents:
+    """The flow-matching inputs and targets of one packed batch's latent tokens, (N_lat, ...)."""
+
+    x0: torch.Tensor  # (N_lat, p*p*C) the clean latent tokens
+    x_t: torch.Tensor  # (N_lat, p*p*C) what the model sees: (1 - t) x0 + t eps (clean rows: x0)
+    t: torch.Tensor  # (N_lat,) shifted t in [0, 1], 0 for clean conditioning latents
+    target: torch.Tensor  # (N_lat, p*p*C) velocity target eps - x0 (meaningful where t > 0)
+
+    @property
+    def noisy(self) -> torch.Tensor:
+        """(N_lat,) bool: the rows that are generation targets (in mse_loss_indexes order)."""
+        return self.t > 0
+
+
+def noise_latents(clean: torch.Tensor, timestep_logits: torch.Tensor, shift: float,
+                  noise: torch.Tensor) -> NoisedLatents:
+    """Training noising of packed latent tokens: t = shift(sigmoid(u)), x_t, and the target.
+
+    clean (N_lat, p*p*C) latent tokens; timestep_logits (N_lat,) u per token (-inf: clean);
+    noise (N_lat, p*p*C) eps (its rows at clean tokens are unused). All in float32.
+    """
+    if noise.shape != clean.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(clean.shape)} "
+                         "(one row per latent token)")
+    clean, noise = clean.float(), noise.float()
+    t = timesteps_from_logits(timestep_logits.float().to(clean.device), shift)
+    return NoisedLatents(x0=clean, x_t=add_noise(clean, noise, t), t=t, target=velocity_target(clean, noise))
 
 
 def sampling_timesteps(num_timesteps: int, shift: float) -> torch.Tensor:

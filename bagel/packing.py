@@ -14,14 +14,18 @@ contract in tests/assets/README.md):
             logit -inf (t = 0). Noisy target (loss=True): mode `noise`, shared RoPE id, counter
             does NOT advance (the clean copy that may follow reuses the id); MSE on its latents.
 
-RoPE ids restart at 0 for each sample. CFG dropout (training) drops `enable_cfg` items: a dropped
-text does not advance the RoPE counter, a dropped image does (official behaviour).
+RoPE ids restart at 0 for each sample. CFG dropout (training; `apply_cfg_dropout`, decided by the
+data pipeline before packing) drops `enable_cfg` items: a dropped text does not advance the RoPE
+counter, a dropped image does (official behaviour).
+
+This module also holds the two layout rules every other part uses: how many packed tokens an item
+takes (`item_num_tokens`) and how an image or latent becomes tokens (`patchify`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,7 +66,7 @@ Sample = list[PlanItem]
 
 @dataclass
 class CfgDropout:
-    """Probabilities of dropping an `enable_cfg` condition at pack time (training CFG)."""
+    """Probabilities of dropping an `enable_cfg` condition (training CFG)."""
 
     text: float = 0.1
     vit: float = 0.3
@@ -85,13 +89,49 @@ def apply_cfg_dropout(sample: Sample, dropout: CfgDropout, draw) -> Sample:
     return out
 
 
-def patchify_image(image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(3, H, W) -> (H/p * W/p, p*p*3), raster patch order, features (row, col, channel)."""
-    c, h, w = image.shape
-    p = patch_size
-    x = image.reshape(c, h // p, p, w // p, p)  # (C, gh, p, gw, p)
-    x = x.permute(1, 3, 2, 4, 0)  # (gh, gw, p, p, C)
-    return x.reshape((h // p) * (w // p), p * p * c)
+# Layout rules ----------------------------------------------------------------------------------------
+def item_num_tokens(item: PlanItem, vit_stride: int, vae_stride: int) -> int:
+    """Packed tokens of one plan item, markers included: text + 2, image grid cells + 2, 0 dropped.
+    Strides: the ViT patch size and the pixels per latent token (`BagelConfig.latent_downsample`)."""
+    if isinstance(item, DroppedImage):
+        return 0
+    if isinstance(item, Text):
+        return len(item.ids) + 2
+    stride = vit_stride if isinstance(item, VitImage) else vae_stride
+    return (item.image.shape[1] // stride) * (item.image.shape[2] // stride) + 2
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(C, h*p, w*p) -> (h*w, p*p*C): raster order over the (h, w) grid, features ordered
+    (row-in-patch, column-in-patch, channel). ViT pixels and VAE latents use the same layout."""
+    c, H, W = x.shape
+    if H % p or W % p:
+        raise ValueError(f"patchify: shape {list(x.shape)} is not divisible by patch size {p}")
+    h, w = H // p, W // p
+    x = x.reshape(c, h, p, w, p)  # (C, h, p, w, p)
+    x = x.permute(1, 3, 2, 4, 0)  # (h, w, p, p, C)
+    return x.reshape(h * w, p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, h: int, w: int, p: int, c: int) -> torch.Tensor:
+    """(h*w, p*p*C) -> (C, h*p, w*p); the inverse of `patchify`."""
+    if tuple(tokens.shape) != (h * w, p * p * c):
+        raise ValueError(f"unpatchify: tokens have shape {list(tokens.shape)}, expected {[h * w, p * p * c]}")
+    x = tokens.reshape(h, w, p, p, c)  # (h, w, p, p, C)
+    x = x.permute(4, 0, 2, 1, 3)  # (C, h, p, w, p)
+    return x.reshape(c, h * p, w * p)
+
+
+def latent_tokens(latents: torch.Tensor, shapes: list[tuple[int, int]], p: int) -> torch.Tensor:
+    """Padded latents of a batch's VAE images (I, C, H', W') -> the packed latent tokens of every
+    image, (N_lat, p*p*C), each image cropped to its own (h*p, w*p) grid first."""
+    out = []
+    for z, (h, w) in zip(latents, shapes):
+        if h * p > z.shape[1] or w * p > z.shape[2]:
+            raise ValueError(f"{h}x{w} latent tokens of patch {p} need {[z.shape[0], h * p, w * p]}, the latent "
+                             f"is {list(z.shape)}")
+        out.append(patchify(z[:, : h * p, : w * p], p))
+    return torch.cat(out)
 
 
 def grid_position_ids(grid_h: int, grid_w: int, max_per_side: int) -> torch.Tensor:
@@ -117,134 +157,149 @@ def _check_image(item, stride: int, max_per_side: int, what: str, setting: str) 
     return gh, gw
 
 
-def estimate_num_tokens(sample: Sample, cfg) -> int:
-    """Exact sequence length of `sample` once packed (dropout already applied, or none)."""
-    n = 0
-    for item in sample:
-        if isinstance(item, DroppedImage):
-            continue
-        if isinstance(item, Text):
-            n += len(item.ids) + 2
-        elif isinstance(item, VitImage):
-            p = cfg.vit.patch_size
-            n += (item.image.shape[1] // p) * (item.image.shape[2] // p) + 2
-        else:
-            d = cfg.latent_downsample
-            n += (item.image.shape[1] // d) * (item.image.shape[2] // d) + 2
-    return n
+# Packing --------------------------------------------------------------------------------------------
+@dataclass
+class _Lists:
+    """The growing per-field lists of `pack_samples` (tensors once every sample is in)."""
+
+    text_ids: list = field(default_factory=list)
+    text_idx: list = field(default_factory=list)
+    pos_ids: list = field(default_factory=list)
+    vit_tokens: list = field(default_factory=list)
+    vit_pos: list = field(default_factory=list)
+    vit_idx: list = field(default_factory=list)
+    vit_lens: list = field(default_factory=list)
+    vae_images: list = field(default_factory=list)
+    vae_shapes: list = field(default_factory=list)
+    lat_pos: list = field(default_factory=list)
+    vae_idx: list = field(default_factory=list)
+    logits: list = field(default_factory=list)
+    mse_idx: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    ce_idx: list = field(default_factory=list)
+    ce_w: list = field(default_factory=list)
+    sample_lens: list = field(default_factory=list)
+    split_lens: list = field(default_factory=list)
+    attn_modes: list = field(default_factory=list)
 
 
-def pack_samples(samples: list[Sample], cfg, tokens, generator: torch.Generator | None = None,
-                 dropout: CfgDropout | None = None) -> PackedBatch:
+def _add_text(out: _Lists, item: Text, tokens, at: int, rope: int, sample_no: int) -> int:
+    """Append a text split at flat position `at`; returns the RoPE counter after it."""
+    ids = list(item.ids)
+    n = len(ids) + 2
+    out.text_ids += [tokens.bos, *ids, tokens.eos]
+    out.text_idx += range(at, at + n)
+    out.pos_ids += range(rope, rope + n)
+    if item.loss:
+        out.ce_idx += range(at, at + n - 1)
+        out.labels += [*ids, tokens.eos]
+        out.ce_w += [1.0 / math.sqrt(len(ids) + 1)] * (n - 1)
+    if item.special_token_loss:
+        if item.special_token_label is None:
+            raise ValueError(f"sample {sample_no}: special_token_loss needs special_token_label")
+        out.ce_idx.append(at + n - 1)
+        out.labels.append(item.special_token_label)
+        out.ce_w.append(1.0)
+    out.split_lens.append(n)
+    out.attn_modes.append("causal")
+    return rope + n
+
+
+def _add_image_markers(out: _Lists, tokens, at: int, n_img: int, rope: int) -> range:
+    """<|vision_start|> + n_img inner tokens + <|vision_end|>, all at one RoPE id; returns the
+    flat positions of the inner tokens."""
+    out.text_ids += [tokens.start_of_image, tokens.end_of_image]
+    out.text_idx += [at, at + n_img + 1]
+    out.pos_ids += [rope] * (n_img + 2)
+    out.split_lens.append(n_img + 2)
+    return range(at + 1, at + 1 + n_img)
+
+
+def _add_vit(out: _Lists, item: VitImage, cfg, tokens, at: int, rope: int) -> int:
+    p = cfg.vit.patch_size
+    gh, gw = _check_image(item, p, cfg.vit_max_num_patch_per_side, "ViT", "vit_max_num_patch_per_side")
+    out.vit_idx += _add_image_markers(out, tokens, at, gh * gw, rope)
+    out.vit_tokens.append(patchify(item.image, p))
+    out.vit_pos.append(grid_position_ids(gh, gw, cfg.vit_max_num_patch_per_side))
+    out.vit_lens.append(gh * gw)
+    out.attn_modes.append("full")
+    return rope + 1
+
+
+def _add_vae(out: _Lists, item: VaeImage, cfg, tokens, at: int, rope: int, generator) -> int:
+    gh, gw = _check_image(item, cfg.latent_downsample, cfg.max_latent_size, "VAE", "max_latent_size")
+    inner = _add_image_markers(out, tokens, at, gh * gw, rope)
+    out.vae_idx += inner
+    out.vae_images.append(item.image)
+    out.vae_shapes.append((gh, gw))
+    out.lat_pos.append(grid_position_ids(gh, gw, cfg.max_latent_size))
+    if not item.loss:
+        out.logits += [float("-inf")] * (gh * gw)
+        out.attn_modes.append("full")
+        return rope + 1
+    logit = item.timestep_logit
+    if logit is None:
+        logit = float(torch.randn((), generator=generator))
+    out.logits += [logit] * (gh * gw)
+    out.mse_idx += inner
+    out.attn_modes.append("noise")
+    return rope  # the counter stays: a clean copy may reuse the id
+
+
+def pack_samples(samples: list[Sample], cfg, tokens, generator: torch.Generator | None = None) -> PackedBatch:
     """Pack `samples` into one PackedBatch (see the module docstring for the layout).
 
-    `cfg` is a BagelConfig (geometry), `tokens` a SpecialTokens. `generator` drives timestep
-    draws and CFG dropout; `dropout=None` keeps every condition.
+    `cfg` is a BagelConfig (geometry), `tokens` a SpecialTokens. `generator` draws the timestep
+    logits of noisy targets that carry none.
     """
-    def draw() -> float:
-        return float(torch.rand((), generator=generator))
-
-    text_ids, text_idx, pos_ids = [], [], []
-    vit_tokens, vit_pos, vit_idx, vit_lens = [], [], [], []
-    vae_images, vae_shapes, lat_pos, vae_idx, timesteps, mse_idx = [], [], [], [], [], []
-    labels, ce_idx, ce_w = [], [], []
-    sample_lens, split_lens, attn_modes = [], [], []
-    curr = 0
+    out = _Lists()
+    at = 0
     for sample_no, sample in enumerate(samples):
         if not sample:
             raise ValueError(f"sample {sample_no} has an empty plan")
-        start, rope = curr, 0
-        if dropout is not None:
-            sample = apply_cfg_dropout(sample, dropout, draw)
+        start, rope = at, 0
         for item in sample:
             if isinstance(item, DroppedImage):
                 rope += 1  # a dropped image still takes its RoPE slot (official behaviour)
                 continue
             if isinstance(item, Text):
-                ids = list(item.ids)
-                n = len(ids) + 2
-                text_ids += [tokens.bos, *ids, tokens.eos]
-                text_idx += range(curr, curr + n)
-                pos_ids += range(rope, rope + n)
-                if item.loss:
-                    ce_idx += range(curr, curr + n - 1)
-                    labels += [*ids, tokens.eos]
-                    ce_w += [1.0 / math.sqrt(len(ids) + 1)] * (n - 1)
-                if item.special_token_loss:
-                    if item.special_token_label is None:
-                        raise ValueError(f"sample {sample_no}: special_token_loss needs special_token_label")
-                    ce_idx.append(curr + n - 1)
-                    labels.append(item.special_token_label)
-                    ce_w.append(1.0)
-                split_lens.append(n)
-                attn_modes.append("causal")
-                rope += n
+                rope = _add_text(out, item, tokens, at, rope, sample_no)
             elif isinstance(item, VitImage):
-                gh, gw = _check_image(item, cfg.vit.patch_size, cfg.vit_max_num_patch_per_side, "ViT",
-                                     "vit_max_num_patch_per_side")
-                n_img = gh * gw
-                text_ids += [tokens.start_of_image, tokens.end_of_image]
-                text_idx += [curr, curr + n_img + 1]
-                vit_tokens.append(patchify_image(item.image, cfg.vit.patch_size))
-                vit_pos.append(grid_position_ids(gh, gw, cfg.vit_max_num_patch_per_side))
-                vit_idx += range(curr + 1, curr + 1 + n_img)
-                vit_lens.append(n_img)
-                pos_ids += [rope] * (n_img + 2)
-                split_lens.append(n_img + 2)
-                attn_modes.append("full")
-                rope += 1
+                rope = _add_vit(out, item, cfg, tokens, at, rope)
             elif isinstance(item, VaeImage):
-                gh, gw = _check_image(item, cfg.latent_downsample, cfg.max_latent_size, "VAE", "max_latent_size")
-                n_img = gh * gw
-                text_ids += [tokens.start_of_image, tokens.end_of_image]
-                text_idx += [curr, curr + n_img + 1]
-                vae_images.append(item.image)
-                vae_shapes.append((gh, gw))
-                lat_pos.append(grid_position_ids(gh, gw, cfg.max_latent_size))
-                token_range = range(curr + 1, curr + 1 + n_img)
-                vae_idx += token_range
-                pos_ids += [rope] * (n_img + 2)
-                split_lens.append(n_img + 2)
-                if item.loss:
-                    logit = item.timestep_logit
-                    if logit is None:
-                        logit = float(torch.randn((), generator=generator))
-                    timesteps += [logit] * n_img
-                    mse_idx += token_range
-                    attn_modes.append("noise")  # counter stays: a clean copy may reuse the id
-                else:
-                    timesteps += [float("-inf")] * n_img
-                    attn_modes.append("full")
-                    rope += 1
+                rope = _add_vae(out, item, cfg, tokens, at, rope, generator)
             else:
                 raise TypeError(f"sample {sample_no}: unknown plan item {type(item).__name__}")
-            curr += split_lens[-1]
-        if curr == start:
+            at += out.split_lens[-1]
+        if at == start:
             raise ValueError(f"sample {sample_no}: every item was dropped, nothing left to pack")
-        sample_lens.append(curr - start)
+        out.sample_lens.append(at - start)
+    return _to_batch(out, at)
 
+
+def _to_batch(out: _Lists, length: int) -> PackedBatch:
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     batch = dict(
-        sequence_length=curr, sample_lens=sample_lens, split_lens=split_lens, attn_modes=attn_modes,
-        position_ids=long(pos_ids), text_ids=long(text_ids), text_indexes=long(text_idx),
+        sequence_length=length, sample_lens=out.sample_lens, split_lens=out.split_lens, attn_modes=out.attn_modes,
+        position_ids=long(out.pos_ids), text_ids=long(out.text_ids), text_indexes=long(out.text_idx),
     )
-    if vit_tokens:
+    if out.vit_tokens:
         batch.update(
-            vit_tokens=torch.cat(vit_tokens), vit_position_ids=torch.cat(vit_pos),
-            vit_token_indexes=long(vit_idx), vit_token_seqlens=torch.tensor(vit_lens, dtype=torch.int32),
+            vit_tokens=torch.cat(out.vit_tokens), vit_position_ids=torch.cat(out.vit_pos),
+            vit_token_indexes=long(out.vit_idx), vit_token_seqlens=torch.tensor(out.vit_lens, dtype=torch.int32),
         )
-    if vae_images:
-        h_max = max(im.shape[1] for im in vae_images)
-        w_max = max(im.shape[2] for im in vae_images)
-        padded = vae_images[0].new_zeros(len(vae_images), 3, h_max, w_max)
-        for i, im in enumerate(vae_images):
+    if out.vae_images:
+        h_max = max(im.shape[1] for im in out.vae_images)
+        w_max = max(im.shape[2] for im in out.vae_images)
+        padded = out.vae_images[0].new_zeros(len(out.vae_images), 3, h_max, w_max)  # (I, 3, Hmax, Wmax)
+        for i, im in enumerate(out.vae_images):
             padded[i, :, : im.shape[1], : im.shape[2]] = im
         batch.update(
-            vae_images=padded, vae_latent_shapes=vae_shapes, latent_position_ids=torch.cat(lat_pos),
-            vae_token_indexes=long(vae_idx), timesteps=torch.tensor(timesteps, dtype=torch.float32),
-            mse_loss_indexes=long(mse_idx),
+            vae_images=padded, vae_latent_shapes=out.vae_shapes, latent_position_ids=torch.cat(out.lat_pos),
+            vae_token_indexes=long(out.vae_idx), timestep_logits=torch.tensor(out.logits, dtype=torch.float32),
+            mse_loss_indexes=long(out.mse_idx),
         )
-    if ce_idx:
-        batch.update(label_ids=long(labels), ce_loss_indexes=long(ce_idx),
-                     ce_loss_weights=torch.tensor(ce_w, dtype=torch.float32))
+    if out.ce_idx:
+        batch.update(label_ids=long(out.labels), ce_loss_indexes=long(out.ce_idx),
+                     ce_loss_weights=torch.tensor(out.ce_w, dtype=torch.float32))
     return PackedBatch(**batch)

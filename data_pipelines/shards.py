@@ -46,7 +46,7 @@ MANIFEST_VERSION = 1
 _MEMBER_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset's key / extension split
 
 
-class DataError(RuntimeError):
+class DataError(ValueError):
     """The data cannot be used at all (bad manifest, a source with no readable sample)."""
 
 

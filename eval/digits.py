@@ -97,7 +97,6 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
     from tqdm import tqdm
 
     from bagel.inference.generate_image import ImageGenConfig
-    from bagel.inference.generate_text import SamplingConfig
 
     t0 = time.time()
     judge = Judge()
@@ -106,54 +105,23 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
         images, labels = images[: cfg.limit], labels[: cfg.limit]
     size = (engine.vae_transform.max_size, engine.vae_transform.max_size)
     pil = [digit_image(p, size[0]) for p in images]
-    t2i_cfg = ImageGenConfig(num_timesteps=cfg.steps, timestep_shift=cfg.timestep_shift, cfg_text_scale=cfg.cfg_text,
-                             cfg_img_scale=1.0, cfg_interval=(0.0, 1.0))
-    edit_cfg = ImageGenConfig(num_timesteps=cfg.steps, timestep_shift=cfg.timestep_shift, cfg_text_scale=cfg.cfg_text,
-                              cfg_img_scale=cfg.cfg_img, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+    sampler = dict(num_timesteps=cfg.steps, timestep_shift=cfg.timestep_shift, cfg_text_scale=cfg.cfg_text)
+    t2i_cfg = ImageGenConfig.preset("text_to_image", **sampler, cfg_interval=(0.0, 1.0))
+    edit_cfg = ImageGenConfig.preset("edit", **sampler, cfg_img_scale=cfg.cfg_img)
     bar = tqdm(total=4, desc="digits eval", unit="task", disable=not progress)
 
-    # Understanding: batched greedy answers.
-    answers = []
-    for idx in _batches(len(pil), cfg.batch_size):
-        sessions = engine.new_sessions(len(idx))
-        for s, i in zip(sessions, idx):
-            engine.add_image([s], [pil[i]], vae=False, vit=True)
-        engine.add_text(sessions, [QUESTION] * len(idx))
-        answers += engine.generate_text(sessions, SamplingConfig(max_new_tokens=4))[0]
+    answers = _understand(engine, pil, cfg.batch_size)
     und = float(np.mean([parse_answer(a) == y for a, y in zip(answers, labels)]))
     bar.update()
-
-    # Generation: every digit x seeds.
     digits = [d for d in range(10) for _ in range(cfg.seeds)]
-    generated = []
-    for idx in _batches(len(digits), cfg.batch_size):
-        imgs, _ = engine.text_to_image([caption(digits[i]) for i in idx], size, t2i_cfg, seed=cfg.seed + idx[0])
-        generated += imgs
+    generated = _generate(engine, digits, size, t2i_cfg, cfg)
     gen = float((judge(generated) == np.array(digits)).mean())
     bar.update()
-
-    # Editing: held-out image -> the next digit.
-    edited = []
-    for idx in _batches(len(pil), cfg.batch_size):
-        imgs, _ = engine.edit([pil[i] for i in idx], [EDIT] * len(idx), edit_cfg, seed=cfg.seed + idx[0])
-        edited += imgs
+    edited = _edit(engine, pil, edit_cfg, cfg)
     edit = float((judge(edited) == (labels + 1) % 10).mean())
     bar.update()
-
-    # Interleaved: three images in a row, each fed back before the next.
-    starts = [d for d in range(10) for _ in range(cfg.seeds)]
-    chains = [[] for _ in starts]
-    for idx in _batches(len(starts), cfg.batch_size):
-        sessions = engine.new_sessions(len(idx))
-        engine.add_text(sessions, [count_prompt(starts[i]) for i in idx])
-        g = torch.Generator().manual_seed(cfg.seed + idx[0])
-        for _ in range(3):
-            imgs = engine.generate_image(sessions, size, t2i_cfg, generator=g)
-            for j, i in enumerate(idx):
-                chains[i].append(imgs[j])
-            for s, im in zip(sessions, imgs):
-                engine.add_image([s], [im], vae=True, vit=True, generator=g)
-    chain_ok = [all(judge(c) == [(d + k) % 10 for k in range(3)]) for c, d in zip(chains, starts)]
+    chains = _count(engine, digits, size, t2i_cfg, cfg)
+    chain_ok = [all(judge(c) == [(d + k) % 10 for k in range(3)]) for c, d in zip(chains, digits)]
     interleaved = float(np.mean(chain_ok))
     bar.update()
     bar.close()
@@ -161,17 +129,67 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
     metrics = {"understanding_accuracy": und, "generation_accuracy": gen, "edit_accuracy": edit,
                "interleaved_accuracy": interleaved, **judge.accuracy_on_real(size[0]),
                "counts": {"understanding": len(pil), "generation": len(digits), "edit": len(pil),
-                          "interleaved": len(starts)},
+                          "interleaved": len(digits)},
                "settings": asdict(cfg), "seconds": round(time.time() - t0, 1)}
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        grid([generated[i * cfg.seeds:(i + 1) * cfg.seeds] for i in range(10)]).save(out / "samples.png")
-        pairs = [[pil[i], edited[i]] for i in range(min(10, len(pil)))]
-        grid(pairs).save(out / "edits.png")
-        grid(chains[:: max(1, cfg.seeds)][:10]).save(out / "interleaved.png")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_pictures(Path(out_dir), generated, pil, edited, chains, cfg.seeds)
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _understand(engine, pil: list, batch_size: int) -> list[str]:
+    """Batched greedy answers to "What digit is this?" about each image."""
+    from bagel.inference.generate_text import SamplingConfig
+
+    answers = []
+    for idx in _batches(len(pil), batch_size):
+        sessions = engine.new_sessions(len(idx))
+        for s, i in zip(sessions, idx):
+            engine.add_image([s], [pil[i]], vae=False, vit=True)
+        engine.add_text(sessions, [QUESTION] * len(idx))
+        answers += engine.generate_text(sessions, SamplingConfig(max_new_tokens=4))[0]
+    return answers
+
+
+def _generate(engine, digits: list[int], size, sampler, cfg: DigitsEvalConfig) -> list:
+    """One image per caption; batch b is seeded with seed + its first index."""
+    out = []
+    for idx in _batches(len(digits), cfg.batch_size):
+        imgs, _ = engine.text_to_image([caption(digits[i]) for i in idx], size, sampler, seed=cfg.seed + idx[0])
+        out += imgs
+    return out
+
+
+def _edit(engine, pil: list, sampler, cfg: DigitsEvalConfig) -> list:
+    """Each held-out image edited to the next digit."""
+    out = []
+    for idx in _batches(len(pil), cfg.batch_size):
+        imgs, _ = engine.edit([pil[i] for i in idx], [EDIT] * len(idx), sampler, seed=cfg.seed + idx[0])
+        out += imgs
+    return out
+
+
+def _count(engine, starts: list[int], size, sampler, cfg: DigitsEvalConfig) -> list[list]:
+    """Three images after "Count up from {word}:", each fed back (VAE + ViT) before the next."""
+    chains = [[] for _ in starts]
+    for idx in _batches(len(starts), cfg.batch_size):
+        sessions = engine.new_sessions(len(idx))
+        engine.add_text(sessions, [count_prompt(starts[i]) for i in idx])
+        g = torch.Generator().manual_seed(cfg.seed + idx[0])
+        for _ in range(3):
+            imgs = engine.generate_image(sessions, size, sampler, generator=g)
+            for j, i in enumerate(idx):
+                chains[i].append(imgs[j])
+            for s, im in zip(sessions, imgs):
+                engine.add_image([s], [im], vae=True, vit=True, generator=g)
+    return chains
+
+
+def _write_pictures(out: Path, generated: list, pil: list, edited: list, chains: list, seeds: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    grid([generated[i * seeds:(i + 1) * seeds] for i in range(10)]).save(out / "samples.png")
+    grid([[pil[i], edited[i]] for i in range(min(10, len(pil)))]).save(out / "edits.png")
+    grid(chains[:: max(1, seeds)][:10]).save(out / "interleaved.png")
 
 
 def grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:

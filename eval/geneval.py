@@ -56,8 +56,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
+from bagel.inference.generate_image import ImageGenConfig
 from eval import runner
 from eval.items import DataLayoutError, write_jsonl
+
+_PRESET = ImageGenConfig.preset("geneval")
 
 TASK = "geneval"
 REQUIRED_KEYS = {"tag": str, "include": list, "prompt": str}
@@ -83,17 +86,18 @@ def image_seed(base: int, index: int, sample: int, samples_per_prompt: int) -> i
 
 @dataclass(frozen=True)
 class GenSettings:
-    """Defaults: BAGEL's GenEval generation (gen_images_mp.py)."""
+    """Defaults: BAGEL's GenEval generation (gen_images_mp.py); the sampler settings are the
+    `geneval` preset (bagel.inference.generate_image.PRESETS)."""
 
     samples_per_prompt: int = 4
     height: int = 1024
     width: int = 1024
-    steps: int = 50  # timestep grid points: steps - 1 model evaluations (as bagel-generate --steps)
-    cfg_text_scale: float = 4.0
-    cfg_interval: tuple[float, float] = (0.0, 1.0)
-    cfg_renorm_type: str = "global"
-    cfg_renorm_min: float = 0.0
-    timestep_shift: float = 3.0
+    steps: int = _PRESET.num_timesteps  # timestep grid points: steps - 1 model evaluations
+    cfg_text_scale: float = _PRESET.cfg_text_scale
+    cfg_interval: tuple[float, float] = _PRESET.cfg_interval
+    cfg_renorm_type: str = _PRESET.cfg_renorm_type
+    cfg_renorm_min: float = _PRESET.cfg_renorm_min
+    timestep_shift: float = _PRESET.timestep_shift
     seed: int = 0
     grid: bool = True  # also write <index>/grid.png
 
@@ -114,13 +118,10 @@ class GenSettings:
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"cfg_interval {self.cfg_interval}: expected 0 <= A <= B <= 1")
 
-    def image_config(self):
-        from bagel.inference.generate_image import ImageGenConfig
-
-        return ImageGenConfig(num_timesteps=self.steps, timestep_shift=self.timestep_shift,
-                              cfg_text_scale=self.cfg_text_scale, cfg_img_scale=1.0,
-                              cfg_interval=tuple(self.cfg_interval), cfg_renorm_type=self.cfg_renorm_type,
-                              cfg_renorm_min=self.cfg_renorm_min)
+    def image_config(self) -> ImageGenConfig:
+        return ImageGenConfig.preset("geneval", num_timesteps=self.steps, timestep_shift=self.timestep_shift,
+                                     cfg_text_scale=self.cfg_text_scale, cfg_interval=tuple(self.cfg_interval),
+                                     cfg_renorm_type=self.cfg_renorm_type, cfg_renorm_min=self.cfg_renorm_min)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -194,11 +195,12 @@ def generate_images(engine, prompts: list[Prompt], out_dir: str, settings: GenSe
     import torch
     from tqdm import tqdm
 
+    from bagel.inference.engine import latent_grid
     from bagel.inference.generate_image import decode_latents, generate_latents
     from bagel.transforms import to_pil
 
     cfg = settings.image_config()
-    grid = engine.latent_grid((settings.height, settings.width))  # checks the model's largest size
+    grid = latent_grid(engine.model.cfg, (settings.height, settings.width))  # checks the model's largest size
     n_tok, dim = grid[0] * grid[1], engine.model.cfg.patch_latent_dim
     n = settings.samples_per_prompt
     for p in prompts:
@@ -430,7 +432,7 @@ def run(data: str, engine, out_dir: str | None = None, settings: GenSettings = G
         "settings": {**asdict(settings), "cfg_interval": list(settings.cfg_interval),
                      "size": f"{settings.width}x{settings.height}",
                      "model_evaluations_per_image": (settings.steps - 1),
-                     "cfg_img_scale": 1.0, "batch_size": batch_size, "limit": limit,
+                     "cfg_img_scale": settings.image_config().cfg_img_scale, "batch_size": batch_size, "limit": limit,
                      "dtype": str(weight.dtype).replace("torch.", ""), "device": str(weight.device),
                      "prefill": "one prompt per forward", "vae_decode": "one image per call"},
         "seeds": {"seed": settings.seed, "rule": "seed + index * samples_per_prompt + sample",

@@ -85,17 +85,14 @@ def digit_tensors(split: str) -> tuple[torch.Tensor, list[int]]:
 
 
 def make_vae(out: Path, steps: int) -> dict:
+    from bagel.checkpoint.vae import save_vae
     from bagel.config import BagelConfig
-    from bagel.model.vae import save_vae_bfl
     from bagel.train.autoencoder import AutoencoderTrainConfig, reconstruction_error, train_autoencoder
 
     (train, _), (test, _) = digit_tensors("train"), digit_tensors("test")
     cfg = BagelConfig.digits().vae
     vae, losses = train_autoencoder(train, cfg, AutoencoderTrainConfig(steps=steps))
-    out.mkdir(parents=True, exist_ok=True)
-    save_vae_bfl(vae, out / "ae.safetensors")
-    vae_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vae.cfg.__dict__.items()}
-    (out / "ae_config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
+    save_vae(vae, out / "ae.safetensors")  # + ae_config.json with the fitted latent scaling
     mae = reconstruction_error(vae, test)
     print(f"autoencoder: held-out reconstruction MAE {mae:.4f} (pixels in [-1, 1]); "
           f"latent scale {vae.cfg.scale_factor:.4f}, shift {vae.cfg.shift_factor:.4f}")

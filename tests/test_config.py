@@ -13,7 +13,7 @@ def test_official_dir_applies_hard_coded_settings(official_dir):
     assert (cfg.latent_patch_size, cfg.max_latent_size, cfg.vit_max_num_patch_per_side) == (2, 16, 16)
     assert cfg.vae.z_channels == 4 and cfg.vae.downsample == 8
     assert cfg.latent_downsample == 16 and cfg.patch_latent_dim == 16
-    assert cfg.timestep_shift == 2.0
+    assert cfg.train_timestep_shift == 2.0  # bagel_config.json's `timestep_shift` (the release's name)
 
 
 def test_release_defaults():
@@ -64,7 +64,7 @@ def test_bad_gqa():
 
 def test_json_roundtrip(tmp_path):
     cfg = BagelConfig.tiny()
-    cfg.to_json(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text(cfg.to_json_text())
     assert BagelConfig.from_json(tmp_path / "c.json") == cfg
 
 

@@ -6,7 +6,7 @@ import torch
 
 from bagel.config import BagelConfig
 from bagel.model.attention import AttentionLayout, dense_mask
-from bagel.packing import CfgDropout, Text, VaeImage, VitImage, estimate_num_tokens, pack_samples
+from bagel.packing import CfgDropout, Text, VaeImage, VitImage, apply_cfg_dropout, item_num_tokens, pack_samples
 from bagel.tokenizer import SpecialTokens, load_tokenizer
 
 
@@ -44,7 +44,7 @@ FIELDS = {  # ours -> official
     "vit_tokens": "packed_vit_tokens", "vit_position_ids": "packed_vit_position_ids",
     "vit_token_indexes": "packed_vit_token_indexes", "vit_token_seqlens": "vit_token_seqlens",
     "vae_images": "padded_images", "latent_position_ids": "packed_latent_position_ids",
-    "vae_token_indexes": "packed_vae_token_indexes", "timesteps": "packed_timesteps",
+    "vae_token_indexes": "packed_vae_token_indexes", "timestep_logits": "packed_timesteps",
     "mse_loss_indexes": "mse_loss_indexes", "label_ids": "packed_label_ids",
     "ce_loss_indexes": "ce_loss_indexes", "ce_loss_weights": "ce_loss_weights",
 }
@@ -80,7 +80,8 @@ def test_pack_matches_official(setup, reference, case, names):
         assert torch.equal(mask[start:start + n, start:start + n], official)
         start += n
     assert not mask[:63, 63:].any()  # no attention across samples
-    assert sum(estimate_num_tokens(samples[n], cfg) for n in names) == batch.sequence_length
+    strides = (cfg.vit.patch_size, cfg.latent_downsample)
+    assert sum(item_num_tokens(item, *strides) for n in names for item in samples[n]) == batch.sequence_length
 
 
 def test_cfg_dropout_positions(setup):
@@ -90,7 +91,8 @@ def test_cfg_dropout_positions(setup):
         item.enable_cfg = True
     g = torch.Generator().manual_seed(0)
     full = pack_samples([edit], cfg, tokens)
-    dropped = pack_samples([edit], cfg, tokens, generator=g, dropout=CfgDropout(text=1.0, vit=1.0, vae=1.0))
+    dropped = pack_samples([apply_cfg_dropout(edit, CfgDropout(text=1.0, vit=1.0, vae=1.0), lambda: float(
+        torch.rand((), generator=g)))], cfg, tokens)
     # all three conditions dropped: only the noisy target remains; the two dropped images still
     # advanced the RoPE counter, the dropped text did not
     assert dropped.attn_modes == ["noise"]

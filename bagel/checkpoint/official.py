@@ -6,18 +6,22 @@ tensor family, read in both directions. `{i}` stands for a layer number and `{wb
 carrying the `_moe_gen` suffix after the leaf module name.
 
 Released directory: `llm_config.json`, `vit_config.json`, `ema.safetensors` (all BAGEL weights),
-`ae.safetensors` (FLUX VAE, BFL layout), Qwen2 tokenizer files.
+`ae.safetensors` (FLUX VAE, BFL layout; bagel/checkpoint/vae.py), Qwen2 tokenizer files. Our
+exports add `bagel_config.json` and `ae_config.json` for the settings the release hard-codes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from bagel.checkpoint.errors import CheckpointError
+from bagel.checkpoint.files import SafetensorsFile, write_text
+from bagel.checkpoint.strict import CheckpointError, check_shapes
 from bagel.config import BagelConfig
 
 # (official template, our template); EXPERT rows use {sfx} (official) and {exp} (ours).
@@ -105,31 +109,16 @@ def convert_state_dict(state: dict[str, torch.Tensor], direction: str = "to_ours
     return out
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict comparison of `state` against the model's parameters and persistent buffers."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_official_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {_official_names(unexpected)}")
-    for name in sorted(set(state) & set(expected)):
-        if tuple(state[name].shape) != tuple(expected[name].shape):
-            problems.append(f"key {_official_names([name])[0]!r}: checkpoint shape {tuple(state[name].shape)}, "
-                            f"model expects {tuple(expected[name].shape)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model config:\n  " + "\n  ".join(problems[:20]))
+def check_state_dict(model: torch.nn.Module, found: dict[str, list[int]], source: str) -> None:
+    """Strict comparison of a file's tensor shapes (our names) with the model's parameters and
+    persistent buffers; names are reported as the official names a user sees in the file."""
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    check_shapes(source, found, expected, "the model config", show=_official_name)
 
 
-def _official_names(names: list[str]) -> list[str]:
-    """Report keys by their official name (what the user sees in the file), ours in brackets."""
-    shown = []
-    for n in names[:8]:
-        official = convert_key(n, "to_official")
-        shown.append(f"{official} [{n}]" if official else n)
-    return shown + ([f"... {len(names) - 8} more"] if len(names) > 8 else [])
+def _official_name(name: str) -> str:
+    official = convert_key(name, "to_official")
+    return f"{official!r} (ours {name!r})" if official else repr(name)
 
 
 def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32,
@@ -139,8 +128,6 @@ def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32,
     The model is built on the meta device and materialised once, directly from the file's
     tensors (no random init, no second copy).
     """
-    from safetensors.torch import load_file
-
     from bagel.model.bagel import Bagel
 
     path = Path(path)
@@ -148,13 +135,20 @@ def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32,
     weights = path / "ema.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: missing ema.safetensors (the BAGEL weights of the release)")
-    state = convert_state_dict(load_file(str(weights)), "to_ours", str(weights))
+    file = SafetensorsFile(weights)
+    names = {k: convert_key(k, "to_ours") for k in file.names()}
+    unknown = [k for k, o in names.items() if o is None]
+    if unknown:
+        raise CheckpointError(f"{weights}: {len(unknown)} key(s) match no row of the key map, e.g. {unknown[:5]}")
+    ours = {o: k for k, o in names.items()}
     with torch.device("meta"):
         model = Bagel(cfg)
+    expected = model.state_dict()
     if not cfg.visual_gen or not cfg.visual_und:  # a partial model ignores the other path's tensors
-        state = {k: v for k, v in state.items() if k in model.state_dict()}
-    check_state_dict(model, state, str(weights))
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        ours = {o: k for o, k in ours.items() if o in expected}
+    shapes = file.shapes()
+    check_state_dict(model, {o: shapes[k] for o, k in ours.items()}, str(weights))
+    state = {o: file.get(k).to(device=device, dtype=dtype) for o, k in ours.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -164,3 +158,21 @@ def export_official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor
     have no place in the released layout and are left out (save them with save_draft_heads)."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("draft_heads.")}
     return convert_state_dict(state, "to_official", "model")
+
+
+def write_official_configs(cfg: BagelConfig, path: str | Path) -> None:
+    """`llm_config.json`, `vit_config.json`, `bagel_config.json`, `ae_config.json` as
+    `BagelConfig.from_official_dir` reads them back (the ViT count is stored +1, as released)."""
+    path = Path(path)
+    llm = dataclasses.asdict(cfg.llm)
+    llm.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    vit = dataclasses.asdict(cfg.vit)
+    vit.update(num_hidden_layers=cfg.vit.num_hidden_layers + 1, model_type="siglip_vision_model")
+    top = {k: v for k, v in cfg.to_dict().items() if k not in ("llm", "vit", "vae")}
+    for name, data in (("llm_config.json", llm), ("vit_config.json", vit), ("ae_config.json", vae_config_dict(cfg)),
+                       ("bagel_config.json", top)):
+        write_text(path / name, json.dumps(data, indent=2) + "\n")
+
+
+def vae_config_dict(cfg: BagelConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg.vae).items()}

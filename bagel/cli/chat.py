@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bagel.cli.common import add_model_args, load_engine, run
+from bagel.cli.common import USER_ERRORS, add_model_args, load_engine, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def enable_speculative(engine, kind: str, heads_dir: str | None) -> None:
-    from bagel.model.heads import load_draft_heads
+    from bagel.checkpoint.heads import load_draft_heads
 
     heads = None
     if heads_dir:
@@ -56,7 +56,9 @@ class Chat:
             self.engine.add_text(self.session, [VLM_THINK_SYSTEM_PROMPT])
 
     def add_image(self, path: str):
-        self.engine.add_image(self.session, [path], vae=False, vit=True)
+        from bagel.cli.inputs import open_image
+
+        self.engine.add_image(self.session, [open_image(path)], vae=False, vit=True)
 
     def ask(self, question: str) -> str:
         self.engine.add_text(self.session, [question])
@@ -83,12 +85,12 @@ def interactive(chat: Chat) -> None:
             try:
                 chat.add_image(line[len("/image "):].strip())
                 print("(image added)")
-            except (FileNotFoundError, ValueError) as e:
+            except USER_ERRORS as e:
                 print(f"error: {e}")
             continue
         try:
             print(chat.ask(line))
-        except ValueError as e:
+        except USER_ERRORS as e:
             print(f"error: {e}")
 
 

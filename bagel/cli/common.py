@@ -1,18 +1,26 @@
-"""Arguments and loading shared by the inference CLIs (same names across bagel-generate/-chat)."""
+"""Arguments, loading and error handling shared by the console scripts (same names everywhere).
+
+The wiring layer: `bagel/cli/` holds every console script's `main` and is the only part of the
+package that imports `data_pipelines` and `eval`.
+
+User errors (a bad path, value, file or config) are `ValueError`s (ConfigError, CheckpointError,
+DataError, ... subclass it) or `OSError`s; each script catches them once at its top, prints one
+line and exits with status 2. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-import torch
+from bagel.config import DTYPE_NAMES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+USER_ERRORS = (ValueError, OSError)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (our layout or the released BAGEL layout)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="LLM/ViT weight dtype (bf16 on GPU)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="LLM/ViT weight dtype (bf16 on GPU)")
     p.add_argument("--device", default="cpu", help="device of the LLM, e.g. cpu or cuda")
     p.add_argument("--vae-device", default=None, help="put the VAE elsewhere (e.g. cpu) to save GPU memory")
     p.add_argument("--vit-device", default=None, help="put the ViT elsewhere (e.g. cpu) to save GPU memory")
@@ -20,18 +28,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_engine(args):
+    from bagel.config import parse_dtype
     from bagel.inference.engine import Engine
 
-    return Engine.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device,
+    return Engine.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=args.device,
                                   vae_device=args.vae_device, vit_device=args.vit_device)
 
 
 def run(main_fn, prog: str) -> int:
-    """Turn expected failures (bad paths, sizes, inputs) into one-line errors, exit status 2."""
+    """Run `main_fn()`; a user error becomes one line on stderr and exit status 2."""
     try:
         main_fn()
         return 0
-    except (FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,8 +4,9 @@
     bagel-generate --model DIR --image in.png --prompt "make it winter" --out edit.png
     bagel-generate --model DIR --prompt "..." --think --out out.png --batch 4   # out_0.png ... out_3.png
 
-Defaults follow the release: text-to-image cfg-text 4, cfg-img 1, interval 0.4..1, global renorm;
-editing cfg-text 4, cfg-img 2, interval 0..1, text_channel renorm; shift 3, 50 steps.
+Defaults are the release's presets (bagel.inference.generate_image.PRESETS): text-to-image
+cfg-text 4, cfg-img 1, interval 0.4..1, global renorm; editing cfg-text 4, cfg-img 2, interval
+0..1, text_channel renorm; shift 3, 50 steps. The Python API and the app use the same presets.
 """
 
 from __future__ import annotations
@@ -37,41 +38,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG (with --batch N: OUT_0.png ...)")
     p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 16 (default: the model's image size, 1024x1024 for BAGEL-7B-MoT; "
                         "edits keep the input size)")
-    p.add_argument("--steps", type=int, default=50, help="timestep grid points (steps - 1 model evaluations)")
-    p.add_argument("--cfg-text", type=float, default=4.0)
-    p.add_argument("--cfg-img", type=float, default=None, help="default 1.0 (text-to-image) / 2.0 (edit)")
+    p.add_argument("--steps", type=int, default=None, help="timestep grid points (steps - 1 model evaluations; "
+                   "default 50)")
+    p.add_argument("--cfg-text", type=float, default=None, help="text guidance scale (default 4)")
+    p.add_argument("--cfg-img", type=float, default=None, help="image guidance scale (default 1 / 2 for edits)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("A", "B"),
                    help="guide only where A < t <= B (default 0.4 1 / 0 1 for edits)")
-    p.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"], default=None)
-    p.add_argument("--cfg-renorm-min", type=float, default=0.0)
-    p.add_argument("--timestep-shift", type=float, default=3.0)
+    p.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"], default=None,
+                   help="default global / text_channel for edits")
+    p.add_argument("--cfg-renorm-min", type=float, default=None, help="default 0")
+    p.add_argument("--timestep-shift", type=float, default=None, help="sampler timestep shift (default 3)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (one batched forward per step)")
     p.add_argument("--max-think-tokens", type=int, default=1000)
     return p
+
+
+def sampler_config(args, preset: str):
+    """The named preset with the options the user gave on top."""
+    from bagel.inference.generate_image import ImageGenConfig
+
+    given = {"num_timesteps": args.steps, "timestep_shift": args.timestep_shift, "cfg_text_scale": args.cfg_text,
+             "cfg_img_scale": args.cfg_img, "cfg_renorm_type": args.cfg_renorm_type,
+             "cfg_renorm_min": args.cfg_renorm_min,
+             "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
+    return ImageGenConfig.preset(preset, **{k: v for k, v in given.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go():
-        from bagel.inference.generate_image import ImageGenConfig
+        from bagel.cli.inputs import open_image
         from bagel.inference.generate_text import SamplingConfig
 
         edit = args.image is not None
-        if edit and not Path(args.image).is_file():
-            raise FileNotFoundError(f"input image {args.image} does not exist")
+        source = open_image(args.image) if edit else None
         if args.batch < 1:
             raise ValueError("--batch must be >= 1")
-        cfg = ImageGenConfig(
-            num_timesteps=args.steps, timestep_shift=args.timestep_shift, cfg_text_scale=args.cfg_text,
-            cfg_img_scale=args.cfg_img if args.cfg_img is not None else (2.0 if edit else 1.0),
-            cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else ((0.0, 1.0) if edit else (0.4, 1.0)),
-            cfg_renorm_type=args.cfg_renorm_type or ("text_channel" if edit else "global"),
-            cfg_renorm_min=args.cfg_renorm_min)
+        cfg = sampler_config(args, "edit" if edit else "text_to_image")
         engine = load_engine(args)
         think = SamplingConfig(max_new_tokens=args.max_think_tokens)
         if edit:
-            images, thoughts = engine.edit([args.image] * args.batch, [args.prompt] * args.batch, cfg, seed=args.seed,
+            images, thoughts = engine.edit([source] * args.batch, [args.prompt] * args.batch, cfg, seed=args.seed,
                                            think=args.think, think_sampling=think, progress=True)
         else:
             side = engine.vae_transform.max_size  # the model's native generation size

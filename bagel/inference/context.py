@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from bagel.inference.forward import Query, forward_queries
+from bagel.inference.forward import Query, forward_queries, llm_stack
 from bagel.inference.kv_cache import Context
-from bagel.packing import grid_position_ids, patchify_image
+from bagel.packing import grid_position_ids, patchify
 from bagel.tokenizer import SpecialTokens
 
 
@@ -53,7 +53,7 @@ def vit_query(model, tokens: SpecialTokens, image: torch.Tensor, rope: int) -> Q
     if max(h, w) > cfg.vit_max_num_patch_per_side:
         raise ValueError(f"ViT image {tuple(image.shape[1:])} exceeds vit_max_num_patch_per_side="
                          f"{cfg.vit_max_num_patch_per_side} patches per side")
-    patches = patchify_image(image, p).to(device)
+    patches = patchify(image, p).to(device)
     ids = grid_position_ids(h, w, cfg.vit_max_num_patch_per_side).to(device)
     _, _, emb = model.embed_vit(patches, ids, [h * w])
     return image_block(model, tokens, emb, rope, gen=False)
@@ -74,7 +74,7 @@ def latent_query(model, tokens: SpecialTokens, x: torch.Tensor, t: float, grid: 
 
 # Prefill: add blocks to contexts (batched over contexts) ------------------------------------------
 def prefill(model, contexts: list[Context], queries: list[Query], rope_steps: list[int]) -> list[torch.Tensor]:
-    hidden = forward_queries(model, contexts, queries, commit=True)
+    hidden = forward_queries(llm_stack(model), contexts, queries, commit=True)
     for ctx, step in zip(contexts, rope_steps):
         ctx.rope += step
     return hidden
@@ -94,8 +94,6 @@ def add_vit_image(model, tokens: SpecialTokens, contexts: list[Context], images:
 def add_vae_image(model, vae, tokens: SpecialTokens, contexts: list[Context], images: list[torch.Tensor],
                   generator: torch.Generator | None = None, eps: list[torch.Tensor] | None = None) -> None:
     """VAE-encode each image (posterior sample, as the release does) and prefill it at t = 0."""
-    from bagel.model.vae import patchify_latent
-
     cfg, queries = model.cfg, []
     for i, (ctx, image) in enumerate(zip(contexts, images)):
         d = cfg.latent_downsample
@@ -103,7 +101,7 @@ def add_vae_image(model, vae, tokens: SpecialTokens, contexts: list[Context], im
             raise ValueError(f"VAE image {tuple(image.shape[1:])} is not a multiple of {d} px")
         with torch.no_grad():
             z = vae.encode(image[None].to(vae_device(vae)), eps=None if eps is None else eps[i], generator=generator)[0]
-        x = patchify_latent(z.to(model.llm.embed_tokens.weight), cfg.latent_patch_size)
+        x = patchify(z.to(model.llm.embed_tokens.weight), cfg.latent_patch_size)
         queries.append(latent_query(model, tokens, x, 0.0, (image.shape[1] // d, image.shape[2] // d), ctx.rope))
     prefill(model, contexts, queries, [1] * len(contexts))
 

@@ -15,19 +15,19 @@ image, `<|im_start|>` -> a text segment, anything else -> the turn is over.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from bagel.inference import context as ctxlib
+from bagel.inference.forward import Query, forward_queries, llm_stack
 from bagel.inference.generate_image import Branches, ImageGenConfig, decode_latents, generate_latents
 from bagel.inference.generate_text import SamplingConfig, generate_text
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.tokenizer import SpecialTokens, load_tokenizer
-from bagel.transforms import (VAE_INFERENCE, VIT_INFERENCE, ResizeSpec, load_model_transforms, resize_size, to_pil,
-                              to_tensor)
+from bagel.transforms import VAE_INFERENCE, VIT_INFERENCE, ResizeSpec, load_model_transforms, resize_size, to_pil, to_tensor
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
@@ -46,7 +46,6 @@ class Session:
     img_uncond: Context
     image_size: tuple[int, int] | None = None  # (H, W) of the last input image (editing output size)
     next_hint: int | None = None  # LM prediction at the last block's closing marker
-    outputs: list = field(default_factory=list)
 
     def branches(self) -> Branches:
         return Branches(self.full, self.text_uncond, self.img_uncond)
@@ -70,8 +69,8 @@ class Engine:
 
         heads = heads if heads is not None else getattr(self.model, "draft_heads", None)
         if heads is None:
-            raise ValueError("this model has no draft heads: train some (python -m bagel.train.heads) "
-                             "or pass a heads directory")
+            raise ValueError("this model has no draft heads: train some (bagel-train with "
+                             "model.overrides.draft_heads, see configs/train/heads_*.yaml) or pass a heads directory")
         # A chain as deep as the heads (SpecConfig's default); trees: bagel.inference.speculative.
         self.speculative = (heads, SpecConfig())
 
@@ -82,16 +81,16 @@ class Engine:
 
         `vae_device` / `vit_device` let the VAE and the ViT live elsewhere (e.g. on CPU next to a
         GPU LLM) to save accelerator memory."""
-        from bagel.checkpoint.io import from_pretrained
-        from bagel.model.vae import load_vae
+        from bagel.checkpoint.pretrained import VAE_NAME, from_pretrained
+        from bagel.checkpoint.vae import load_vae
 
         path = Path(path)
         model = from_pretrained(path, dtype=dtype, device=device)
         if vit_device and model.cfg.visual_und:
             model.vit.to(vit_device)
-        if not (path / "ae.safetensors").is_file():
-            raise FileNotFoundError(f"{path}: missing ae.safetensors (the VAE weights)")
-        vae = load_vae(path / "ae.safetensors", model.cfg.vae, device=vae_device or device)
+        if not (path / VAE_NAME).is_file():
+            raise FileNotFoundError(f"{path}: missing {VAE_NAME} (the VAE weights)")
+        vae = load_vae(path / VAE_NAME, model.cfg.vae, device=vae_device or device)
         vae_t, vit_t = load_model_transforms(path)
         kwargs.setdefault("vae_transform", vae_t)
         kwargs.setdefault("vit_transform", vit_t)
@@ -106,6 +105,7 @@ class Engine:
         return sessions
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens (BAGEL frames each segment itself)."""
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _check_length(self, s: Session, extra: int) -> None:
@@ -129,14 +129,12 @@ class Engine:
         for s, hint in zip(sessions, hints):
             s.next_hint = hint
 
-    def prepare_image(self, image: Image.Image | str | Path) -> Image.Image:
-        """Load (if a path) and resize with the VAE transform: the size editing outputs keep."""
-        if isinstance(image, (str, Path)):
-            try:
-                image = Image.open(image)
-                image.load()
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot read image {image}: {e}") from e
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """Resize with the VAE transform: the size editing outputs keep. Files are opened by the
+        caller (bagel.cli.inputs.open_image checks them)."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, got {type(image).__name__} (open files with "
+                            "bagel.cli.inputs.open_image or PIL.Image.open)")
         image = image.convert("RGB")
         size = resize_size(image.width, image.height, self.vae_transform)
         return image if size == image.size else image.resize(size, Image.BICUBIC)
@@ -184,21 +182,12 @@ class Engine:
         size = size or sessions[0].image_size
         if size is None:
             raise ValueError("no output size given and no input image to take it from")
-        grid = self.latent_grid(size)
+        grid = latent_grid(self.model.cfg, size)
         latents = generate_latents(self.model, self.tokens, [s.branches() for s in sessions], grid, cfg,
                                    noise=noise, generator=generator, on_step=on_step, progress=progress)
         decoded = decode_latents(self.model, self.vae, latents, grid)
         images = [to_pil(d) for d in decoded]
         return (images, latents, decoded) if return_latents else images
-
-    def latent_grid(self, size: tuple[int, int]) -> tuple[int, int]:
-        h, w = size
-        d, m = self.model.cfg.latent_downsample, self.model.cfg.max_latent_size
-        if h % d or w % d or h <= 0 or w <= 0:
-            raise ValueError(f"image size {w}x{h} (WxH) must be positive multiples of {d} px")
-        if h // d > m or w // d > m:
-            raise ValueError(f"image size {w}x{h} exceeds the model's largest, {m * d}x{m * d} px (max_latent_size={m})")
-        return h // d, w // d
 
     # High-level tasks ------------------------------------------------------------------------------
     def understand(self, images: list, question: str, sampling: SamplingConfig = SamplingConfig(max_new_tokens=512),
@@ -211,19 +200,24 @@ class Engine:
         self.add_text(s, [question])
         return self.generate_text(s, sampling)[0][0]
 
-    def text_to_image(self, prompts: list[str], size: tuple[int, int], cfg: ImageGenConfig = ImageGenConfig(),
+    def text_to_image(self, prompts: list[str], size: tuple[int, int], cfg: ImageGenConfig | None = None,
                       seed: int = 0, think: bool = False, think_sampling: SamplingConfig = SamplingConfig(),
                       progress: bool = False) -> tuple[list[Image.Image], list[str]]:
-        """Returns the images and, in think mode, the planning texts."""
+        """Returns the images and, in think mode, the planning texts. `cfg` defaults to the
+        `text_to_image` preset (bagel.inference.generate_image.PRESETS)."""
+        cfg = cfg or ImageGenConfig.preset("text_to_image")
         sessions = self.new_sessions(len(prompts))
-        thoughts = self._prompt_and_think(sessions, prompts, think, think_sampling)
+        if think:
+            self.add_text(sessions, [GEN_THINK_SYSTEM_PROMPT] * len(sessions))
+        self.add_text(sessions, prompts)
+        thoughts = self._think(sessions, think_sampling) if think else []
         g = torch.Generator().manual_seed(seed)
         return self.generate_image(sessions, size, cfg, generator=g, progress=progress), thoughts
 
     def edit(self, images: list, instructions: list[str], cfg: ImageGenConfig | None = None, seed: int = 0,
              think: bool = False, think_sampling: SamplingConfig = SamplingConfig(), progress: bool = False):
-        cfg = cfg or ImageGenConfig(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
-                                    cfg_renorm_type="text_channel")
+        """Edit each image by its instruction; `cfg` defaults to the `edit` preset."""
+        cfg = cfg or ImageGenConfig.preset("edit")
         sessions = self.new_sessions(len(images))
         g = torch.Generator().manual_seed(seed)
         if think:
@@ -235,12 +229,6 @@ class Engine:
         if len(sizes) > 1:
             raise ValueError(f"batched edits need input images of one size after resizing, got {sorted(sizes)}")
         return self.generate_image(sessions, None, cfg, generator=g, progress=progress), thoughts
-
-    def _prompt_and_think(self, sessions, prompts, think, sampling) -> list[str]:
-        if think:
-            self.add_text(sessions, [GEN_THINK_SYSTEM_PROMPT] * len(sessions))
-        self.add_text(sessions, prompts)
-        return self._think(sessions, sampling) if think else []
 
     def _think(self, sessions, sampling) -> list[str]:
         """Decode the planning text, then add it to the full contexts only (as the release does)."""
@@ -282,12 +270,21 @@ class Engine:
     def _hint_from_last_marker(self, session: Session) -> None:
         """Prediction at the closing <|vision_end|> of the image just added: re-run that single
         token as a query (cheap) to read the LM head there."""
-        from bagel.inference.forward import Query, forward_queries
-
         ctx = session.full.fork()
         ctx.trim(ctx.length - 1)  # drop the cached <|vision_end|> and recompute it
         end = self.model.llm.embed_tokens(torch.tensor([self.tokens.end_of_image], device=self.cache.keys.device))
         q = Query(end, torch.tensor([session.full.rope - 1], device=end.device),
                   torch.zeros(1, dtype=torch.bool, device=end.device), causal=True)
-        hidden = forward_queries(self.model, [ctx], [q], commit=False)
+        hidden = forward_queries(llm_stack(self.model), [ctx], [q], commit=False)
         self._set_hints([session], hidden)
+
+
+def latent_grid(cfg, size: tuple[int, int]) -> tuple[int, int]:
+    """(H, W) pixels -> the (h, w) latent token grid, or a ValueError naming the size rule."""
+    h, w = size
+    d, m = cfg.latent_downsample, cfg.max_latent_size
+    if h % d or w % d or h <= 0 or w <= 0:
+        raise ValueError(f"image size {w}x{h} (WxH) must be positive multiples of {d} px")
+    if h // d > m or w // d > m:
+        raise ValueError(f"image size {w}x{h} exceeds the model's largest, {m * d}x{m * d} px (max_latent_size={m})")
+    return h // d, w // d

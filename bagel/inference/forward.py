@@ -1,11 +1,14 @@
-"""One batched LLM forward of new query blocks against cached contexts.
+"""One batched decoder forward of new query blocks against cached contexts.
 
 Each context of the batch gets one `Query` (embeddings, RoPE ids, which rows the generation
-expert owns, causal or not). The blocks are padded to a common length and run through the MoT
-layers in one pass (projections and MLPs batched); in every layer each block's keys/values are
-written into its context's cache row right after the cached prefix, and each block attends over
-a view of its row (cache + block; bottom-right causal for text: query i sees every cached key
-plus block keys 0..i).
+expert owns, causal or not). The blocks are padded to a common length and run through the
+decoder layers in one pass (projections and MLPs batched); in every layer each block's
+keys/values are written into its context's cache row right after the cached prefix, and each
+block attends over its row (cache + block) through `bagel.model.attention.cached_attention`,
+with the backend the model's config names.
+
+The layers are passed explicitly as a `DecoderStack` (the LLM's, or an MTP drafter's one-block
+stack), so the same code serves both.
 
 `commit=True` makes the block part of the context (prefill, decoding); `commit=False` leaves it
 as scratch (denoising queries, which the official inferencer never caches either).
@@ -14,11 +17,13 @@ as scratch (denoising queries, which the official inferencer never caches either
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
 from bagel.inference.kv_cache import Context
+from bagel.model.attention import CAUSAL, FULL, cached_attention, resolve_cached_backend
 from bagel.model.mot import Routing
 
 
@@ -36,27 +41,37 @@ class Query:
         return self.embeds.shape[0]
 
 
-def _row_mask(q: Query, cached: int, device) -> torch.Tensor | None:
-    """(n, cached + n) bool over one context's keys, or None when everything is visible.
+@dataclass
+class DecoderStack:
+    """What a cached forward runs: layers called as `layer(x, cos, sin, route, attend)`, the RoPE
+    table function, an optional final norm `(h, route) -> h`, and the attention backend name."""
 
-    Causal text: block query i sees every cached key and block keys 0..i (bottom-right aligned).
-    A custom block mask (tree attention) keeps the cached prefix fully visible."""
+    layers: Sequence[nn.Module]
+    rope: Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+    final_norm: Callable[[torch.Tensor, Routing], torch.Tensor] | None
+    backend: str
+
+
+def llm_stack(model) -> DecoderStack:
+    """The LLM of a Bagel: its MoT layers, RoPE, expert-wise final norm and attention backend."""
+    return DecoderStack(model.llm.layers, model.llm.rope, model.llm.final_norm, model.cfg.attn_backend)
+
+
+def _block_mask(q: Query, cached: int, device):
+    """The cached-attention mask of one block over its cache + block keys."""
     n = len(q)
     if q.mask is not None:
         if q.mask.shape != (n, n):
             raise ValueError(f"Query.mask has shape {tuple(q.mask.shape)}, expected {(n, n)}")
         return torch.cat([torch.ones(n, cached, dtype=torch.bool, device=device), q.mask.to(device)], dim=1)
-    if not q.causal or n == 1:
-        return None
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(cached + n, device=device)[None, :]
-    return j <= cached + i
+    return CAUSAL if q.causal and n > 1 else FULL
 
 
 @torch.no_grad()
-def forward_queries(model, contexts: list[Context], queries: list[Query], commit: bool) -> list[torch.Tensor]:
+def forward_queries(stack: DecoderStack, contexts: list[Context], queries: list[Query],
+                    commit: bool) -> list[torch.Tensor]:
     """Run `queries[b]` against `contexts[b]` for all b in one batch -> hidden states after the
-    expert-wise final norm, one (n_b, D) tensor per query."""
+    final norm, one (n_b, D) tensor per query."""
     if len(contexts) != len(queries) or not contexts:
         raise ValueError(f"need one query per context, got {len(queries)} queries for {len(contexts)} contexts")
     cache = contexts[0].cache
@@ -69,7 +84,7 @@ def forward_queries(model, contexts: list[Context], queries: list[Query], commit
         cache.reserve(ctx, n, taken)
         taken.add(ctx.row)
     device = queries[0].embeds.device
-    lens = [c.length for c in contexts]
+    lens, rows = [c.length for c in contexts], [c.row for c in contexts]
 
     # Pad the blocks to (B * q_max) packed rows; padding rows use the und expert at position 0.
     x = queries[0].embeds.new_zeros(B, q_max, d)
@@ -83,34 +98,33 @@ def forward_queries(model, contexts: list[Context], queries: list[Query], commit
     route = Routing(und=flat[~gen.flatten()], gen=flat[gen.flatten()])
     # Where each valid query token's key/value goes in the cache.
     b_idx, i_idx = valid.nonzero(as_tuple=True)
-    rows = [c.row for c in contexts]
     row_idx = torch.tensor(rows, device=device)[b_idx]
     slot_idx = torch.tensor(lens, device=device)[b_idx] + i_idx
-    # Attention runs per context on views of its cache row: no padding, and no mask at all for
-    # bidirectional blocks and single-token steps (SDPA's fast kernels need mask=None).
-    row_masks = [_row_mask(q, l, device) for q, l in zip(queries, lens)]
+    masks = [_block_mask(q, n, device) for q, n in zip(queries, lens)]
+    backend = resolve_cached_backend(stack.backend, device, x.dtype)
 
     def attend(layer: int):
         def fn(q, k, v):  # q: (B*q_max, Hq, hd), k/v: (B*q_max, Hkv, hd)
             cache.keys[layer, row_idx, slot_idx] = k.reshape(B, q_max, *k.shape[1:])[b_idx, i_idx]
             cache.values[layer, row_idx, slot_idx] = v.reshape(B, q_max, *v.shape[1:])[b_idx, i_idx]
             q = q.reshape(B, q_max, *q.shape[1:])
+            outs = cached_attention([q[b, :n] for b, n in enumerate(q_lens)],
+                                    [cache.keys[layer, r, : l + n] for r, l, n in zip(rows, lens, q_lens)],
+                                    [cache.values[layer, r, : l + n] for r, l, n in zip(rows, lens, q_lens)],
+                                    masks, backend)
             out = torch.zeros_like(q)
-            for b, (row, l, n) in enumerate(zip(rows, lens, q_lens)):
-                keys = cache.keys[layer, row, : l + n].transpose(0, 1)[None]  # (1, Hkv, l+n, hd)
-                values = cache.values[layer, row, : l + n].transpose(0, 1)[None]
-                o = F.scaled_dot_product_attention(q[b, :n].transpose(0, 1)[None], keys, values,
-                                                   attn_mask=row_masks[b], enable_gqa=True)  # (1, Hq, n, hd)
-                out[b, :n] = o[0].transpose(0, 1)
+            for b, (o, n) in enumerate(zip(outs, q_lens)):
+                out[b, :n] = o
             return out.reshape(B * q_max, *out.shape[2:])
         return fn
 
-    llm = model.llm
     h = x.reshape(B * q_max, d)
-    cos, sin = llm.rope(positions.flatten(), h.dtype)
-    for i, layer in enumerate(llm.layers):
+    cos, sin = stack.rope(positions.flatten(), h.dtype)
+    for i, layer in enumerate(stack.layers):
         h = layer(h, cos, sin, route, attend(i))
-    h = llm.final_norm(h, route).reshape(B, q_max, d)
+    if stack.final_norm is not None:
+        h = stack.final_norm(h, route)
+    h = h.reshape(B, q_max, d)
     if commit:
         for ctx, n in zip(contexts, q_lens):
             ctx.length += n

@@ -40,11 +40,10 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
-from bagel.inference.forward import Query, forward_queries
+from bagel.inference.forward import DecoderStack, Query, forward_queries, llm_stack
 from bagel.inference.generate_text import SamplingConfig, probs_from_logits
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.model.heads import MedusaHeads, MTPHeads
@@ -97,6 +96,10 @@ class Tree:
     @classmethod
     def chain(cls, k: int) -> "Tree":
         return cls.from_paths([(0,) * d for d in range(1, k + 1)])
+
+    @property
+    def is_chain(self) -> bool:
+        return all(r == 0 for p in self.paths for r in p)
 
     def path_to(self, node: int) -> list[int]:
         out = []
@@ -239,7 +242,7 @@ class _MTPDrafter:
     """Per-sequence state of the MTP modules over the answer window (see the module docstring)."""
 
     def __init__(self, model, heads: MTPHeads, B: int, rope0: list[int], first: torch.Tensor):
-        self.model, self.heads, self.D = model, heads, len(heads)
+        self.model, self.heads, self.D = model, heads, heads.depth
         llm = model.llm
         c = model.cfg.llm
         self.caches = [KVCache(1, c.num_key_value_heads, c.head_dim, rows=B, capacity=64,
@@ -251,8 +254,8 @@ class _MTPDrafter:
                 ctx.rope = rope0[b]
         self.tokens = [[int(t)] for t in first]  # final window tokens per sequence
         self.hidden = [[[] for _ in range(B)] for _ in range(self.D + 1)]  # final h^k rows per position
-        self.stacks = [SimpleNamespace(llm=SimpleNamespace(layers=[m.block], rope=llm.rope,
-                                                           final_norm=lambda h, route: h)) for m in heads.stack]
+        # each module's block runs as a one-layer decoder over its own cache, without a final norm
+        self.stacks = [DecoderStack([m.block], llm.rope, None, model.cfg.attn_backend) for m in heads.stack]
 
     def extend(self, b: int, hidden: torch.Tensor, tokens: list[int]) -> None:
         """Sequence b's trunk states for newly fed positions, and the tokens after them."""
@@ -268,7 +271,7 @@ class _MTPDrafter:
         q = [[] for _ in active]
         scratch = [dict() for _ in active]  # position -> this step's h^{k-1} (not final)
         for k in range(1, self.D + 1):
-            module = self.heads[k - 1]
+            module = self.heads.stack[k - 1]
             queries, ctxs, spans = [], [], []
             for j, b in enumerate(active):
                 N = len(self.tokens[b]) - 1  # index of the root (last final token)
@@ -303,6 +306,15 @@ class _MTPDrafter:
         return d, (torch.stack([torch.stack(r) for r in q]) if not greedy else None)
 
 
+@dataclass
+class _State:
+    """Per-sequence decoding state: the token to feed next and the drafts to verify after it."""
+
+    root: int
+    cand: list[int] | None = None  # a token per tree node, node 0 the root (None: root only)
+    q: torch.Tensor | None = None  # sampled chains: (depth, V) draft probabilities
+
+
 @torch.no_grad()
 def generate_speculative(model, tokens: SpecialTokens, contexts: list[Context],
                          cfg: SamplingConfig = SamplingConfig(), heads=None, spec: SpecConfig = SpecConfig(),
@@ -312,93 +324,110 @@ def generate_speculative(model, tokens: SpecialTokens, contexts: list[Context],
     heads = heads if heads is not None else getattr(model, "draft_heads", None)
     if heads is None:
         raise ValueError("speculative decoding needs draft heads: pass heads= or build the model with draft_heads")
-    is_mtp = isinstance(heads, MTPHeads)
-    depth = len(heads) if is_mtp else len(heads.heads)
-    tree = spec.tree or Tree.chain(depth)
-    if tree.max_depth > depth:
-        raise ValueError(f"tree depth {tree.max_depth} exceeds the {depth} draft heads")
-    if spec.mode not in ("exact", "typical"):
-        raise ValueError(f"spec.mode={spec.mode!r}: expected 'exact' or 'typical'")
-    greedy = cfg.temperature <= 0
-    chain = all(r == 0 for p in tree.paths for r in p)
-    if is_mtp and not chain:
-        raise ValueError("MTP drafts one token per module: use a chain (spec.tree=None or Tree.chain(k))")
-    sample_chain = not greedy and spec.mode == "exact" and chain  # Leviathan rule with the heads' q
-
-    llm = model.llm
-    device = llm.embed_tokens.weight.device
+    tree = _check_spec(heads, spec)
+    sample_chain = cfg.temperature > 0 and spec.mode == "exact" and tree.is_chain  # Leviathan rule with q
     B = len(contexts)
-    out = SpecOutput(ids=[[] for _ in range(B)], finished=[False] * B, stats=SpecStats(
-        accepted_per_depth=[0] * tree.max_depth))
-    root = [tokens.bos] * B
-    cand: list[list[int] | None] = [None] * B  # per sequence: token per tree node (None: root only)
-    qs: list[torch.Tensor | None] = [None] * B  # sampled chains: (depth, V) draft probabilities
-    mtp = _MTPDrafter(model, heads, B, [c.rope for c in contexts], torch.tensor(root)) if is_mtp else None
+    out = SpecOutput(ids=[[] for _ in range(B)], finished=[False] * B,
+                     stats=SpecStats(accepted_per_depth=[0] * tree.max_depth))
+    states = [_State(root=tokens.bos) for _ in range(B)]
+    mtp = (_MTPDrafter(model, heads, B, [c.rope for c in contexts], torch.tensor([tokens.bos] * B))
+           if isinstance(heads, MTPHeads) else None)
     active = list(range(B))
     while active:
         ctxs = [contexts[b] for b in active]
-        nodes = [[root[b]] + (cand[b][1:] if cand[b] is not None else []) for b in active]
-        queries = []
-        for b, ctx, toks in zip(active, ctxs, nodes):
-            T = len(toks)
-            queries.append(Query(llm.embed_tokens(torch.tensor(toks, device=device)),
-                                 ctx.rope + tree.depth[:T].to(device),
-                                 torch.zeros(T, dtype=torch.bool, device=device), causal=True,
-                                 mask=tree.mask[:T, :T]))
+        nodes = [[states[b].root] + (states[b].cand[1:] if states[b].cand is not None else []) for b in active]
         starts = [c.length for c in ctxs]
-        hidden = forward_queries(model, ctxs, queries, commit=True)
+        hidden = forward_queries(llm_stack(model), ctxs, _tree_queries(model, ctxs, nodes, tree), commit=True)
         out.stats.forwards += 1
         still = []
         for j, b in enumerate(active):
-            ctx, h, toks = ctxs[j], hidden[j], nodes[j]
-            logits = llm.lm_head(h)  # (T, V)
-            T = len(toks)
-            sub = tree if T == tree.size else Tree.from_paths(tree.paths[:T])
-            if greedy:  # typical acceptance's T -> 0 limit is greedy too
-                path, nxt = verify_greedy(sub, toks, logits.argmax(-1).tolist())
-            elif spec.mode == "typical":
-                path, nxt = verify_typical(sub, toks, probs_from_logits(logits, cfg), spec.typical_epsilon,
-                                           spec.typical_delta)
-            elif sample_chain and T > 1:
-                a, nxt = verify_sample_chain(probs_from_logits(logits, cfg), qs[b], toks[1:], generator)
-                path = list(range(a + 1))
-            else:
-                path, nxt = verify_sample_tree(sub, toks, probs_from_logits(logits, cfg), generator)
-            if T > 1:
-                a = len(path) - 1
-                out.stats.steps += 1
-                out.stats.drafted += T - 1 if chain else tree.max_depth
-                out.stats.accepted += a
-                for d in range(a):
-                    out.stats.accepted_per_depth[d] += 1
-            # Emitted: the accepted drafts, then nxt; node path[m] predicted emitted[m].
-            emitted = [toks[n] for n in path[1:]] + [nxt]
-            keep_nodes, done = len(path), False
-            for m, t in enumerate(emitted):
-                if t == tokens.eos:
-                    out.finished[b], done, keep_nodes = True, True, m + 1
-                    break
-                out.ids[b].append(t)
-                if len(out.ids[b]) == cfg.max_new_tokens:
-                    done, keep_nodes = True, m + 1
-                    break
-            _compact(ctx, starts[j], path[:keep_nodes])
-            if done:
+            path, nxt = _verify(model, tree, nodes[j], hidden[j], states[b], cfg, spec, sample_chain, generator)
+            _count(out.stats, tree, len(nodes[j]), len(path) - 1)
+            if _emit(out, b, ctxs[j], starts[j], path, nodes[j], nxt, tokens.eos, cfg.max_new_tokens):
                 continue
             still.append(b)
-            last = h[path[-1]]
-            root[b] = nxt
+            states[b].root = nxt
             if mtp is not None:
-                mtp.extend(b, h[path], [toks[n] for n in path[1:]] + [nxt])
+                mtp.extend(b, hidden[j][path], [nodes[j][n] for n in path[1:]] + [nxt])
             else:
-                cand[b], qs[b] = _medusa_candidates(heads, llm, last, tree, cfg, sample_chain, generator)
+                states[b].cand, states[b].q = _medusa_candidates(heads, model.llm, hidden[j][path[-1]], tree, cfg,
+                                                                 sample_chain, generator)
         active = still
         if mtp is not None and active:
             drafts, q = mtp.draft(active, cfg, generator)
             for j, b in enumerate(active):
-                cand[b] = [root[b]] + drafts[j, :tree.max_depth].tolist()
-                qs[b] = q[j] if q is not None else None
+                states[b].cand = [states[b].root] + drafts[j, :tree.max_depth].tolist()
+                states[b].q = q[j] if q is not None else None
     return out
+
+
+def _check_spec(heads, spec: SpecConfig) -> Tree:
+    """The tree to use (a chain as deep as the heads by default), checked against the heads."""
+    tree = spec.tree or Tree.chain(heads.depth)
+    if tree.max_depth > heads.depth:
+        raise ValueError(f"tree depth {tree.max_depth} exceeds the {heads.depth} draft heads")
+    if spec.mode not in ("exact", "typical"):
+        raise ValueError(f"spec.mode={spec.mode!r}: expected 'exact' or 'typical'")
+    if isinstance(heads, MTPHeads) and not tree.is_chain:
+        raise ValueError("MTP drafts one token per module: use a chain (spec.tree=None or Tree.chain(k))")
+    return tree
+
+
+def _tree_queries(model, ctxs: list[Context], nodes: list[list[int]], tree: Tree) -> list[Query]:
+    """One query per sequence: its nodes at RoPE id prefix + depth, attending by the tree mask."""
+    emb = model.llm.embed_tokens
+    device = emb.weight.device
+    queries = []
+    for ctx, toks in zip(ctxs, nodes):
+        T = len(toks)
+        queries.append(Query(emb(torch.tensor(toks, device=device)), ctx.rope + tree.depth[:T].to(device),
+                             torch.zeros(T, dtype=torch.bool, device=device), causal=True, mask=tree.mask[:T, :T]))
+    return queries
+
+
+def _verify(model, tree: Tree, toks: list[int], h: torch.Tensor, state: _State, cfg: SamplingConfig,
+            spec: SpecConfig, sample_chain: bool, generator) -> tuple[list[int], int]:
+    """Verify one sequence's nodes -> (accepted path of node indices, the token after it)."""
+    logits = model.llm.lm_head(h)  # (T, V)
+    T = len(toks)
+    sub = tree if T == tree.size else Tree.from_paths(tree.paths[:T])
+    if cfg.temperature <= 0:  # typical acceptance's T -> 0 limit is greedy too
+        return verify_greedy(sub, toks, logits.argmax(-1).tolist())
+    p = probs_from_logits(logits, cfg)
+    if spec.mode == "typical":
+        return verify_typical(sub, toks, p, spec.typical_epsilon, spec.typical_delta)
+    if sample_chain and T > 1:
+        a, nxt = verify_sample_chain(p, state.q, toks[1:], generator)
+        return list(range(a + 1)), nxt
+    return verify_sample_tree(sub, toks, p, generator)
+
+
+def _count(stats: SpecStats, tree: Tree, T: int, accepted: int) -> None:
+    if T <= 1:  # the first, draft-less step
+        return
+    stats.steps += 1
+    stats.drafted += T - 1 if tree.is_chain else tree.max_depth
+    stats.accepted += accepted
+    for d in range(accepted):
+        stats.accepted_per_depth[d] += 1
+
+
+def _emit(out: SpecOutput, b: int, ctx: Context, start: int, path: list[int], toks: list[int], nxt: int,
+          eos: int, max_new_tokens: int) -> bool:
+    """Append the accepted drafts and `nxt` to sequence b (stopping at EOS or the length limit),
+    keep exactly the fed nodes in the cache; returns whether the sequence is done."""
+    emitted = [toks[n] for n in path[1:]] + [nxt]  # node path[m] predicted emitted[m]
+    keep_nodes, done = len(path), False
+    for m, t in enumerate(emitted):
+        if t == eos:
+            out.finished[b], done, keep_nodes = True, True, m + 1
+            break
+        out.ids[b].append(t)
+        if len(out.ids[b]) == max_new_tokens:
+            done, keep_nodes = True, m + 1
+            break
+    _compact(ctx, start, path[:keep_nodes])
+    return done
 
 
 def _medusa_candidates(heads: MedusaHeads, llm, last: torch.Tensor, tree: Tree, cfg: SamplingConfig,

@@ -34,16 +34,6 @@ class Routing:
     und: torch.Tensor  # (N_und,) long
     gen: torch.Tensor  # (N_gen,) long
 
-    @classmethod
-    def all_und(cls, n: int, device=None) -> "Routing":
-        idx = torch.arange(n, device=device)
-        return cls(und=idx, gen=idx[:0])
-
-    @classmethod
-    def all_gen(cls, n: int, device=None) -> "Routing":
-        idx = torch.arange(n, device=device)
-        return cls(und=idx[:0], gen=idx)
-
     def experts(self, layer_or_norms) -> tuple:
         return ((layer_or_norms.und, self.und), (layer_or_norms.gen, self.gen))
 
@@ -63,6 +53,16 @@ class Expert(nn.Module):
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
         self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.mlp = SwiGLU(d, cfg.intermediate_size)
+        self.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, hd)
+
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Normalised (n, D) rows -> q (n, Hq, hd), k (n, Hkv, hd) after per-head RMSNorm and RoPE,
+        v (n, Hkv, hd). cos/sin: (n, hd) for these rows."""
+        hq, hkv, hd = self.heads
+        q = self.q_norm(self.q_proj(h).unflatten(-1, (hq, hd)))
+        k = self.k_norm(self.k_proj(h).unflatten(-1, (hkv, hd)))
+        v = self.v_proj(h).unflatten(-1, (hkv, hd))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class MoTLayer(nn.Module):
@@ -79,12 +79,9 @@ class MoTLayer(nn.Module):
         k = x.new_empty(n, self.num_kv_heads, self.head_dim)
         v = x.new_empty(n, self.num_kv_heads, self.head_dim)
         for expert, idx in route.experts(self):
-            h = expert.input_norm(x[idx])
-            q_e = expert.q_norm(expert.q_proj(h).unflatten(-1, (self.num_heads, self.head_dim)))
-            k_e = expert.k_norm(expert.k_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim)))
-            v_e = expert.v_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim))
-            q = q.index_copy(0, idx, apply_rope(q_e, cos[idx], sin[idx]))
-            k = k.index_copy(0, idx, apply_rope(k_e, cos[idx], sin[idx]))
+            q_e, k_e, v_e = expert.qkv(expert.input_norm(x[idx]), cos[idx], sin[idx])
+            q = q.index_copy(0, idx, q_e)
+            k = k.index_copy(0, idx, k_e)
             v = v.index_copy(0, idx, v_e)
         return q, k, v
 

@@ -1,13 +1,11 @@
 """What the trainer consumes: an iterable of `TrainItem`s with `state_dict()` / `load_state_dict()`.
 
-Two sources implement that interface:
-
-- `SyntheticSource`: random-but-learnable samples built with `pack_samples`, deterministic per
-  sample index, for tests and benchmarks. Global batch b holds samples b*S .. b*S+S-1; rank r
-  packs those with index % world == r, and every sample carries its own flow noise and VAE
-  posterior noise, so one process and N ranks see the same global batch with the same noise.
-- `PipelineSource`: `data_pipelines.loader.PackLoader` (webdataset shards, mixing, token-budget
-  packing), whose packs already carry their resumable state.
+`SyntheticSource` (here) makes random-but-learnable samples with `pack_samples`, deterministic per
+sample index, for tests and benchmarks. Global batch b holds samples b*S .. b*S+S-1; rank r packs
+those with index % world == r, and every sample carries its own flow noise and VAE posterior
+noise, so one process and N ranks see the same global batch with the same noise. The data
+pipeline's sources (webdataset shards, text corpora) live in `data_pipelines` and are adapted and
+handed to the trainer by the wiring layer (bagel/cli/train.py).
 """
 
 from __future__ import annotations
@@ -36,8 +34,6 @@ def synthetic_tokens(cfg: BagelConfig) -> SpecialTokens:
     v = cfg.llm.vocab_size
     return SpecialTokens(bos=v - 4, eos=v - 3, start_of_image=v - 2, end_of_image=v - 1)
 
-
-# ------------------------------------------------------------------------------------------------
 class SyntheticSource:
     """Three sample kinds, cycling: text-to-image, image QA, and an interleaved edit sample.
 
@@ -110,25 +106,3 @@ class SyntheticSource:
             item = self.make(self.next_batch)
             self.next_batch += 1
             yield item
-
-
-class PipelineSource:
-    """`data_pipelines.loader.PackLoader` behind the trainer's interface (imported lazily: `bagel`
-    itself never imports `data_pipelines`; the CLI passes the loader class in)."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.tokens = loader.tokens
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
-    def __iter__(self) -> Iterator[TrainItem]:
-        for pack in self.loader:
-            yield TrainItem(batch=pack.batch, num_samples=len(pack.keys), skipped=dict(self.loader.stats))
-
-
-# ------------------------------------------------------------------------------------------------

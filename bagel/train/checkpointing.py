@@ -2,21 +2,31 @@
 
     RUN_DIR/checkpoints/step_00001000/
         .metadata, __<rank>_0.distcp   model, optimizer and EMA shards (DCP; reshardable)
-        rank_00000.pt ...              per rank: data-loader state, RNG states
+        rank_00000.pt ...              per rank: data-loader state, RNG states (weights_only)
         trainer.json                   step, loss scaler, counters, world size
         config.yaml                    the resolved TrainConfig
+        manifest.json                  size and sha256 of every file above, written last
 
-A checkpoint is written into `.tmp_step_XXXXXXXX` and renamed to `step_XXXXXXXX` by rank 0 once
-every rank has finished (a rename within one directory is atomic on POSIX file systems; on many
-nodes RUN_DIR must be on a shared file system). A run killed while writing leaves only a `.tmp_`
-directory, which is ignored and removed at the next start; the previous checkpoint is untouched.
-Only the last `keep` checkpoints are kept. Every rank saves and loads only its own shards: no
-full state dict is gathered (the official trainer gathers it on rank 0 and OOMs on large models).
+Writing: every rank writes its shards into `.tmp_step_XXXXXXXX`; then rank 0 writes the JSON
+files and, last, the manifest, fsyncs the files and the directory, and renames it to
+`step_XXXXXXXX` (atomic within one file system; on many nodes RUN_DIR must be a shared file
+system). Re-saving an existing step renames the old one aside first, so a complete checkpoint of
+that step exists at every moment. Only the `keep` newest are kept. Every rank saves and loads
+only its own shards: no full state dict is gathered (the official trainer gathers it on rank 0
+and OOMs on large models).
+
+Reading: a checkpoint counts only if its manifest matches its files (sizes when listing, sizes and
+hashes when loading); `latest_checkpoint` falls back from a damaged newest one to the newest intact
+one, saying what was wrong. The DCP files are read through `bagel.checkpoint.dcp` (no arbitrary
+unpickling) and the per-rank files with `torch.load(weights_only=True)`, so a checkpoint handed
+over from elsewhere cannot run code. A start removes `.tmp_` leftovers of a killed run (or
+promotes one whose manifest is complete: the kill came between its last two renames).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -28,72 +38,154 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from bagel.checkpoint.dcp import SafeLoadPlanner, SafeReader
+from bagel.checkpoint.files import fsync_dir, fsync_file, write_text
+from bagel.checkpoint.strict import CheckpointError
 from bagel.train.distributed import DistInfo, barrier
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp_step_"
+OLD_PREFIX = ".old_step_"
+MANIFEST = "manifest.json"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[1])
+
+
+def verify(path: str | Path, hashes: bool = True) -> str | None:
+    """What is wrong with checkpoint `path` (None: intact). Sizes always, sha256 with `hashes`."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the checkpoint was never completed)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, info in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {info['size']}"
+        if hashes and _sha256(f) != info["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    try:
+        json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"trainer.json is unreadable ({e})"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints whose files match their manifest's sizes, oldest first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and verify(p, hashes=False) is None]
+    return sorted(found, key=_step_of)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+def latest_checkpoint(run_dir: str | Path, log=None) -> Path | None:
+    """The newest intact checkpoint (sizes and hashes checked); damaged newer ones are skipped,
+    each with a message through `log` naming what is wrong."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=_step_of)
+    for path in reversed(candidates):
+        problem = verify(path)
+        if problem is None:
+            return path
+        if log is not None:
+            log(f"[bagel-train] warning: skipping damaged checkpoint {path}: {problem}")
+    return None
 
 
 def remove_stale(run_dir: str | Path, dist: DistInfo) -> None:
-    """Delete half-written checkpoints left by a killed run (rank 0)."""
+    """Rank 0: finish or remove what a killed save left behind."""
     root = checkpoint_root(run_dir)
     if dist.is_main and root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(TMP_PREFIX):
+        for p in sorted(root.iterdir()):
+            if not p.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+                continue
+            final = root / f"{PREFIX}{p.name.rsplit('_', 1)[1]}"
+            if not final.exists() and verify(p) is None:
+                os.replace(p, final)  # complete, only its rename was missing
+            else:
                 shutil.rmtree(p, ignore_errors=True)
+        fsync_dir(root)
     barrier()
 
 
 def save(run_dir: str | Path, step: int, model, optimizer, ema_state: dict[str, torch.Tensor] | None,
          trainer_state: dict[str, Any], rank_state: dict[str, Any], config_yaml: str, keep: int,
-         dist: DistInfo, crash: bool = False) -> Path:
+         dist: DistInfo) -> Path:
     """Write checkpoint `step` (collective: every rank calls it). Returns its final path."""
     root = checkpoint_root(run_dir)
-    final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{step:08d}"
     if dist.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    state = _sharded_state(model, optimizer, ema_state)
-    with _quiet():
-        dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(rank_state, tmp / f"rank_{dist.rank:05d}.pt")
-    if crash:  # fault injection: die with the shards written but the checkpoint not committed
-        os._exit(17)
+    write_shards(tmp, model, optimizer, ema_state, rank_state, dist)
     barrier()
+    final = root / f"{PREFIX}{step:08d}"
     if dist.is_main:
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step,
-                                                      "world_size": dist.world_size}, indent=2))
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        commit(tmp, final, {**trainer_state, "step": step, "world_size": dist.world_size}, config_yaml)
+        prune(run_dir, keep)
     barrier()
     return final
+
+
+def write_shards(tmp: Path, model, optimizer, ema_state, rank_state: dict[str, Any], dist: DistInfo) -> None:
+    """This rank's part of a checkpoint: its DCP shards and its rank state."""
+    with _quiet():
+        dcp.save(_sharded_state(model, optimizer, ema_state), checkpoint_id=str(tmp))
+    torch.save(rank_state, tmp / f"rank_{dist.rank:05d}.pt")
+
+
+def commit(tmp: Path, final: Path, trainer_state: dict[str, Any], config_yaml: str) -> None:
+    """Rank 0, once every rank's files are in `tmp`: JSON files, the manifest last, then rename."""
+    write_text(tmp / "config.yaml", config_yaml)
+    write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
+    files = {}
+    for f in sorted(p for p in tmp.iterdir() if p.is_file()):
+        fsync_file(f)
+        files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    write_text(tmp / MANIFEST, json.dumps({"files": files}, indent=1))
+    fsync_dir(tmp)
+    if final.exists():  # the same step saved again: keep a complete copy at every moment
+        old = final.with_name(OLD_PREFIX + final.name[len(PREFIX):])
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest intact checkpoints (damaged ones are left for a person to look at)."""
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _sharded_state(model, optimizer, ema_state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -109,18 +201,27 @@ def load(path: str | Path, model, optimizer, ema_state: dict[str, torch.Tensor] 
          dist: DistInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model, optimizer and EMA in place; returns (trainer_state, this rank's state)."""
     path = Path(path)
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    problem = verify(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged or incomplete: {problem}")
     trainer_state = json.loads((path / "trainer.json").read_text())
     rank_file = path / f"rank_{dist.rank:05d}.pt"
     if not rank_file.is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{rank_file} is missing: the checkpoint was written by {trainer_state.get('world_size')} "
             f"ranks and this run has {dist.world_size}; the data-loader state only resumes on the same "
             "world size (weights alone can be reloaded with model.preset=pretrained after an export)")
     state = _sharded_state(model, optimizer, ema_state)
-    with _quiet():
-        dcp.load(state, checkpoint_id=str(path))
+    try:
+        with _quiet():
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, KeyError, AssertionError) as e:  # DCP's errors for another model's checkpoint
+        raise CheckpointError(f"checkpoint {path} does not fit this model and optimizer "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_state = torch.load(rank_file, weights_only=True)  # tensors and plain containers: no unpickling
     return trainer_state, rank_state
@@ -132,14 +233,3 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

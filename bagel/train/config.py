@@ -34,7 +34,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    kind: str = "synthetic"  # "synthetic" (random tensors, tests/benchmarks) | "pipeline" (data_pipelines)
+    # "synthetic" (random tensors, tests/benchmarks) | "pipeline" (webdataset shards, data_pipelines)
+    # | "corpus" (text-only samples: the standard library's documentation or the digits texts)
+    kind: str = "synthetic"
     # synthetic: every global batch holds `samples_per_batch` samples, deterministic per index.
     samples_per_batch: int = 4
     text_len: list[int] = field(default_factory=lambda: [8, 24])  # [min, max] text tokens
@@ -42,10 +44,14 @@ class DataSection:
     vocab_low: int = 8  # draw text ids in [vocab_low, vocab_size - 8)
     seed: int = 1234
     num_batches: int = 0  # > 0: cycle over this many distinct global batches (overfitting tests)
-    # pipeline: a data YAML (configs/data/*.yaml), read by the function `source` names.
+    # pipeline: a data YAML (configs/data/*.yaml)
     config: str | None = None
-    source: str = "data_pipelines.train_source:make_source"
     num_workers: int = 2
+    # corpus: which text, its tokenizer, and the training side of its held-out split
+    corpus: str = "pydoc"  # "pydoc" | "digits"
+    tokenizer: str | None = None  # a tokenizer directory
+    holdout_every: int = 5  # pydoc: every n-th topic is held out (never trained on)
+    max_tokens: int = 256  # tokens per corpus sample
 
 
 @dataclass
@@ -79,7 +85,7 @@ class TrainSection:
     heads_weight: float = 0.0
     heads_decay: float = 0.8
     heads_only: bool = False
-    debug_overflow_steps: list[int] = field(default_factory=list)  # fault injection (tests)
+    heads_lr_mult: float = 1.0  # the heads' learning rate over the backbone's (Medusa-2: 4)
 
 
 @dataclass
@@ -97,9 +103,11 @@ class ParallelSection:
 class CheckpointSection:
     every: int = 0  # steps between checkpoints; 0: only at the end (and on SIGTERM)
     keep: int = 3
-    resume: str = "auto"  # "auto" (newest complete one in run_dir, if any) | "none" | a path
+    resume: str = "auto"  # "auto" (newest intact one in run_dir, if any) | "none" | a path
+    # a run starting at step 0 in a run_dir that holds an earlier run: false refuses, true moves
+    # the earlier run aside to RUN_DIR.old-<time> (bagel/train/run_dir.py)
+    overwrite: bool = False
     export: bool = True  # at the end: run_dir/export (from_pretrained) + run_dir/export_official
-    debug_crash_during_save: int = -1  # fault injection (tests): exit mid-write at this step
 
 
 @dataclass
@@ -127,7 +135,8 @@ class TrainConfig:
     def __post_init__(self):
         choices = {
             ("model", "preset"): ("tiny", "digits", "pretrained"),
-            ("data", "kind"): ("synthetic", "pipeline"),
+            ("data", "kind"): ("synthetic", "pipeline", "corpus"),
+            ("data", "corpus"): ("pydoc", "digits"),
             ("optim", "schedule"): ("constant", "cosine"),
             ("parallel", "mode"): ("none", "fsdp", "ddp"),
             ("parallel", "param_dtype"): ("fp32", "bf16", "fp16"),
@@ -141,10 +150,41 @@ class TrainConfig:
             raise ConfigError("model.preset='pretrained' needs model.path")
         if self.data.kind == "pipeline" and not self.data.config:
             raise ConfigError("data.kind='pipeline' needs data.config (a configs/data/*.yaml)")
+        if self.data.kind == "corpus" and not self.data.tokenizer:
+            raise ConfigError("data.kind='corpus' needs data.tokenizer (a tokenizer directory)")
         if (self.train.heads_weight > 0 or self.train.heads_only) and self.parallel.mode == "fsdp":
             raise ConfigError("training draft heads is supported with parallel.mode none or ddp (not fsdp yet)")
-        if self.optim.grad_accum < 1:
-            raise ConfigError(f"optim.grad_accum={self.optim.grad_accum} must be >= 1")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Values the types allow but the run cannot use: one message naming the key and the range."""
+        t, o, d, c = self.train, self.optim, self.data, self.checkpoint
+        rules = [
+            ("train.steps", t.steps, t.steps >= 1, ">= 1"),
+            ("train.ema", t.ema, 0.0 <= t.ema < 1.0, "in [0, 1) (0 disables the EMA)"),
+            ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps >= 0, ">= 0 (0: stop at the first bad step)"),
+            ("train.heads_lr_mult", t.heads_lr_mult, t.heads_lr_mult > 0, "> 0"),
+            ("optim.grad_accum", o.grad_accum, o.grad_accum >= 1, ">= 1"),
+            ("optim.lr", o.lr, o.lr > 0, "> 0"),
+            ("optim.min_lr", o.min_lr, o.min_lr >= 0, ">= 0"),
+            ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+            ("optim.max_grad_norm", o.max_grad_norm, o.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
+            ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
+            ("data.samples_per_batch", d.samples_per_batch, d.samples_per_batch >= 1, ">= 1"),
+            ("data.text_len", d.text_len, len(d.text_len) == 2 and 1 <= d.text_len[0] <= d.text_len[1],
+             "[min, max] with 1 <= min <= max"),
+            ("data.image_size", d.image_size, d.image_size >= 1, ">= 1"),
+            ("data.num_batches", d.num_batches, d.num_batches >= 0, ">= 0 (0: no cycling)"),
+            ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+            ("data.max_tokens", d.max_tokens, d.max_tokens >= 3, ">= 3"),
+            ("checkpoint.every", c.every, c.every >= 0, ">= 0 (0: only at the end)"),
+            ("checkpoint.keep", c.keep, c.keep >= 1, ">= 1"),
+            ("log.every", self.log.every, self.log.every >= 1, ">= 1"),
+            ("log.peak_tflops", self.log.peak_tflops, self.log.peak_tflops >= 0, ">= 0 (0: measured)"),
+        ]
+        for key, value, ok, expected in rules:
+            if not ok:
+                raise ConfigError(f"{key}={value!r}: must be {expected}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,6 +235,9 @@ def _coerce(value, hint, key: str):
                           f"{type(value).__name__}")
     if base is int and isinstance(value, bool):
         raise ConfigError(f"{key}={value!r}: expected int, got bool")
+    if base is list and typing.get_args(hint):
+        item = typing.get_args(hint)[0]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     return value
 
 

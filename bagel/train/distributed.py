@@ -2,9 +2,9 @@
 
 Launch modes (the environment decides, nothing else):
 - single process: `bagel-train --config ...` (no RANK/WORLD_SIZE): no process group at all;
-- one node:  `torchrun --standalone --nproc_per_node N -m bagel.train.cli --config ...`;
+- one node:  `torchrun --standalone --nproc_per_node N -m bagel.cli.train --config ...`;
 - many nodes: on every node `torchrun --nnodes M --nproc_per_node N --node_rank R
-  --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id RUN -m bagel.train.cli --config ...`.
+  --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id RUN -m bagel.cli.train --config ...`.
 The backend is NCCL when CUDA is available and gloo otherwise (CPU, tests).
 """
 
@@ -82,3 +82,21 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(dist_info: DistInfo, fn) -> None:
+    """Run `fn()` on rank 0 only; if it raises, every rank raises (rank 0 its own error, the others
+    a ConfigError quoting it), so no rank goes on alone into a collective."""
+    from bagel.config import ConfigError
+
+    error = None
+    if dist_info.is_main:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, after the other ranks have heard of it
+            error = e
+    message = broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ConfigError(f"rank 0: {message}")

@@ -1,7 +1,8 @@
 """Optimiser, learning-rate schedule, freezing, EMA and the fp16 loss scaler.
 
-- AdamW with two parameter groups: weight decay on matrices, none on norms, biases and
-  embeddings (a Linear's bias and every 1-D tensor, plus `nn.Embedding` weights).
+- AdamW with parameter groups: weight decay on matrices, none on norms, biases and embeddings (a
+  Linear's bias and every 1-D tensor, plus `nn.Embedding` weights); draft heads in groups of their
+  own when their learning rate is a multiple of the backbone's (Medusa-2 trains heads at 4x).
 - The learning rate is a pure function of the step (linear warm-up, then constant or cosine to
   `min_lr`), so resuming needs only the step.
 - Freezing sets `requires_grad=False` before sharding. `freeze_und` freezes the understanding
@@ -31,7 +32,7 @@ def apply_freeze(model: nn.Module, train) -> list[str]:
     frozen = []
     for name, p in model.named_parameters():
         parts = name.split(".")
-        freeze = ((getattr(train, "heads_only", False) and parts[0] != "draft_heads")
+        freeze = ((train.heads_only and parts[0] != "draft_heads")
                   or (train.freeze_llm and parts[0] == "llm")
                   or (train.freeze_vit and parts[0] == "vit")
                   or (train.freeze_und and (("und" in parts and parts[0] == "llm")
@@ -55,15 +56,18 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(model: nn.Module, optim, no_decay: set[str]) -> torch.optim.AdamW:
-    decay, plain = [], []
+def build_optimizer(model: nn.Module, optim, no_decay: set[str], heads_lr_mult: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; each group's `lr_mult` scales the scheduled lr."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (plain if canonical_name(name) in no_decay else decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay},
-              {"params": plain, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=True)
+            name = canonical_name(name)
+            mult = heads_lr_mult if name.startswith("draft_heads.") else 1.0
+            groups.setdefault((name not in no_decay, mult), []).append(p)
+    order = [(True, 1.0), (False, 1.0), (True, heads_lr_mult), (False, heads_lr_mult)]
+    param_groups = [{"params": groups[key], "weight_decay": optim.weight_decay if key[0] else 0.0, "lr_mult": key[1]}
+                    for key in dict.fromkeys(order) if key in groups]
+    return torch.optim.AdamW(param_groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=True)
 
 
 def lr_at(step: int, optim, total_steps: int) -> float:
@@ -79,7 +83,7 @@ def lr_at(step: int, optim, total_steps: int) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

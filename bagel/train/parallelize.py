@@ -30,10 +30,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from bagel.config import parse_dtype
 from bagel.train.config import ParallelSection
 from bagel.train.distributed import DistInfo
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -66,7 +66,7 @@ def parallelize(model: nn.Module, cfg: ParallelSection, dist: DistInfo,
 
         mesh = init_device_mesh(dist.device.type, (dist.world_size,))
         # CPUOffloadPolicy is not passed: it needs an accelerator (fails on CPU in torch 2.13).
-        policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+        policy = MixedPrecisionPolicy(param_dtype=parse_dtype(cfg.param_dtype), reduce_dtype=parse_dtype(cfg.reduce_dtype))
         for container, i in blocks(model):
             fully_shard(container[i], mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -84,11 +84,6 @@ def parallelize(model: nn.Module, cfg: ParallelSection, dist: DistInfo,
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Bagel inside a DDP wrapper (FSDP2 and checkpoint wrappers keep the module itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def canonical_name(name: str) -> str:
     """A parameter name as `Bagel.state_dict()` spells it (without wrapper prefixes)."""
     if name.startswith("module."):
@@ -102,7 +97,7 @@ def autocast(cfg: ParallelSection, device: torch.device):
     """The forward's precision context: FSDP2 casts parameters itself; otherwise torch.autocast."""
     if cfg.param_dtype == "fp32" or cfg.mode == "fsdp":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[cfg.param_dtype])
+    return torch.autocast(device.type, dtype=parse_dtype(cfg.param_dtype))
 
 
 def no_sync(model: nn.Module, cfg: ParallelSection, last_micro_step: bool):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from bagel.config import ViTConfig
 from bagel.model.vit import VisionTransformer
-from bagel.packing import grid_position_ids, patchify_image
+from bagel.checkpoint.files import save_safetensors
+from bagel.packing import grid_position_ids, patchify
 from bagel.train.optim import fit_one_cycle
 
 VIT_PREFIX = "vit."  # parameter names inside the unified model
@@ -73,7 +74,7 @@ class SigLIP(nn.Module):
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, embed_dim), unit norm; the ViT tokens are mean-pooled."""
         b = images.shape[0]
-        patches = torch.stack([patchify_image(im, self.patch_size) for im in images])  # (B, n, p*p*3)
+        patches = torch.stack([patchify(im, self.patch_size) for im in images])  # (B, n, p*p*3)
         n = patches.shape[1]
         feats = self.vit(patches.reshape(b * n, -1), self.position_ids.repeat(b), [n] * b)
         return F.normalize(self.image_proj(feats.reshape(b, n, -1).mean(1)), dim=-1)
@@ -157,11 +158,5 @@ def zero_shot_accuracy(model: SigLIP, images: torch.Tensor, labels: list[int], c
 
 
 def save_vision_encoder(model: SigLIP, path: str | Path) -> None:
-    """The ViT alone, under the unified model's names (`vit.*`), as safetensors."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({VIT_PREFIX + k: v.detach().contiguous() for k, v in model.vit.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    """The ViT alone, under the unified model's names (`vit.*`), as safetensors (atomically)."""
+    save_safetensors({VIT_PREFIX + k: v for k, v in model.vit.state_dict().items()}, path)

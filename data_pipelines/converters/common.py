@@ -17,7 +17,7 @@ from bagel.transforms import VAE_DEFAULT, VIT_DEFAULT, ResizeSpec, num_image_tok
 _FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
 
-class ConvertError(RuntimeError):
+class ConvertError(ValueError):
     """Raised with --on-error stop; the message names the file and line or row."""
 
 

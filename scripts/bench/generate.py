@@ -22,12 +22,13 @@ import torch
 
 from bagel.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig
 from bagel.inference import context as C
-from bagel.inference.forward import Query, forward_queries
+from bagel.inference.forward import Query, forward_queries, llm_stack
 from bagel.inference.generate_text import SamplingConfig, generate_text
 from bagel.inference.kv_cache import KVCache
 from bagel.model.bagel import Bagel
 from bagel.packing import Text, VaeImage, VitImage, pack_samples
 from bagel.tokenizer import SpecialTokens
+from bagel.train.losses import flow_inputs
 
 TOKENS = SpecialTokens(bos=990, eos=991, start_of_image=992, end_of_image=993)
 
@@ -41,7 +42,7 @@ def small_model() -> Bagel:
         vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16),
         max_latent_size=32, vit_max_num_patch_per_side=16)
     model = Bagel(cfg)
-    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    model.init_weights(std=0.05, seed=0)
     with torch.no_grad():
         model.llm2vae.weight.normal_(0, 0.05)
     return model.eval()
@@ -81,11 +82,11 @@ def image_case(model, edit: bool, reps: int) -> dict[str, float]:
 
     def batched():
         qs = [C.latent_query(model, TOKENS, x, 0.7, grid, c.rope) for c in ws]
-        forward_queries(model, ws, qs, commit=False)
+        forward_queries(llm_stack(model), ws, qs, commit=False)
 
     def sequential():
         for c in ctxs:
-            forward_queries(model, [c], [C.latent_query(model, TOKENS, x, 0.7, grid, c.rope)], commit=False)
+            forward_queries(llm_stack(model), [c], [C.latent_query(model, TOKENS, x, 0.7, grid, c.rope)], commit=False)
 
     # No cache: every branch's whole sequence through the packed (training) forward.
     noisy = VaeImage(torch.zeros(3, side, side), loss=True, timestep_logit=0.0)
@@ -94,10 +95,11 @@ def image_case(model, edit: bool, reps: int) -> dict[str, float]:
     batch = pack_samples(samples, model.cfg, TOKENS)
     d = model.cfg.vae.downsample
     batch.vae_latents = torch.randn(batch.vae_images.shape[0], model.cfg.vae.z_channels, side // d, side // d)
+    noised = flow_inputs(model.cfg, batch, generator=g)
 
     def no_cache():
         with torch.no_grad():
-            model(batch)
+            model(batch, noised.x_t, noised.t)
 
     times = {"batched": [], "sequential": [], "no_cache": []}
     for _ in range(reps):  # interleaved
@@ -122,7 +124,7 @@ def text_case(model, reps: int, n_new: int = 64) -> dict[str, float]:
             t = torch.tensor(ids)
             q = Query(model.llm.embed_tokens(t), torch.arange(len(ids)), torch.zeros(len(ids), dtype=torch.bool), True)
             with torch.no_grad():
-                h = forward_queries(model, [ctx], [q], commit=False)[0]
+                h = forward_queries(llm_stack(model), [ctx], [q], commit=False)[0]
                 ids.append(int(model.llm.lm_head(h[-1]).argmax()))
 
     times = {"cached": [], "recompute": []}

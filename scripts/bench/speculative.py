@@ -1,10 +1,11 @@
 """Speculative decoding vs plain greedy decoding on held-out documentation topics.
 
-    python scripts/bench/speculative.py --model runs/heads_pydoc_medusa/model \
-        --heads runs/heads_pydoc_medusa/heads runs/heads_pydoc_mtp/heads --tree chain auto
+    python scripts/bench/speculative.py --model runs/heads_pydoc_medusa/export \
+        --heads runs/heads_pydoc_medusa/export/draft_heads runs/heads_pydoc_mtp/export/draft_heads --tree chain auto
 
-Trains nothing: run `python -m bagel.train.heads --config configs/train/heads_pydoc_medusa.yaml`
-(and `heads_pydoc_mtp.yaml`) first. For every heads directory and tree it decodes the same
+Trains nothing: run `bagel-train --config configs/train/heads_pydoc_medusa.yaml` (and
+`heads_pydoc_mtp.yaml`) first; an export holds the heads alone in `export/draft_heads`. For
+every heads directory and tree it decodes the same
 prompts (the opening of each held-out pydoc_data topic, batch size 1) with `generate_text` and
 `generate_speculative`, checks the greedy outputs are identical, and prints tau (mean tokens per
 verify forward), per-depth acceptance, tokens/s of both and their ratio. `--tree auto` builds a
@@ -18,20 +19,21 @@ import time
 
 import torch
 
-from bagel.checkpoint.io import from_pretrained
+from bagel.checkpoint.heads import load_draft_heads
+from bagel.checkpoint.pretrained import from_pretrained
 from bagel.inference.context import add_text
 from bagel.inference.generate_text import SamplingConfig, generate_text
 from bagel.inference.kv_cache import KVCache
 from bagel.inference.speculative import SpecConfig, Tree, generate_speculative, tree_from_accuracies
-from bagel.model.heads import MedusaHeads, load_draft_heads
+from bagel.model.heads import MedusaHeads
 from bagel.tokenizer import SpecialTokens, load_tokenizer
-from bagel.train.heads.corpus import paragraphs, pydoc_topics
+from data_pipelines.text_corpus import paragraphs, pydoc_topics
 
 
 def medusa_topk_accuracy(model, heads, tokenizer, tokens, texts, k: int) -> torch.Tensor:
     """(K, k): share of positions where rank r of head d is the token d+2 ahead (teacher forcing)."""
     from bagel.packing import Text, pack_samples
-    from bagel.train.heads.losses import packed_labels, shifted_targets
+    from bagel.train.losses import packed_labels, shifted_targets
 
     hits, total = torch.zeros(len(heads.heads), k), torch.zeros(len(heads.heads))
     for text in texts:
@@ -85,7 +87,7 @@ def main():
     configs = []  # (label, heads, tree)
     for path in args.heads:
         heads = load_draft_heads(path, model.cfg.llm)
-        depth = len(heads.heads) if isinstance(heads, MedusaHeads) else len(heads)
+        depth = heads.depth
         for tree_kind in args.tree:
             if tree_kind == "auto":
                 if not isinstance(heads, MedusaHeads):

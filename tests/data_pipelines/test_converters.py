@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from data_pipelines.cli import main
+from bagel.cli.data import main
 from data_pipelines.schema import loads_document
 from data_pipelines.shards import ShardStream, load_manifest
 

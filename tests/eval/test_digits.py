@@ -35,7 +35,8 @@ def test_evaluate_runs_end_to_end_on_a_tiny_model(official_dir, tmp_path):
 def test_cli_uses_the_demo_settings_so_it_reproduces_the_report(monkeypatch):
     # The demo evaluates with DigitsEvalConfig(); noise is drawn per batch, so the CLI must keep
     # the same batch size and seeds by default to print the report's figures.
-    from eval import cli, runner
+    from bagel.cli import eval as cli
+    from eval import runner
 
     seen = {}
     monkeypatch.setattr(runner, "load_engine", lambda *a, **k: "engine")

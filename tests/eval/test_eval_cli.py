@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import cli, runner
+from bagel.cli import eval as cli
+from eval import runner
 from eval.items import Request
 
 

@@ -1,4 +1,4 @@
-"""The Gradio app (scripts/app.py) on the tiny official fixture (random weights: the images are
+"""The Gradio app (bagel-app, bagel/cli/app.py) on the tiny official fixture (random weights: the images are
 noise, which is all these tests need).
 
 - its argument defaults and request functions, called directly (no gradio needed);
@@ -26,23 +26,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-APP = REPO / "scripts" / "app.py"
 BUDGET_S = 80  # the whole browser test, after which the watchdog kills everything it started
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1280,1400"]
 
 
-def load_app_module():
-    spec = importlib.util.spec_from_file_location("bagel_app", APP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def app():
-    return load_app_module()
+    from bagel.cli import app
+
+    return app
 
 
 def test_binds_loopback_unless_told(app, official_dir):
@@ -58,8 +52,7 @@ def test_requests(app, official_dir):
     engine = app.load_engine(args)
     assert app.max_image_px(engine) == 256  # max_latent_size 16 x 16 px
 
-    d = app.T2I_DEFAULTS
-    cfg = app.gen_config(3, 3.0, d["cfg_text"], d["cfg_img"], *d["interval"], d["renorm"], 0.0)
+    cfg = app.gen_config(3, 3.0, 4.0, 1.0, 0.4, 1.0, "global", 0.0)
     image, plan = app.generate(engine, "a red cube", 64, 48, seed=1, think=False, max_think_tokens=8, cfg=cfg)
     assert image.size == (64, 48) and plan == ""
     with pytest.raises(ValueError, match="multiples of 16"):
@@ -67,8 +60,7 @@ def test_requests(app, official_dir):
     with pytest.raises(ValueError, match="interval"):
         app.gen_config(3, 3.0, 4.0, 1.0, 0.8, 0.2, "global", 0.0)
 
-    d = app.EDIT_DEFAULTS
-    cfg = app.gen_config(3, 3.0, d["cfg_text"], d["cfg_img"], *d["interval"], d["renorm"], 0.0)
+    cfg = app.gen_config(3, 3.0, 4.0, 2.0, 0.0, 1.0, "text_channel", 0.0)
     edited, plan = app.edit(engine, image, "make it blue", seed=0, think=True, max_think_tokens=4, cfg=cfg)
     assert edited.size == image.size and isinstance(plan, str)
     with pytest.raises(ValueError, match="upload an image"):
@@ -142,7 +134,7 @@ def test_generate_in_headless_chromium(official_dir, tmp_path):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
            "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, str(APP), "--model", str(official_dir), "--port", str(port)],
+        server = subprocess.Popen([sys.executable, "-m", "bagel.cli.app", "--model", str(official_dir), "--port", str(port)],
                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                   start_new_session=True)
     # chromedriver in its own session too: chromium joins its group, so one kill ends both

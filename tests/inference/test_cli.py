@@ -61,14 +61,16 @@ def test_chat_interactive(official_dir, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert chat.main(["--model", str(official_dir), "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
-    assert "error: cannot read image" in out
+    assert "error: image /nonexistent.png does not exist" in out
 
 
 def test_chat_speculative_gives_the_same_answer(official_dir, tmp_path, capsys):
     import torch
 
     from bagel.checkpoint.official import load_official_model
-    from bagel.model.heads import HeadsConfig, attach_draft_heads, save_draft_heads
+    from bagel.checkpoint.heads import save_draft_heads
+    from bagel.config import HeadsConfig
+    from bagel.model.heads import attach_draft_heads
 
     model = load_official_model(official_dir)
     torch.manual_seed(0)

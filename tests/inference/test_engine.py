@@ -7,7 +7,7 @@ from PIL import Image
 from bagel import flow
 from bagel.inference import context as C
 from bagel.inference.engine import Engine
-from bagel.inference.forward import forward_queries
+from bagel.inference.forward import forward_queries, llm_stack
 from bagel.inference.generate_image import ImageGenConfig, generate_latents
 from bagel.inference.generate_text import SamplingConfig, sample_next
 from bagel.inference.kv_cache import KVCache
@@ -39,7 +39,7 @@ def test_incremental_decoding_equals_block_recompute(engine):
     q = C.text_query(engine.model, engine.tokens, [], ctx.rope)
     q.embeds, q.positions = engine.model.llm.embed_tokens(ids), torch.arange(ctx.rope, ctx.rope + len(ids))
     q.gen_rows = torch.zeros(len(ids), dtype=torch.bool)
-    hidden = forward_queries(engine.model, [ctx], [q], commit=False)[0]
+    hidden = forward_queries(llm_stack(engine.model), [ctx], [q], commit=False)[0]
     with torch.no_grad():
         torch.testing.assert_close(engine.model.llm.lm_head(hidden), step_logits, atol=1e-5, rtol=1e-5)
 
@@ -55,7 +55,7 @@ def test_cached_prefill_equals_training_forward(engine):
     engine.add_text(s, ["Describe the scene."])
     ctx = s[0].full
     q = C.text_query(model, tok, answer, ctx.rope)
-    hidden = forward_queries(model, [ctx], [q], commit=False)[0]
+    hidden = forward_queries(llm_stack(model), [ctx], [q], commit=False)[0]
     with torch.no_grad():
         cached = model.llm.lm_head(hidden[:-1])  # CE sits on <|im_start|> and the answer tokens
     torch.testing.assert_close(cached, train_logits, atol=1e-5, rtol=1e-5)
@@ -127,7 +127,7 @@ def sequential_cfg(engine, sessions, grid, cfg, noise):
         for b, s in enumerate(sessions):
             def vel(ctx):
                 q = C.latent_query(model, tok, xs[b], t, grid, ctx.rope)
-                return model.llm2vae(forward_queries(model, [ctx.fork()], [q], commit=False)[0][1:-1])
+                return model.llm2vae(forward_queries(llm_stack(model), [ctx.fork()], [q], commit=False)[0][1:-1])
             with torch.no_grad():
                 v = vel(s.full)
                 vt = vel(s.text_uncond) if s_text > 1 else None
@@ -195,9 +195,18 @@ def test_interleaved_output_follows_the_model_hints(engine, monkeypatch):
             s.next_hint = next(script, engine.tokens.eos)
 
     monkeypatch.setattr(engine, "_set_hints", scripted)
-    out = engine.interleave(["Count up from one:"], size=(32, 32), cfg=ImageGenConfig(num_timesteps=2),
-                            sampling=SamplingConfig(max_new_tokens=3))
-    assert isinstance(out[0], Image.Image) and isinstance(out[1], str) and len(out) == 2
+    cfg, sampling = ImageGenConfig(num_timesteps=3), SamplingConfig(max_new_tokens=3)
+    out = engine.interleave(["Count up from one:"], size=(32, 32), cfg=cfg, sampling=sampling, seed=4)
+    monkeypatch.undo()
+    assert len(out) == 2 and isinstance(out[0], Image.Image) and isinstance(out[1], str)
+    # The same steps by hand: the image from the prompt, fed back (VAE + ViT), then the text.
+    s = engine.new_sessions(1)
+    g = torch.Generator().manual_seed(4)
+    engine.add_text(s, ["Count up from one:"])
+    image = engine.generate_image(s, (32, 32), cfg, generator=g)[0]
+    engine.add_image(s, [image], vae=True, vit=True, generator=g)
+    text = engine.generate_text(s, sampling, generator=g)[0][0]
+    assert out[0].tobytes() == image.tobytes() and out[1] == text
 
 
 def test_sampling_rules():
@@ -227,11 +236,15 @@ def test_prompt_over_context_limit(engine):
         engine.max_context = old
 
 
-def test_unreadable_image(engine, tmp_path):
+def test_images_are_pil_and_files_are_read_by_the_caller(engine, tmp_path):
+    from bagel.cli.inputs import open_image
+
+    with pytest.raises(TypeError, match="expected a PIL image"):
+        engine.add_image(engine.new_sessions(1), [tmp_path / "x.png"])
     bad = tmp_path / "x.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot read image"):
-        engine.add_image(engine.new_sessions(1), [bad])
+    with pytest.raises(ValueError, match=f"cannot read image {bad}"):
+        open_image(bad)
 
 
 def test_missing_model_dir(tmp_path):

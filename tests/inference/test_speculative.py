@@ -8,14 +8,15 @@ import torch
 
 from bagel.config import BagelConfig
 from bagel.inference.context import add_text
-from bagel.inference.forward import Query, forward_queries
+from bagel.inference.forward import Query, forward_queries, llm_stack
 from bagel.inference.generate_text import SamplingConfig, generate_text, probs_from_logits
 from bagel.inference.kv_cache import KVCache
 from bagel.inference.speculative import (SpecConfig, Tree, generate_speculative, tree_from_accuracies,
                                          typical_threshold, verify_greedy, verify_sample_chain, verify_sample_tree,
                                          verify_typical)
 from bagel.model.bagel import Bagel
-from bagel.model.heads import HeadsConfig, MedusaHeads, attach_draft_heads
+from bagel.config import HeadsConfig
+from bagel.model.heads import MedusaHeads, attach_draft_heads
 from bagel.tokenizer import SpecialTokens
 
 TOKENS = SpecialTokens(bos=301, eos=302, start_of_image=309, end_of_image=310)
@@ -26,7 +27,7 @@ TREE = Tree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0,
 def _model(seed=0, std=0.2):
     torch.manual_seed(seed)
     model = Bagel(BagelConfig.tiny(visual_gen=False, visual_und=False))
-    model.init_weights(std=std, generator=torch.Generator().manual_seed(seed))
+    model.init_weights(std=std, seed=seed)
     return model.eval()
 
 
@@ -163,12 +164,12 @@ def test_tree_logits_equal_separate_paths_and_compaction_equals_prefill():
               causal=True, mask=TREE.mask)
     start = fork.length
     # batch it with a plain block on the other context to exercise padding
-    h_tree = forward_queries(model, [fork, ctxs[0]], [q, Query(model.llm.embed_tokens(toks[:2]), ctxs[0].rope +
+    h_tree = forward_queries(llm_stack(model), [fork, ctxs[0]], [q, Query(model.llm.embed_tokens(toks[:2]), ctxs[0].rope +
                              torch.arange(2), torch.zeros(2, dtype=torch.bool), True)], commit=True)[0]
     for leaf in range(TREE.size):
         path = TREE.path_to(leaf)
         c = ctx.fork()
-        h = forward_queries(model, [c], [Query(model.llm.embed_tokens(toks[path]), ctx.rope + torch.arange(len(path)),
+        h = forward_queries(llm_stack(model), [c], [Query(model.llm.embed_tokens(toks[path]), ctx.rope + torch.arange(len(path)),
                                                torch.zeros(len(path), dtype=torch.bool), True)], commit=True)[0]
         torch.testing.assert_close(h_tree[path], h, atol=1e-5, rtol=0)
     # Compaction of the path to node (0, 1, 0) equals a fresh prefill of that text.
@@ -177,7 +178,7 @@ def test_tree_logits_equal_separate_paths_and_compaction_equals_prefill():
     path = TREE.path_to(TREE.paths.index((0, 1, 0)))
     _compact(fork, start, path)
     fresh_cache, fresh = _prefilled(model, [PROMPTS[1]])
-    forward_queries(model, fresh, [Query(model.llm.embed_tokens(toks[path]), fresh[0].rope + torch.arange(len(path)),
+    forward_queries(llm_stack(model), fresh, [Query(model.llm.embed_tokens(toks[path]), fresh[0].rope + torch.arange(len(path)),
                                          torch.zeros(len(path), dtype=torch.bool), True)], commit=True)
     assert fork.length == fresh[0].length and fork.rope == fresh[0].rope + len(path)
     for a, b in ((cache.keys, fresh_cache.keys), (cache.values, fresh_cache.values)):
@@ -284,16 +285,30 @@ def test_greedy_and_typical_rules():
     assert verify_typical(tree, [0, 2, 3], P, 0.09, 0.3) == ([0, 1], 0)
 
 
+def _in_top_k(model, prompt, ids, k) -> bool:
+    """Every emitted token is among the target's top-k at its position (teacher forcing: the
+    decoder feeds <|im_start|> then the tokens after the prompt)."""
+    _, ctxs = _prefilled(model, [prompt])
+    toks = torch.tensor([TOKENS.bos, *ids])
+    q = Query(model.llm.embed_tokens(toks), ctxs[0].rope + torch.arange(len(toks)),
+              torch.zeros(len(toks), dtype=torch.bool), True)
+    with torch.no_grad():
+        logits = model.llm.lm_head(forward_queries(llm_stack(model), ctxs, [q], commit=False)[0])
+    top = logits[:len(ids)].topk(k, -1).indices
+    return all(t in row.tolist() for t, row in zip(ids, top))
+
+
 def test_sampling_end_to_end_runs_and_is_seeded():
     model = _model()
     heads = _random_heads(model, "medusa")
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=20)
-    outs = []
-    for _ in range(2):
-        _, ctxs = _prefilled(model, PROMPTS)
-        outs.append(generate_speculative(model, TOKENS, ctxs, cfg, heads=heads,
-                                         generator=torch.Generator().manual_seed(5)).ids)
-    assert outs[0] == outs[1] and all(len(i) <= 12 for i in outs[0])
-    for spec in (SpecConfig(tree=TREE), SpecConfig(tree=TREE, mode="typical")):
-        _, ctxs = _prefilled(model, PROMPTS)
-        generate_speculative(model, TOKENS, ctxs, cfg, heads=heads, spec=spec, generator=torch.Generator())
+    for spec in (SpecConfig(), SpecConfig(tree=TREE), SpecConfig(tree=TREE, mode="typical")):
+        outs = []
+        for _ in range(2):
+            _, ctxs = _prefilled(model, PROMPTS)
+            outs.append(generate_speculative(model, TOKENS, ctxs, cfg, heads=heads, spec=spec,
+                                             generator=torch.Generator().manual_seed(5)).ids)
+        assert outs[0] == outs[1], spec  # seeded
+        assert all(0 < len(i) <= 12 for i in outs[0])
+        # sampled tokens never leave the target's (top-k filtered) support
+        assert all(_in_top_k(model, p, ids, 20) for p, ids in zip(PROMPTS, outs[0])), spec

@@ -6,17 +6,22 @@ import warnings
 import pytest
 import torch
 
-from bagel.model import attention
+from bagel.batch import ATTN_MODES
+from bagel.config import ConfigError
 from bagel.model.attention import (
-    ATTN_MODES,
+    CAUSAL,
+    FULL,
     AttentionLayout,
     block_diagonal_layout,
     bottom_right_causal_mask,
+    cached_attention,
+    dense_attention,
     dense_mask,
+    kernels,
     packed_attention,
     prepare_attention,
+    resolve_cached_backend,
 )
-from bagel.model.cached_attention import block_diagonal_attention, cached_attention
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 HQ, HKV, D = 4, 2, 16
@@ -200,19 +205,20 @@ def _fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
         lq, lk = qs.stop - qs.start, ks.stop - ks.start
         assert lq <= max_q and lk <= max_k
         mask = bottom_right_causal_mask(lq, lk) if causal else torch.ones(lq, lk, dtype=torch.bool)
-        outs.append(attention._dense_attention(q[qs], k[ks], v[ks], mask))
+        outs.append(dense_attention(q[qs], k[ks], v[ks], mask))
     return torch.cat(outs)
 
 
 @pytest.mark.parametrize("name", ["mixed", "noise_first", "tiny_splits", "random_3"])
 def test_flash_plan_with_stand_in_kernel(name, monkeypatch):
-    monkeypatch.setattr(attention, "_flash_varlen_func", lambda device: _fake_flash_varlen)
+    monkeypatch.setattr(kernels, "flash_varlen_func", lambda device: _fake_flash_varlen)
     layout = LAYOUTS[name]
     q, k, v = _qkv(layout.length, torch.float64)
     out = _run(q, k, v, layout, "flash")
     assert (out - _run(q, k, v, layout, "dense")).abs().max().item() <= 1e-10
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not _flash_available(), reason="flash-attn with CUDA not available")
 def test_flash_matches_dense_on_cuda():
     layout = LAYOUTS["mixed"]
@@ -223,59 +229,89 @@ def test_flash_matches_dense_on_cuda():
 
 @pytest.mark.skipif(_flash_available(), reason="flash-attn with CUDA is available")
 def test_flash_unavailable_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="flash-attn.*sdpa_loop"):
+    with pytest.raises(ConfigError, match="flash-attn.*sdpa_loop"):
         prepare_attention(LAYOUTS["mixed"], "flash", "cpu")
     q, k, v = _qkv(4, torch.float32)
-    with pytest.raises(RuntimeError, match="flash-attn"):
-        cached_attention(q, k, v, [4], [4], causal=True, backend="flash")
+    with pytest.raises(ConfigError, match="flash-attn"):
+        cached_attention([q], [k], [v], [CAUSAL], backend="flash")
 
 
 # ------------------------------------------------------------------------------------------
-# KV-cached attention
+# KV-cached attention (inference): query blocks at the end of their keys
 
 
-def _cached_reference(q, k, v, q_lens, kv_lens, causal):
-    outs, qa, ka = [], 0, 0
-    for lq, lk in zip(q_lens, kv_lens):
-        mask = torch.tensor([[(j <= i + lk - lq) or not causal for j in range(lk)] for i in range(lq)])
-        outs.append(attention._dense_attention(q[qa:qa + lq], k[ka:ka + lk], v[ka:ka + lk], mask))
-        qa, ka = qa + lq, ka + lk
-    return torch.cat(outs)
+def _cached_blocks(q_lens, kv_lens, dtype=torch.float64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    qs = [torch.randn(n, HQ, D, generator=g, dtype=dtype) for n in q_lens]
+    ks = [torch.randn(n, HKV, D, generator=g, dtype=dtype) for n in kv_lens]
+    vs = [torch.randn(n, HKV, D, generator=g, dtype=dtype) for n in kv_lens]
+    return qs, ks, vs
+
+
+def _tree_mask(n, s, seed):
+    """A random ancestor-style mask: every query sees the cached prefix and itself."""
+    g = torch.Generator().manual_seed(seed)
+    block = (torch.rand(n, n, generator=g) < 0.5).tril() | torch.eye(n, dtype=torch.bool)
+    return torch.cat([torch.ones(n, s - n, dtype=torch.bool), block], dim=1)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_loop", "flex", "dense", "flash_stand_in"])
-@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lens", [
     ([5, 1, 12, 3], [17, 9, 12, 3]),  # prefill on a cache, decode, no cache, tiny
-    ([6, 6, 6], [20, 20, 20]),  # equal lengths: one batched call
+    ([6, 6, 6], [20, 20, 20]),  # equal lengths
     ([1, 1], [30, 30]),  # decode step
 ])
-def test_cached_attention_matches_reference(lens, causal, backend, monkeypatch):
+def test_cached_attention_matches_reference(lens, backend, monkeypatch):
+    """Every backend against explicit float masks, with FULL, CAUSAL (bottom-right) and tree masks
+    mixed in one call."""
     if backend == "flash_stand_in":
-        monkeypatch.setattr(attention, "_flash_varlen_func", lambda device: _fake_flash_varlen)
+        monkeypatch.setattr(kernels, "flash_varlen_func", lambda device: _fake_flash_varlen)
         backend = "flash"
     q_lens, kv_lens = lens
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(sum(q_lens), HQ, D, generator=g)
-    k = torch.randn(sum(kv_lens), HKV, D, generator=g)
-    v = torch.randn(sum(kv_lens), HKV, D, generator=g)
-    out = cached_attention(q, k, v, q_lens, kv_lens, causal=causal, backend=backend)
-    ref = _cached_reference(q.double(), k.double(), v.double(), q_lens, kv_lens, causal)
-    assert out.shape == q.shape
-    assert (out.double() - ref).abs().max().item() <= 1e-5
+    qs, ks, vs = _cached_blocks(q_lens, kv_lens)
+    kinds = [FULL, CAUSAL, "tree"]
+    masks = [kinds[b % 3] if kinds[b % 3] != "tree" else _tree_mask(n, s, b) for b, (n, s) in
+             enumerate(zip(q_lens, kv_lens))]
+    outs = cached_attention(qs, ks, vs, masks, backend=backend)
+    for q, k, v, m, out in zip(qs, ks, vs, masks, outs):
+        explicit = m if isinstance(m, torch.Tensor) else (
+            bottom_right_causal_mask(q.shape[0], k.shape[0]) if m == CAUSAL else torch.ones(q.shape[0], k.shape[0],
+                                                                                           dtype=torch.bool))
+        ref = _cached_reference(q, k, v, [q.shape[0]], [k.shape[0]], causal=False) if m == FULL else \
+            dense_attention(q, k, v, explicit)
+        assert out.shape == q.shape
+        assert (out.double() - ref).abs().max().item() <= 1e-5
+
+
+def _cached_reference(q, k, v, q_lens, kv_lens, causal):
+    """Explicit per-sequence masks in float math."""
+    outs, qa, ka = [], 0, 0
+    for lq, lk in zip(q_lens, kv_lens):
+        mask = torch.tensor([[(j <= i + lk - lq) or not causal for j in range(lk)] for i in range(lq)])
+        outs.append(dense_attention(q[qa:qa + lq], k[ka:ka + lk], v[ka:ka + lk], mask))
+        qa, ka = qa + lq, ka + lk
+    return torch.cat(outs)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "dense"])
 def test_cached_chunks_equal_whole_causal_run(backend):
     # prefill 20 tokens, then 7 more as cached queries over all 27 keys == one causal pass
     q, k, v = _qkv(27, torch.float32, seed=4)
-    whole = cached_attention(q, k, v, [27], [27], causal=True, backend=backend)
-    first = cached_attention(q[:20], k[:20], v[:20], [20], [20], causal=True, backend=backend)
-    second = cached_attention(q[20:], k, v, [7], [27], causal=True, backend=backend)
+    whole = cached_attention([q], [k], [v], [CAUSAL], backend=backend)[0]
+    first = cached_attention([q[:20]], [k[:20]], [v[:20]], [CAUSAL], backend=backend)[0]
+    second = cached_attention([q[20:]], [k], [v], [CAUSAL], backend=backend)[0]
     assert (torch.cat([first, second]) - whole).abs().max().item() <= 1e-5
     # ... and equals the packed path with one causal split
     packed = _run(q, k, v, AttentionLayout([27], [27], ["causal"]), "sdpa_loop")
     assert (packed - whole).abs().max().item() <= 1e-5
+
+
+def test_inference_backend_follows_the_model_config():
+    assert resolve_cached_backend("dense", "cpu", torch.float32) == "dense"
+    assert resolve_cached_backend("sdpa_loop", "cpu", torch.bfloat16) == "sdpa"  # no CUDA here: SDPA
+    assert resolve_cached_backend("flash", "cpu", torch.float32) == "flash"  # as asked (fails when run)
+    with pytest.raises(ConfigError, match="unknown attention backend"):
+        resolve_cached_backend("xformers", "cpu", torch.float32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,9 +322,9 @@ def test_cached_chunks_equal_whole_causal_run(backend):
 @pytest.mark.parametrize("backend", ["sdpa_loop", "sdpa"])
 def test_block_diagonal_attention(seqlens, backend):
     q, k, v = _qkv(sum(seqlens), torch.float32, seed=5, hq=4, hkv=4)
-    out = block_diagonal_attention(q, k, v, seqlens, backend=backend)
+    out = _run(q, k, v, block_diagonal_layout(seqlens), backend)
     mask = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool) for n in seqlens])
-    assert (out - attention._dense_attention(q, k, v, mask)).abs().max().item() <= 1e-5
+    assert (out - dense_attention(q, k, v, mask)).abs().max().item() <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,9 +354,11 @@ def test_call_errors():
     with pytest.raises(ValueError, match="prepared for L=327"):
         packed_attention(q, k, v, prepare_attention(layout, "sdpa"))
     with pytest.raises(ValueError, match="unknown attention backend"):
-        cached_attention(q, k, v, [10], [10], backend="nope")
+        cached_attention([q], [k], [v], [FULL], backend="nope")
     with pytest.raises(ValueError, match="q_len <= kv_len"):
-        cached_attention(q, k[:5], v[:5], [10], [5])
+        cached_attention([q], [k[:5]], [v[:5]], [FULL])
+    with pytest.raises(ValueError, match=r"mask has shape \(3, 3\), expected \(10, 10\)"):
+        cached_attention([q], [k], [v], [torch.ones(3, 3, dtype=torch.bool)])
     with pytest.raises(ValueError, match="Hq must be a multiple of Hkv"):
         packed_attention(q, k[:, :1].expand(10, 3, D), v[:, :1].expand(10, 3, D), prepare_attention(
             AttentionLayout([10], [10], ["full"]), "sdpa"))

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from bagel.batch import PackedBatch
+from bagel.cli.parity import run_all
 from bagel.config import BagelConfig
 from bagel.model.bagel import Bagel
 from bagel.packing import Text, VaeImage, VitImage, pack_samples
-from bagel.parity import run_all
 from bagel.tokenizer import SpecialTokens
+from bagel.train.losses import flow_inputs, loss_terms
 
 TOKENS = SpecialTokens(bos=301, eos=302, start_of_image=309, end_of_image=310)
 
@@ -49,40 +50,46 @@ def encode_fake(batch: PackedBatch, cfg: BagelConfig, g: torch.Generator) -> Pac
 def tiny_model():
     cfg = BagelConfig.tiny()
     model = Bagel(cfg)
-    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(1))
+    model.init_weights(std=0.2, seed=1)
     with torch.no_grad():  # non-zero llm2vae so velocities are informative
-        model.llm2vae.weight.normal_(0, 0.2)
+        model.llm2vae.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
     return model.eval()
 
 
+def forward(model, batch, noise=None, generator=None):
+    """The training path: noise the latent tokens, run the model -> (output, noised latents)."""
+    noised = flow_inputs(model.cfg, batch, noise, generator)
+    return model(batch, *((noised.x_t, noised.t) if noised is not None else ())), noised
+
+
 @pytest.mark.parametrize("backend", ["dense", "sdpa", "sdpa_loop"])
-def test_packed_equals_unpacked(tiny_model, backend):
+def test_packed_equals_unpacked(tiny_model, backend, monkeypatch):
     """Each sample's outputs are the same alone or packed with others (no cross-sample leaks)."""
     cfg = tiny_model.cfg
-    tiny_model.cfg.attn_backend = backend
+    monkeypatch.setattr(cfg, "attn_backend", backend)
     g = torch.Generator().manual_seed(0)
     samples = random_samples(g)
     packed = pack_samples(samples, cfg, TOKENS)
     packed = encode_fake(packed, cfg, g)
-    noise = torch.randn(packed.timesteps.numel(), cfg.patch_latent_dim, generator=g)
+    noise = torch.randn(packed.timestep_logits.numel(), cfg.patch_latent_dim, generator=g)
     with torch.no_grad():
-        whole = tiny_model(packed, noise=noise)
+        whole, _ = forward(tiny_model, packed, noise)
     start, lat_start, img_start = 0, 0, 0
     ce_start, mse_start = 0, 0
     for s in samples:
         alone = pack_samples([s], cfg, TOKENS)
         n_img = 0 if alone.vae_images is None else alone.vae_images.shape[0]
-        n_lat = 0 if alone.timesteps is None else alone.timesteps.numel()
+        n_lat = 0 if alone.timestep_logits is None else alone.timestep_logits.numel()
         if n_img:
             lat = packed.vae_latents[img_start:img_start + n_img]
             hh, ww = alone.vae_images.shape[2] // 8, alone.vae_images.shape[3] // 8
             alone.vae_latents = lat[:, :, :hh, :ww]
         with torch.no_grad():
-            out = tiny_model(alone, noise=noise[lat_start:lat_start + n_lat] if n_lat else None)
+            out, _ = forward(tiny_model, alone, noise[lat_start:lat_start + n_lat] if n_lat else None)
         L = alone.sequence_length
         torch.testing.assert_close(out.hidden, whole.hidden[start:start + L], atol=1e-5, rtol=1e-5)
-        if out.ce is not None:
-            n = out.ce.numel()
+        if out.ce_logits is not None:
+            n = out.ce_logits.shape[0]
             torch.testing.assert_close(out.ce_logits, whole.ce_logits[ce_start:ce_start + n], atol=1e-5, rtol=1e-5)
             ce_start += n
         if out.velocity is not None:
@@ -90,7 +97,7 @@ def test_packed_equals_unpacked(tiny_model, backend):
             torch.testing.assert_close(out.velocity, whole.velocity[mse_start:mse_start + n], atol=1e-5, rtol=1e-5)
             mse_start += n
         start, lat_start, img_start = start + L, lat_start + n_lat, img_start + n_img
-    tiny_model.cfg.attn_backend = "sdpa_loop"
+    assert (ce_start, mse_start) == (whole.ce_logits.shape[0], whole.velocity.shape[0])
 
 
 def test_noise_split_is_invisible_to_later_tokens(tiny_model):
@@ -99,12 +106,12 @@ def test_noise_split_is_invisible_to_later_tokens(tiny_model):
     g = torch.Generator().manual_seed(3)
     sample = random_samples(g)[2]
     batch = encode_fake(pack_samples([sample], cfg, TOKENS), cfg, g)
-    noise = torch.randn(batch.timesteps.numel(), cfg.patch_latent_dim, generator=g)
+    noise = torch.randn(batch.timestep_logits.numel(), cfg.patch_latent_dim, generator=g)
     noise2 = noise.clone()
-    noisy = (batch.timesteps > float("-inf"))
+    noisy = (batch.timestep_logits > float("-inf"))
     noise2[noisy] += 1.0
     with torch.no_grad():
-        a, b = tiny_model(batch, noise=noise), tiny_model(batch, noise=noise2)
+        (a, _), (b, _) = forward(tiny_model, batch, noise), forward(tiny_model, batch, noise2)
     split_start = sum(batch.split_lens[:3])
     split_end = split_start + batch.split_lens[3]
     assert batch.attn_modes[3] == "noise"
@@ -120,11 +127,13 @@ def test_backward_reaches_both_experts(tiny_model):
     batch = encode_fake(pack_samples(random_samples(g), cfg, TOKENS), cfg, g)
     tiny_model.train()
     tiny_model.zero_grad()
-    out = tiny_model(batch, generator=g)
-    out.loss.backward()
+    out, noised = forward(tiny_model, batch, generator=g)
+    terms = loss_terms(out, batch, noised)
+    loss = terms.loss_ce + terms.loss_mse + out.participation
+    loss.backward()
     tiny_model.eval()
-    assert torch.isfinite(out.loss)
-    assert out.loss_ce is not None and out.loss_mse is not None
+    assert torch.isfinite(loss)
+    assert terms.loss_ce is not None and terms.loss_mse is not None
     for name in ["llm.layers.0.und.q_proj.weight", "llm.layers.0.gen.q_proj.weight", "llm.layers.1.gen.mlp.down_proj.weight",
                  "vit.layers.0.attn.q_proj.weight", "connector.fc1.weight", "time_embedder.fc1.weight", "vae2llm.weight",
                  "llm2vae.weight", "llm.lm_head.weight"]:
@@ -142,11 +151,13 @@ def test_every_parameter_takes_part_in_every_step(tiny_model, kind):
     if kind == "t2i":
         batch = encode_fake(batch, tiny_model.cfg, g)
     tiny_model.zero_grad(set_to_none=True)
-    out = tiny_model(batch, generator=g)
-    out.loss.backward()
-    assert float(out.participation) == 0.0
-    expected = out.loss_ce if kind == "text" else out.loss_mse
-    assert torch.equal(out.loss, expected)
+    out, noised = forward(tiny_model, batch, generator=g)
+    terms = loss_terms(out, batch, noised)
+    task_loss = terms.loss_ce if kind == "text" else terms.loss_mse
+    loss = task_loss + out.participation
+    loss.backward()
+    assert out.participation.item() == 0.0
+    assert torch.equal(loss, task_loss)
     missing = [n for n, p in tiny_model.named_parameters() if p.grad is None]
     assert not missing, missing
 
@@ -154,15 +165,19 @@ def test_every_parameter_takes_part_in_every_step(tiny_model, kind):
 def test_ce_reweighting(tiny_model):
     batch = pack_samples([[Text([1, 2, 3], loss=True)], [Text([4] * 15, loss=True)]], tiny_model.cfg, TOKENS)
     with torch.no_grad():
-        out = tiny_model(batch, ce_reweighting=True)
+        out, _ = forward(tiny_model, batch)
+    plain, weighted = loss_terms(out, batch, None), loss_terms(out, batch, None, ce_reweighting=True)
     w = batch.ce_loss_weights
-    assert torch.allclose(out.loss_ce, (out.ce * w).sum() / w.sum())
-    assert not torch.allclose(out.loss_ce, out.ce.mean())
+    torch.testing.assert_close(weighted.loss_ce, (plain.ce * w).sum() / w.sum())
+    torch.testing.assert_close(plain.loss_ce, plain.ce.mean())
+    assert not torch.allclose(weighted.loss_ce, plain.loss_ce)
 
 
 def test_missing_latents_is_a_clear_error(tiny_model):
     batch = pack_samples([[VaeImage(torch.zeros(3, 32, 32), loss=True)]], tiny_model.cfg, TOKENS)
     with pytest.raises(ValueError, match="vae_latents is missing"):
+        forward(tiny_model, batch)
+    with pytest.raises(ValueError, match="pass their latent tokens"):
         tiny_model(batch)
 
 
@@ -172,7 +187,7 @@ def test_position_id_beyond_table_is_a_clear_error(tiny_model):
                         tiny_model.cfg, g)
     batch.latent_position_ids = batch.latent_position_ids + 10_000
     with pytest.raises(ValueError, match="exceeds the position table"):
-        tiny_model(batch)
+        forward(tiny_model, batch, generator=g)
 
 
 def test_packed_batch_validation():

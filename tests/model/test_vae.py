@@ -1,4 +1,4 @@
-"""bagel.model.vae against the official-code fixture (tests/assets/bagel_official_tiny).
+"""bagel.model.vae and its files (bagel.checkpoint.vae) against the official-code fixture (tests/assets/bagel_official_tiny).
 
 The fixture was produced by the official BFL `AutoEncoder` in float32 on CPU; its README (section
 "(c) VAE") is the numerical contract. We hold the VAE outputs to 1e-5 max abs (the README
@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from bagel.checkpoint.errors import CheckpointError
+from bagel import packing as P
+from bagel import transforms as T
+from bagel.checkpoint import vae as CV
+from bagel.checkpoint.strict import CheckpointError
 from bagel.config import ConfigError, VAEConfig
 from bagel.model import vae as V
-from bagel import transforms as T
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "bagel_official_tiny"
 AE_PATH = ASSETS / "ae.safetensors"
@@ -38,7 +40,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def vae(cfg):
-    return V.load_vae(AE_PATH, cfg)
+    return CV.load_vae(AE_PATH, cfg)
 
 
 def max_abs(a, b):
@@ -105,7 +107,7 @@ def test_encode_sampling_options(vae, ref):
 # ------------------------------------------------------------------------------------------------
 def test_key_map_round_trip_on_official_file(cfg):
     bfl = load_file(str(AE_PATH))
-    diff = V.bfl_to_diffusers(bfl)
+    diff = CV.bfl_to_diffusers(bfl)
     with torch.device("meta"):
         model_keys = set(V.build_autoencoder(cfg).state_dict())
     assert set(diff) == model_keys
@@ -114,7 +116,7 @@ def test_key_map_round_trip_on_official_file(cfg):
     assert torch.equal(
         diff["decoder.up_blocks.0.upsamplers.0.conv.weight"], bfl["decoder.up.3.upsample.conv.weight"]
     )
-    back = V.diffusers_to_bfl(diff)
+    back = CV.diffusers_to_bfl(diff)
     assert set(back) == set(bfl)
     for k in bfl:
         assert back[k].shape == bfl[k].shape and torch.equal(back[k], bfl[k]), k
@@ -124,7 +126,7 @@ def test_key_map_full_flux_layout():
     with torch.device("meta"):
         ae = V.build_autoencoder(VAEConfig())
     diff = {k: v for k, v in ae.state_dict().items()}
-    bfl = V.diffusers_to_bfl(diff)
+    bfl = CV.diffusers_to_bfl(diff)
     # The released FLUX ae.safetensors: 244 tensors, 83,819,683 values.
     assert len(bfl) == 244 and sum(v.numel() for v in bfl.values()) == 83_819_683
     shortcuts = {k: list(v.shape) for k, v in bfl.items() if "nin_shortcut.weight" in k}
@@ -137,15 +139,15 @@ def test_key_map_full_flux_layout():
     assert list(bfl["decoder.mid.attn_1.proj_out.weight"].shape) == [512, 512, 1, 1]
     assert "decoder.up.0.upsample.conv.weight" not in bfl  # the last level to run does not upsample
     assert "encoder.down.3.downsample.conv.weight" not in bfl
-    again = V.bfl_to_diffusers(bfl)
+    again = CV.bfl_to_diffusers(bfl)
     assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in diff.items()}
 
 
 def test_key_map_rejects_unknown_keys():
     with pytest.raises(CheckpointError, match="encoder.mystery.weight"):
-        V.bfl_to_diffusers({"encoder.mystery.weight": torch.zeros(2)})
+        CV.bfl_to_diffusers({"encoder.mystery.weight": torch.zeros(2)})
     with pytest.raises(CheckpointError, match="decoder.mystery.weight"):
-        V.diffusers_to_bfl({"decoder.mystery.weight": torch.zeros(2)})
+        CV.diffusers_to_bfl({"decoder.mystery.weight": torch.zeros(2)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,23 +164,24 @@ def _write_modified(tmp_path, edit):
 def test_load_missing_key(tmp_path, cfg):
     path = _write_modified(tmp_path, lambda s: s.pop("decoder.mid.attn_1.q.weight"))
     with pytest.raises(CheckpointError) as info:
-        V.load_vae(path, cfg)
+        CV.load_vae(path, cfg)
     msg = str(info.value)
-    assert str(path) in msg and "missing key 'decoder.mid.attn_1.q.weight'" in msg and "[32, 32, 1, 1]" in msg
+    assert str(path) in msg and "missing 1 key(s): 'decoder.mid.attn_1.q.weight' [32, 32, 1, 1]" in msg
+    assert "\n" not in msg  # one line, for the CLIs
 
 
 def test_load_unexpected_key(tmp_path, cfg):
     path = _write_modified(tmp_path, lambda s: s.update({"encoder.extra.weight": torch.zeros(5, 7)}))
     with pytest.raises(CheckpointError) as info:
-        V.load_vae(path, cfg)
+        CV.load_vae(path, cfg)
     msg = str(info.value)
-    assert str(path) in msg and "unexpected key 'encoder.extra.weight'" in msg and "[5, 7]" in msg
+    assert str(path) in msg and "unexpected 1 key(s): 'encoder.extra.weight' [5, 7]" in msg
 
 
 def test_load_wrong_shape(tmp_path, cfg):
     path = _write_modified(tmp_path, lambda s: s.update({"encoder.conv_in.weight": torch.zeros(32, 3, 5, 5)}))
     with pytest.raises(ValueError) as info:  # CheckpointError is a ValueError
-        V.load_vae(path, cfg)
+        CV.load_vae(path, cfg)
     msg = str(info.value)
     assert isinstance(info.value, CheckpointError)
     assert str(path) in msg and "'encoder.conv_in.weight'" in msg
@@ -187,22 +190,23 @@ def test_load_wrong_shape(tmp_path, cfg):
 
 def test_load_with_wrong_config(cfg):
     with pytest.raises(CheckpointError, match="z_channels=8"):
-        V.load_vae(AE_PATH, VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=8))
+        CV.load_vae(AE_PATH, VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=8))
 
 
 def test_load_missing_file(tmp_path, cfg):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        V.load_vae(tmp_path / "nope.safetensors", cfg)
+        CV.load_vae(tmp_path / "nope.safetensors", cfg)
 
 
 def test_save_bfl_round_trip(tmp_path, cfg, vae, ref):
     path = tmp_path / "ae.safetensors"
-    V.save_vae_bfl(vae, path)
-    assert os.listdir(tmp_path) == ["ae.safetensors"]  # no temp file left behind
+    CV.save_vae(vae, path)
+    assert sorted(os.listdir(tmp_path)) == ["ae.safetensors", "ae_config.json"]  # no temp file left behind
+    assert VAEConfig.from_json(tmp_path / "ae_config.json") == cfg
     saved, original = load_file(str(path)), load_file(str(AE_PATH))
     assert set(saved) == set(original)
     assert all(torch.equal(saved[k], original[k]) for k in original)
-    reloaded = V.load_vae(path, cfg)
+    reloaded = CV.load_vae(path, cfg)
     with torch.no_grad():
         latent = ref["vae/in/decode_latent"]
         assert torch.equal(reloaded.decode(latent), vae.decode(latent))
@@ -218,39 +222,40 @@ def test_build_rejects_channels_not_multiple_of_32():
 # ------------------------------------------------------------------------------------------------
 def test_patchify_token_order_by_hand():
     latent = torch.arange(16.0).reshape(2, 2, 4)  # (C=2, 2, 4): one row of two 2x2 patches
-    tokens = V.patchify_latent(latent, 2)
+    tokens = P.patchify(latent, 2)
     # Features ordered (row-in-patch, col-in-patch, channel): (0,0,c0) (0,0,c1) (0,1,c0) ...
     assert tokens.tolist() == [
         [0, 8, 1, 9, 4, 12, 5, 13],
         [2, 10, 3, 11, 6, 14, 7, 15],
     ]
-    assert torch.equal(V.unpatchify_latent(tokens, 1, 2, 2, 2), latent)
+    assert torch.equal(P.unpatchify(tokens, 1, 2, 2, 2), latent)
 
 
 def test_patchify_round_trip():
     latent = torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(0))
-    tokens = V.patchify_latent(latent, 2)
+    tokens = P.patchify(latent, 2)
     assert tokens.shape == (15, 16)
-    assert torch.equal(V.unpatchify_latent(tokens, 3, 5, 2, 4), latent)
+    assert torch.equal(P.unpatchify(tokens, 3, 5, 2, 4), latent)
     with pytest.raises(ValueError, match="divisible"):
-        V.patchify_latent(latent[:, :5], 2)
+        P.patchify(latent[:, :5], 2)
     with pytest.raises(ValueError, match=r"\[15, 16\]"):
-        V.unpatchify_latent(tokens, 3, 4, 2, 4)
+        P.unpatchify(tokens, 3, 4, 2, 4)
 
 
 @pytest.mark.parametrize("case,grids", [("gen", [(3, 5)]), ("mixed", [(3, 5), (2, 4), (2, 4)])])
 def test_crop_and_patchify_match_official_packed_latents(ref, case, grids):
     padded = ref[f"train/{case}/in/padded_latent"]  # (N, 4, 6, 10)
-    tokens = torch.cat([V.patchify_latent(V.crop_latent(z, h, w, 2), 2) for z, (h, w) in zip(padded, grids)])
+    tokens = P.latent_tokens(padded, grids, 2)
     assert torch.equal(tokens, ref[f"train/{case}/out/packed_latent_clean"])
 
 
-def test_crop_latent():
-    padded = torch.randn(4, 6, 10)
-    crop = V.crop_latent(padded, 2, 4, 2)
-    assert crop.shape == (4, 4, 8) and torch.equal(crop, padded[:, :4, :8])
+def test_latent_tokens_crop_each_image():
+    padded = torch.randn(2, 4, 6, 10)
+    tokens = P.latent_tokens(padded, [(2, 4), (3, 5)], 2)
+    assert torch.equal(tokens[:8], P.patchify(padded[0, :, :4, :8], 2))
+    assert torch.equal(tokens[8:], P.patchify(padded[1], 2))
     with pytest.raises(ValueError, match=r"\[4, 8, 8\]"):
-        V.crop_latent(padded, 4, 4, 2)
+        P.latent_tokens(padded, [(4, 4)], 2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,9 +49,9 @@ def test_preset_overrides_reach_into_sub_configs(make_cfg):
     from bagel.train.weights import model_config
 
     cfg = make_cfg("n", "--model.preset=digits", "--model.overrides.llm.num_hidden_layers=6",
-                   "--model.overrides.timestep_shift=2.0")
+                   "--model.overrides.train_timestep_shift=2.0")
     model = model_config(cfg.model)
-    assert model.llm.num_hidden_layers == 6 and model.timestep_shift == 2.0
+    assert model.llm.num_hidden_layers == 6 and model.train_timestep_shift == 2.0
     assert model.llm.hidden_size == 128  # the rest of the preset's LLM config is kept
     with pytest.raises(ConfigError, match=r"llm: unknown key\(s\) \['layers'\]"):
         model_config(make_cfg("m", "--model.preset=digits", "--model.overrides.llm.layers=6").model)

@@ -1,12 +1,20 @@
-"""bagel-train trains draft heads: jointly (extra weighted loss) or with the backbone frozen."""
+"""bagel-train trains draft heads: jointly (extra weighted loss) or with the backbone frozen, on
+any source (synthetic, the data pipeline, or a text corpus: the heads recipes)."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from bagel.cli.train import build_source, main
 from bagel.config import ConfigError
+from bagel.train.distributed import DistInfo
 from bagel.train.trainer import Trainer
+from bagel.train.weights import model_config
 
 HEADS = "--model.overrides={draft_heads: {kind: medusa, num_heads: 2}}"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_joint_heads_loss_goes_down(make_cfg):
@@ -14,6 +22,18 @@ def test_joint_heads_loss_goes_down(make_cfg):
     history = Trainer(cfg).run().history
     losses = [h["loss_heads"] for h in history]
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+    assert "heads_acc/0" in history[-1]
+
+
+def test_heads_lr_mult_scales_only_the_heads(make_cfg):
+    trainer = Trainer(make_cfg("mult", HEADS, "--train.heads_weight=0.5", "--train.steps=1",
+                               "--train.heads_lr_mult=4", "--optim.lr=0.001"))
+    trainer.run()
+    heads = {id(p) for p in trainer.model.draft_heads.parameters()}
+    for group in trainer.optimizer.param_groups:
+        on_heads = {id(p) in heads for p in group["params"]}
+        assert len(on_heads) == 1  # a group holds heads or backbone, never both
+        assert group["lr"] == pytest.approx(0.004 if on_heads == {True} else 0.001)
 
 
 def test_heads_only_leaves_the_backbone_untouched(make_cfg):
@@ -31,11 +51,55 @@ def test_heads_need_heads_in_the_model(make_cfg):
         Trainer(make_cfg("none", "--train.heads_weight=1.0"))
 
 
-def test_new_heads_on_a_pretrained_backbone(make_cfg, tmp_path):
-    """Medusa-1 style: a trained model without heads, heads added and trained alone."""
-    base = make_cfg("base", "--train.steps=1", "--checkpoint.export=true")
-    Trainer(base).run()
-    cfg = make_cfg("medusa1", "--model.preset=pretrained", f"--model.path={tmp_path / 'base' / 'export'}", HEADS,
-                   "--train.heads_only=true", "--train.steps=2")
-    history = Trainer(cfg).run().history
-    assert all(torch.isfinite(torch.tensor(h["loss_heads"])) for h in history)
+def test_new_heads_on_a_pretrained_backbone_start_at_its_lm_head(make_cfg, tmp_path):
+    """Medusa-1 style: a trained model without heads gets fresh heads (zero residual blocks), which at
+    step 0 predict exactly what the base LM head predicts; training them alone lowers their loss."""
+    from bagel.checkpoint.pretrained import from_pretrained
+
+    Trainer(make_cfg("base", "--train.steps=2", "--checkpoint.export=true")).run()
+    base = from_pretrained(tmp_path / "base" / "export")
+    cfg = make_cfg("medusa1", "--model.preset=pretrained", f"--model.path={tmp_path / 'base' / 'export'}",
+                   "--model.overrides={draft_heads: {kind: medusa, num_heads: 2, own_lm_head: true}}",
+                   "--train.heads_only=true", "--train.steps=6", "--data.num_batches=1", "--optim.lr=0.01")
+    trainer = Trainer(cfg)
+    model = trainer.model
+    assert all(torch.equal(p, base.state_dict()[n]) for n, p in model.state_dict().items() if n in base.state_dict())
+    h = torch.randn(7, base.cfg.llm.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.draft_heads(h, model.llm.lm_head), base.llm.lm_head(h)[None].expand(2, 7, -1),
+                                   rtol=0, atol=0)
+    history = trainer.run().history
+    assert history[-1]["loss_heads"] < history[0]["loss_heads"]
+
+
+def test_heads_recipe_on_a_text_corpus(tmp_path, capsys):
+    """configs/train/heads_digits.yaml through bagel-train: the corpus source, heads alone, and the
+    heads written beside the export, loadable and equal to the model's own."""
+    from bagel.checkpoint.heads import load_draft_heads
+    from bagel.checkpoint.pretrained import from_pretrained
+
+    run = tmp_path / "heads"
+    argv = ["--config", str(REPO / "configs/train/heads_digits.yaml"), f"--run_dir={run}", "--train.steps=6",
+            "--log.progress=false", "--log.tensorboard=false", "--log.plot=false", "--log.peak_tflops=0.1",
+            f"--data.tokenizer={REPO / 'tests/assets/bagel_official_tiny'}", "--optim.lr=0.01", "--log.every=1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    model = from_pretrained(run / "export")
+    heads = load_draft_heads(run / "export" / "draft_heads", model.cfg.llm)
+    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), model.draft_heads.state_dict().values()))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["loss_heads"] < records[0]["loss_heads"]
+
+
+def test_corpus_source_is_deterministic_and_rank_split(make_cfg):
+    cfg = make_cfg("corpus", "--data.kind=corpus", "--data.corpus=digits",
+                   f"--data.tokenizer={REPO / 'tests/assets/bagel_official_tiny'}", "--data.samples_per_batch=4")
+    mcfg = model_config(cfg.model)
+    one = build_source(cfg, mcfg, DistInfo()).batches
+    ranks = [build_source(cfg, mcfg, DistInfo(rank=r, world_size=2)).batches for r in (0, 1)]
+    for index in (0, 3):
+        whole, parts = one.make(index), [r.make(index) for r in ranks]
+        assert torch.equal(whole.batch.text_ids, one.make(index).batch.text_ids)
+        assert sum(p.num_samples for p in parts) == whole.num_samples == 4
+        assert sum(p.batch.sequence_length for p in parts) == whole.batch.sequence_length
+    assert not torch.equal(one.make(0).batch.text_ids, one.make(1).batch.text_ids)

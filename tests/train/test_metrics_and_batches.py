@@ -16,7 +16,34 @@ def test_attention_pairs_match_the_dense_mask():
     assert "noise" in b.attn_modes and "causal" in b.attn_modes and "full" in b.attn_modes
     mask = dense_mask(AttentionLayout(b.sample_lens, b.split_lens, b.attn_modes))
     assert attention_pairs(b.sample_lens, b.split_lens, b.attn_modes) == int(mask.sum())
-    assert batch_flops(cfg, b) > 6 * b.sequence_length * 1e4
+
+
+def test_batch_flops_matmuls_match_torch_flop_counter():
+    """batch_flops' matrix-multiply part equals 3x what torch's FLOP counter measures for the forward
+    on the same batch (ViT, connector, experts, lm_head, latent projections); the attention part is
+    the mask's pair count (above) times 2 * 2 * head_dim * heads per layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bagel.model.bagel import Bagel
+    from bagel.train.losses import flow_inputs
+
+    cfg = BagelConfig.tiny()
+    item = SyntheticSource(cfg, DataSection(samples_per_batch=6)).make(0)
+    b = item.batch
+    n, _, h, w = b.vae_images.shape
+    b.vae_latents = torch.randn(n, cfg.vae.z_channels, h // cfg.vae.downsample, w // cfg.vae.downsample)
+    noised = flow_inputs(cfg, b, item.noise)
+    model = Bagel(cfg)
+    model.init_weights()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(b, noised.x_t, noised.t)
+    counts = counter.get_flop_counts()["Global"]
+    matmul = sum(v for op, v in counts.items() if "mm" in str(op))
+    llm, vit = cfg.llm, cfg.vit
+    attention = 2 * (attention_pairs(b.sample_lens, b.split_lens, b.attn_modes) * 2 * llm.head_dim
+                     * llm.num_attention_heads * llm.num_hidden_layers
+                     + sum(int(s) ** 2 for s in b.vit_token_seqlens) * 2 * vit.hidden_size * vit.num_hidden_layers)
+    assert batch_flops(cfg, b) == 3 * (matmul + attention)
 
 
 def test_synthetic_batches_are_deterministic_and_split_by_rank():

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bagel.train.cli import source_factory
+from bagel.cli.train import build_source
+from bagel.train.distributed import DistInfo
 from bagel.train.trainer import Trainer
+from bagel.train.weights import model_config
 
 REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("data_pipelines.loader")
@@ -32,8 +34,10 @@ def test_pipeline_source_resumes_exactly(tmp_path, make_cfg):
                         "--data.num_workers=1", f"--model.vae_path={REPO}/tests/assets/bagel_official_tiny/ae.safetensors",
                         *extra)
 
-    full = Trainer(c := cfg("full", "--train.steps=4"), source_factory=source_factory(c)).run().history
-    Trainer(c := cfg("split", "--train.steps=2"), source_factory=source_factory(c)).run()
-    c = cfg("split", "--train.steps=4", "--checkpoint.resume=auto")
-    rest = Trainer(c, source_factory=source_factory(c)).run().history
+    def trainer(c):  # what bagel-train wires up: the data pipeline's source handed to the trainer
+        return Trainer(c, source=build_source(c, model_config(c.model), DistInfo()))
+
+    full = trainer(cfg("full", "--train.steps=4")).run().history
+    trainer(cfg("split", "--train.steps=2")).run()
+    rest = trainer(cfg("split", "--train.steps=4", "--checkpoint.resume=auto")).run().history
     assert [(r["loss_ce"], r["loss_mse"]) for r in full[2:]] == [(r["loss_ce"], r["loss_mse"]) for r in rest]

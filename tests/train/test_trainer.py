@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bagel.train import checkpointing
+from bagel.config import BagelConfig
+
+from bagel.train import checkpointing, losses
 from bagel.train.batches import SyntheticSource
 from bagel.train.trainer import Trainer, TrainingError
 
@@ -19,6 +21,17 @@ REPO = Path(__file__).resolve().parents[2]
 def mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs)
+
+
+def inject_overflow(monkeypatch, trainer, steps):
+    """Scale the loss by 1e30 at the given (0-based) steps: non-finite gradients, as an overflow gives."""
+    real = losses.weighted_loss
+
+    def weighted_loss(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return loss * 1e30 if trainer.step in steps else loss
+
+    monkeypatch.setattr(losses, "weighted_loss", weighted_loss)
 
 
 def test_tiny_training_lowers_both_losses_and_exports(make_cfg, tmp_path):
@@ -38,7 +51,7 @@ def test_tiny_training_lowers_both_losses_and_exports(make_cfg, tmp_path):
     assert (result.checkpoint / "config.yaml").is_file()
 
     # Both exports load, strictly, and hold the same (EMA) weights.
-    from bagel.checkpoint.io import from_pretrained
+    from bagel.checkpoint.pretrained import from_pretrained
 
     ours = from_pretrained(run / "export").state_dict()
     official = from_pretrained(run / "export_official").state_dict()
@@ -63,10 +76,10 @@ def test_exact_resume_is_bitwise_in_one_process(make_cfg):
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(make_cfg, tmp_path):
     run = tmp_path / "crash"
-    cmd = [sys.executable, "-m", "bagel.train.cli", "--config", str(REPO / "configs/train/tiny_cpu.yaml"),
-           f"--run_dir={run}", "--data.samples_per_batch=2", "--log.progress=false", "--log.tensorboard=false",
-           "--log.plot=false", "--log.peak_tflops=0.1", "--train.steps=4", "--checkpoint.every=2",
-           "--checkpoint.debug_crash_during_save=4"]
+    cmd = [sys.executable, str(REPO / "tests/train/crash_during_save.py"), "4", "--config",
+           str(REPO / "configs/train/tiny_cpu.yaml"), f"--run_dir={run}", "--data.samples_per_batch=2",
+           "--log.progress=false", "--log.tensorboard=false", "--log.plot=false", "--log.peak_tflops=0.1",
+           "--train.steps=4", "--checkpoint.every=2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 17, proc.stderr[-2000:]  # died inside save(), shards half-committed
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -93,11 +106,12 @@ def test_bf16_follows_fp32(make_cfg):
     assert bf16[-1]["loss_ce"] < bf16[0]["loss_ce"]
 
 
-def test_fp16_loss_scaler_skips_an_injected_overflow_and_recovers(make_cfg):
+def test_fp16_loss_scaler_skips_an_injected_overflow_and_recovers(make_cfg, monkeypatch):
     # fp16 is 20-100x slower than fp32 on this CPU: 2 samples, 4 steps.
     cfg = make_cfg("fp16", "--parallel.param_dtype=fp16", "--data.samples_per_batch=2", "--train.steps=4",
-                   "--train.debug_overflow_steps=[1]", "--parallel.loss_scale=1024")
+                   "--parallel.loss_scale=1024")
     trainer = Trainer(cfg)
+    inject_overflow(monkeypatch, trainer, {1})
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     h = trainer.run().history
     assert [r["step_ok"] for r in h] == [1.0, 0.0, 1.0, 1.0]
@@ -107,18 +121,32 @@ def test_fp16_loss_scaler_skips_an_injected_overflow_and_recovers(make_cfg):
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
-def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(make_cfg):
-    cfg = make_cfg("nan", "--data.samples_per_batch=2", "--train.steps=6", "--checkpoint.every=2",
-                   "--train.max_bad_steps=2", "--train.debug_overflow_steps=[2,3]")
+def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(make_cfg, monkeypatch):
+    # steps 4 and 5 (0-based 3, 4) fail; step 4 would be a checkpoint step, but none is written while
+    # steps fail, and the message names step 2's, the last one before the first bad step
+    cfg = make_cfg("nan", "--data.samples_per_batch=2", "--train.steps=8", "--checkpoint.every=2",
+                   "--train.max_bad_steps=2")
     trainer = Trainer(cfg)
-    with pytest.raises(TrainingError, match="2 consecutive steps with a non-finite"):
+    inject_overflow(monkeypatch, trainer, {3, 4})
+    with pytest.raises(TrainingError, match="2 consecutive steps with a non-finite.*before the first bad step is "
+                                            r".*step_00000002"):
         trainer.run()
+    monkeypatch.undo()
     assert trainer.counters["skipped_steps"] == 2
     good = checkpointing.latest_checkpoint(cfg.run_dir)
     assert good.name == "step_00000002"
+    assert [p.name for p in checkpointing.list_checkpoints(cfg.run_dir)] == ["step_00000002"]
     # ...and it loads.
     again = Trainer(make_cfg("nan", "--data.samples_per_batch=2", "--train.steps=3", "--checkpoint.resume=auto"))
     assert [r["step"] for r in again.run().history] == [3]
+
+
+def test_max_bad_steps_zero_stops_at_the_first_bad_step(make_cfg, monkeypatch):
+    trainer = Trainer(make_cfg("nan0", "--data.samples_per_batch=2", "--train.steps=4", "--train.max_bad_steps=0"))
+    inject_overflow(monkeypatch, trainer, {1})
+    with pytest.raises(TrainingError, match="1 consecutive steps"):
+        trainer.run()
+    assert trainer.step == 2
 
 
 class _SigtermAt(SyntheticSource):
@@ -135,7 +163,7 @@ class _SigtermAt(SyntheticSource):
 
 def test_sigterm_saves_a_checkpoint_and_stops(make_cfg):
     cfg = make_cfg("term", "--data.samples_per_batch=2", "--train.steps=50", "--checkpoint.export=true")
-    trainer = Trainer(cfg, source_factory=lambda mcfg, dist: _SigtermAt(mcfg, cfg.data))
+    trainer = Trainer(cfg, source=_SigtermAt(BagelConfig.tiny(), cfg.data))
     result = trainer.run()
     assert result.stopped_by_signal and result.step == 3
     assert result.checkpoint.name == "step_00000003"

@@ -133,7 +133,7 @@ def test_embeddings_are_unit_norm():
 
 
 def test_bagel_train_reports_a_bad_vit_file_without_a_traceback(tmp_path, capsys):
-    from bagel.train.cli import main
+    from bagel.cli.train import main
 
     recipe = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny_cpu.yaml"
     missing = tmp_path / "nope.safetensors"

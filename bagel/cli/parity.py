@@ -7,8 +7,7 @@ A fixture directory holds a tiny model in the released layout (`llm_config.json`
 tests/assets/README.md). Every case found is run; one line is printed per compared tensor with
 its max |difference| and tolerance; the exit status is non-zero if any comparison fails.
 
-    bagel-parity tests/assets/bagel_official_tiny
-    python scripts/check_parity.py tests/assets/bagel_official_tiny --threads 1
+    bagel-parity tests/assets/bagel_official_tiny [--threads 1]
 """
 
 from __future__ import annotations
@@ -22,16 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bagel.cli.common import USER_ERRORS
+
 # Suggested tolerances of the fixture contract (atol = rtol) for float32 re-implementations.
 TOL_SINGLE_PASS = 1e-4
-
-# fixture output name -> BagelOutput field
-TRAIN_OUTPUTS = {
-    "vit_features": "vit_features", "connector_out": "connector_out", "llm_input": "llm_input",
-    "last_hidden_state": "hidden", "ce_logits": "ce_logits", "ce": "ce", "loss_ce": "loss_ce",
-    "packed_latent_clean": "latent_clean", "t_shifted": "t", "x_t": "x_t", "target": "target",
-    "velocity_pred": "velocity", "mse": "mse", "loss_mse": "loss_mse",
-}
 
 
 @dataclass
@@ -100,7 +93,7 @@ def training_batch(fx: Fixture, case: str):
         vae_images=opt("padded_images"), vae_latents=opt("padded_latent"),
         vae_latent_shapes=[tuple(s) for s in inputs.get("patchified_vae_latent_shapes", [])] or None,
         latent_position_ids=opt("packed_latent_position_ids"), vae_token_indexes=opt("packed_vae_token_indexes"),
-        timesteps=opt("packed_timesteps"), mse_loss_indexes=opt("mse_loss_indexes"),
+        timestep_logits=opt("packed_timesteps"), mse_loss_indexes=opt("mse_loss_indexes"),
         label_ids=opt("packed_label_ids"), ce_loss_indexes=opt("ce_loss_indexes"),
         ce_loss_weights=opt("ce_loss_weights"),
     )
@@ -122,17 +115,39 @@ def check_masks(fx: Fixture, case: str, batch) -> Comparison:
     return Comparison(f"train/{case}/attention_mask", float(worst), 0.0, worst == 0, "(entries differing)")
 
 
+# the fixture's training outputs, in the order they are reported
+TRAIN_OUTPUTS = ("vit_features", "connector_out", "llm_input", "last_hidden_state", "ce_logits", "ce", "loss_ce",
+                 "packed_latent_clean", "t_shifted", "x_t", "target", "velocity_pred", "mse", "loss_mse")
+
+
+def training_outputs(model, batch, noise) -> dict[str, torch.Tensor | None]:
+    """One training forward through the trainer's own path (noising, model, losses), named as the
+    fixture names its outputs."""
+    from bagel.train import losses
+
+    with torch.no_grad():
+        noised = losses.flow_inputs(model.cfg, batch, noise)
+        out = model(batch, *((noised.x_t, noised.t) if noised is not None else ()))
+        terms = losses.loss_terms(out, batch, noised)
+    outputs = {"vit_features": out.vit_features, "connector_out": out.connector_out, "llm_input": out.llm_input,
+               "last_hidden_state": out.hidden, "ce_logits": out.ce_logits, "ce": terms.ce,
+               "loss_ce": terms.loss_ce, "velocity_pred": out.velocity, "target": terms.target, "mse": terms.mse,
+               "loss_mse": terms.loss_mse}
+    if noised is not None:
+        outputs.update(packed_latent_clean=noised.x0, t_shifted=noised.t, x_t=noised.x_t)
+    return outputs
+
+
 def run_training_cases(fx: Fixture, model) -> list[Comparison]:
     results = []
     for case in fx.meta.get("train", {}):
         batch, noise = training_batch(fx, case)
         results.append(check_masks(fx, case, batch))
-        with torch.no_grad():
-            out = model(batch, noise=noise)
-        for ref_name, field in TRAIN_OUTPUTS.items():
-            key = f"train/{case}/out/{ref_name}"
+        ours = training_outputs(model, batch, noise)
+        for name in TRAIN_OUTPUTS:
+            key = f"train/{case}/out/{name}"
             if fx.has(key):
-                results.append(compare(key, getattr(out, field), fx.get(key)))
+                results.append(compare(key, ours.get(name), fx.get(key)))
     return results
 
 
@@ -247,8 +262,8 @@ def run_inference_cases(fx: Fixture, model, vae) -> list[Comparison]:
 
 def run_all(path: str | Path) -> list[Comparison]:
     from bagel.checkpoint.official import load_official_model
+    from bagel.checkpoint.vae import load_vae
     from bagel.config import VAEConfig
-    from bagel.model.vae import load_vae
 
     fx = Fixture(path)
     model = load_official_model(fx.path)
@@ -270,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         results = run_all(args.fixture_dir)
-    except (FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"bagel-parity: error: {e}", file=sys.stderr)
         return 2
     for r in results:

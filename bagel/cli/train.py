@@ -1,0 +1,152 @@
+"""`bagel-train --config configs/train/NAME.yaml [--section.key=value ...]`
+
+    # one process (CPU or one GPU)
+    bagel-train --config configs/train/tiny_cpu.yaml --train.steps=50
+    # one node, N processes (gloo on CPU, NCCL on GPU)
+    torchrun --standalone --nproc_per_node 2 -m bagel.cli.train --config configs/train/tiny_cpu.yaml --parallel.mode=fsdp
+    # many nodes: the same command on every node
+    torchrun --nnodes 4 --nproc_per_node 8 --node_rank $NODE_RANK --rdzv_backend c10d \\
+        --rdzv_endpoint $MASTER_HOST:29500 --rdzv_id $RUN_ID -m bagel.cli.train --config ... --parallel.mode=fsdp
+    # loss curves of a run (RUN_DIR/loss_curves.png)
+    bagel-train --plot RUN_DIR
+
+`--resume auto` (the default in the recipes) continues from the newest complete checkpoint in
+RUN_DIR/checkpoints, if any; `--resume none` starts afresh; `--resume PATH` loads that one.
+
+This is the wiring: it builds the batch source the recipe asks for (`data.kind`: `synthetic`,
+`pipeline` = webdataset shards through data_pipelines, `corpus` = a text corpus) and hands it to
+the trainer, which imports no data code.
+
+Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 1 a training error (e.g.
+too many non-finite steps; the last good checkpoint is left intact), 2 a config error (including
+model paths or weight files that do not fit the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Iterator
+
+from bagel.cli.common import USER_ERRORS
+
+
+class PackSource:
+    """The data pipeline's `PackLoader` behind the trainer's source interface."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def __iter__(self) -> Iterator:
+        from bagel.train.batches import TrainItem
+
+        for pack in self.loader:
+            yield TrainItem(batch=pack.batch, num_samples=len(pack.keys), skipped=dict(self.loader.stats))
+
+
+class CorpusSource:
+    """`data_pipelines.text_corpus.CorpusBatches` behind the trainer's source interface."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)
+
+    def __iter__(self) -> Iterator:
+        from bagel.train.batches import TrainItem
+
+        for item in self.batches:
+            yield TrainItem(batch=item.batch, num_samples=item.num_samples)
+
+
+def build_source(cfg, model_cfg, dist):
+    """The batch source of `cfg.data` for this rank (None: the trainer's synthetic source)."""
+    data = cfg.data
+    if data.kind == "pipeline":
+        from data_pipelines.loader import PackLoader
+        from data_pipelines.mixing import DataConfig
+
+        loader = PackLoader(DataConfig.from_yaml(data.config), model_cfg, num_workers=data.num_workers,
+                            rank=dist.rank, world_size=dist.world_size)
+        return PackSource(loader)
+    if data.kind == "corpus":
+        from bagel.tokenizer import SpecialTokens, load_tokenizer
+        from data_pipelines.text_corpus import CorpusBatches, corpus_samples
+
+        tokenizer = load_tokenizer(data.tokenizer)
+        encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        samples = corpus_samples(data.corpus, encode, data.holdout_every, data.max_tokens)
+        return CorpusSource(CorpusBatches(samples, model_cfg, SpecialTokens.from_tokenizer(tokenizer),
+                                          data.samples_per_batch, data.seed, dist.rank, dist.world_size))
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bagel-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=False, help="a configs/train/*.yaml recipe")
+    parser.add_argument("--resume", default=None,
+                        help="shorthand for --checkpoint.resume: auto | none | a checkpoint directory")
+    parser.add_argument("--plot", metavar="RUN_DIR", default=None,
+                        help="only draw RUN_DIR/loss_curves.png from RUN_DIR/metrics.jsonl, then exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    if args.plot:
+        from bagel.train.plot import plot_run
+
+        try:
+            print(plot_run(args.plot))
+        except FileNotFoundError as e:
+            print(f"bagel-train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.resume is not None:
+        overrides.append(f"--checkpoint.resume={args.resume}")
+
+    from bagel.train.config import load_config
+    from bagel.train.distributed import init_distributed, teardown
+    from bagel.train.trainer import Trainer, TrainingError
+    from bagel.train.weights import model_config
+
+    try:
+        cfg = load_config(args.config, overrides)
+    except USER_ERRORS as e:
+        print(f"bagel-train: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        try:
+            dist = init_distributed()
+            source = build_source(cfg, model_config(cfg.model), dist)
+            trainer = Trainer(cfg, source=source, dist=dist)
+        except USER_ERRORS as e:
+            # bad paths, data or weights that do not fit the model: say which, no traceback
+            print(f"bagel-train: cannot start: {e}", file=sys.stderr)
+            return 2
+        result = trainer.run()
+    except TrainingError as e:
+        print(f"bagel-train: stopped: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        teardown()
+    last = result.history[-1] if result.history else {}
+    if trainer.dist.is_main:
+        print(f"[bagel-train] done at step {result.step}: loss_ce={last.get('loss_ce', float('nan')):.4f} "
+              f"loss_mse={last.get('loss_mse', float('nan')):.4f}; checkpoint {result.checkpoint}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

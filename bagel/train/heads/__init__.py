@@ -1,1 +1,0 @@
-"""Draft-head (Medusa, MTP) training: losses (`losses`), corpora (`corpus`), a small loop (`loop`)."""
