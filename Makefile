@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test demo parity clean
+.PHONY: venv test demo parity gpu-check clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: venv
 
 parity: venv
 	$(VENV)/bin/bagel-parity tests/assets/bagel_official_tiny
+
+# The prepared CUDA check (scripts/gpu_check.py): CUDA-marked tests and a short throughput
+# benchmark, one summary table; under 8 minutes on one GPU. It runs with the machine's own python3
+# (a GPU machine brings its CUDA torch); without CUDA it says so in one line and exits 0.
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 scripts/gpu_check.py --out gpu_check.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

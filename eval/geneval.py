@@ -22,14 +22,13 @@ Choices this file makes (each also written into the run's manifest.json):
   alone: on the tiny model on CPU (fp32), a batched prefill or a batched VAE decode changed pixels
   by 1/255 (float summation order), batched denoising did not. On GPU, kernels may differ with the
   batch size; rerun with the same --batch-size to reproduce images bit for bit there.
-- Settings default to BAGEL's GenEval script (`eval/gen/gen_images_mp.py`, see
-  ../shared/reference/bagel-official.md 4.10): cfg_text 4, no image CFG (text-to-image has no image
-  to guide by; the script passes no image-unconditional context), cfg_interval (0, 1], global
-  renorm, renorm_min 0, timestep shift 3, 50 timesteps, 1024x1024, 4 samples per prompt. The prompt
+- Settings default to BAGEL's GenEval script (`eval/gen/gen_images_mp.py`): the `geneval` sampler
+  preset (bagel.inference.generate_image.PRESETS: cfg_text 4, no image CFG, cfg_interval (0, 1],
+  global renorm, shift 3, 50 timesteps), 1024x1024, 4 samples per prompt. The prompt
   is the context as is (no system prompt, no template). Not reproduced: the script prefills the
   prompt under fp16 autocast and samples under bf16; here one dtype (--dtype) is used throughout.
-- Scoring (optional, no detector is shipped): `--scorer MODULE:FUNCTION` (or `path/to/file.py:FUNCTION`)
-  names a callable `scorer(out_dir, rows) -> list[dict]`, where `rows[k]` is the metadata object of
+- Scoring (optional, no detector is shipped): `--scorer MODULE:FUNCTION` (or `path/to/file.py:FUNCTION`,
+  loaded by bagel-eval) names a callable `scorer(out_dir, rows) -> list[dict]`, where `rows[k]` is the metadata object of
   folder `k` in numeric order (folders 00000..N-1 after a run). Each returned judgement has at least
   `correct` (bool) and names its image by `filename` (matched on its last three path parts,
   `<index>/samples/<name>.png`, so GenEval's own results.jsonl rows work as they are); without any
@@ -44,8 +43,6 @@ Choices this file makes (each also written into the run's manifest.json):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -240,30 +237,6 @@ def generate_images(engine, prompts: list[Prompt], out_dir: str, settings: GenSe
 # Scoring
 
 
-def load_scorer(spec: str):
-    """'package.module:function' or 'path/to/file.py:function' -> the callable."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--scorer {spec!r}: expected MODULE:FUNCTION or path/to/file.py:FUNCTION")
-    if module_name.endswith(".py"):
-        if not os.path.isfile(module_name):
-            raise FileNotFoundError(f"--scorer {spec!r}: file {module_name!r} does not exist")
-        name = f"geneval_scorer_{os.path.splitext(os.path.basename(module_name))[0]}"
-        mod_spec = importlib.util.spec_from_file_location(name, module_name)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[name] = module  # dataclasses and pickle look classes up by module name
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"--scorer {spec!r}: cannot import {module_name!r} ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"--scorer {spec!r}: {module_name!r} has no callable {attr!r}")
-    return fn
-
-
 def discover(out_dir: str) -> tuple[list[dict], list[dict]]:
     """Walk a generated folder the way GenEval's scorer does: numbered folders, samples/<digits>.png.
     Returns (metadata rows in folder order, one dict per image: index, sample, path, tag)."""
@@ -356,7 +329,7 @@ def summarize(judged: list[dict]) -> dict:
 
 
 def score(out_dir: str, scorer) -> tuple[list[dict], dict, dict]:
-    """Run a scorer (callable or 'MODULE:FUNCTION') over a generated folder
+    """Run a scorer (a callable) over a generated folder
     -> (one judgement row per image, metrics, counts)."""
     fn = _resolve_scorer(scorer)[0]
     rows, images = discover(out_dir)
@@ -371,15 +344,16 @@ def score(out_dir: str, scorer) -> tuple[list[dict], dict, dict]:
 
 
 def _resolve_scorer(scorer, name: str | None = None):
-    """A spec or a callable -> (callable or None, the name the manifest records)."""
+    """A callable -> (callable or None, the name the manifest records). The wiring
+    (bagel/cli/eval.py) turns a --scorer MODULE:FUNCTION into the callable."""
     if scorer is None:
         return None, None
-    if isinstance(scorer, str):
-        return load_scorer(scorer), name or scorer
+    if not callable(scorer):
+        raise ValueError(f"the GenEval scorer must be a callable, got {type(scorer).__name__}")
     return scorer, name or f"{getattr(scorer, '__module__', '?')}:{getattr(scorer, '__qualname__', repr(scorer))}"
 
 
-def _check_new_out_dir(out_dir: str | None) -> None:
+def check_new_out_dir(out_dir: str | None) -> None:
     if out_dir and os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ValueError(f"output folder {out_dir!r} is not empty; GenEval's scorer reads every numbered "
                          "folder in it, so a run needs a new or empty folder")
@@ -406,7 +380,7 @@ def run(data: str, engine, out_dir: str | None = None, settings: GenSettings = G
         limit: int | None = None, batch_size: int = 1, scorer=None, model: str | None = None,
         protocol: str = "standard", progress: bool = True, scorer_name: str | None = None) -> dict:
     """Generate GenEval images with `engine` into a new folder, optionally score; returns the manifest.
-    `scorer`: a callable or 'MODULE:FUNCTION' (see the module docstring)."""
+    `scorer`: a callable (see the module docstring)."""
 
     t0 = time.time()
     settings.check()
@@ -415,7 +389,7 @@ def run(data: str, engine, out_dir: str | None = None, settings: GenSettings = G
     prompts = read(data, limit)
     scorer, scorer_name = _resolve_scorer(scorer, scorer_name)  # a bad spec fails now, not after sampling
     out_dir = out_dir or runner.default_out_dir(TASK, protocol, "gen")
-    _check_new_out_dir(out_dir)
+    check_new_out_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
 
     image_rows = generate_images(engine, prompts, out_dir, settings, batch_size, progress)
@@ -459,13 +433,14 @@ def run(data: str, engine, out_dir: str | None = None, settings: GenSettings = G
     return manifest
 
 
-def score_only(images_dir: str, scorer, out_dir: str | None = None, protocol: str = "standard") -> dict:
+def score_only(images_dir: str, scorer, out_dir: str | None = None, protocol: str = "standard",
+               scorer_name: str | None = None) -> dict:
     """Score a folder written by `run` (or any GenEval-layout folder) -> manifest in `out_dir`."""
 
     t0 = time.time()
     if scorer is None:
         raise ValueError("scoring GenEval images needs --scorer MODULE:FUNCTION (no detector is shipped)")
-    scorer, scorer_name = _resolve_scorer(scorer)
+    scorer, scorer_name = _resolve_scorer(scorer, scorer_name)
     out_dir = out_dir or runner.default_out_dir(TASK, protocol, "score")
     os.makedirs(out_dir, exist_ok=True)
     generated = {}
@@ -493,24 +468,6 @@ def score_only(images_dir: str, scorer, out_dir: str | None = None, protocol: st
     manifest["wall_time_s"] = round(time.time() - t0, 3)
     _write_manifest(out_dir, manifest)
     return manifest
-
-
-def run_cli(args) -> dict:
-    """`bagel-eval --task geneval ...` (parsed arguments from eval/cli.py) -> manifest."""
-    if args.score_only:
-        return score_only(args.score_only, args.scorer, args.out, args.protocol)
-    if not args.data:
-        raise ValueError("--task geneval --model needs --data (the GenEval prompt metadata .jsonl)")
-    settings = settings_from_args(args)
-    settings.check()  # before loading the model
-    batch_size = args.batch_size or 1
-    read(args.data, args.limit)
-    _check_new_out_dir(args.out)
-    scorer = load_scorer(args.scorer) if args.scorer else None
-    engine = runner.load_engine(args.model, args.dtype, args.device)  # checks are done: loading takes minutes
-    return run(args.data, engine, args.out, settings, limit=args.limit, batch_size=batch_size,
-               scorer=scorer, scorer_name=args.scorer, model=args.model, protocol=args.protocol,
-               progress=not args.quiet)
 
 
 def settings_from_args(args) -> GenSettings:

@@ -99,25 +99,32 @@ def edit(engine, image, instruction: str, seed: int, think: bool, max_think_toke
 
 
 # The UI ----------------------------------------------------------------------------------------
-def guidance_controls(gr, preset: str, prefix: str) -> list:
-    """Steps, timestep shift and the CFG settings, starting at a named preset, in gen_config's order."""
+def control_defaults(preset: str) -> list:
+    """A named preset as the values of the guidance controls, in gen_config's argument order."""
     from bagel.inference.generate_image import ImageGenConfig
 
     d = ImageGenConfig.preset(preset)
-    steps = gr.Slider(2, 100, d.num_timesteps, step=1, label="Steps", elem_id=f"{prefix}-steps",
+    return [d.num_timesteps, d.timestep_shift, d.cfg_text_scale, d.cfg_img_scale, *d.cfg_interval,
+            d.cfg_renorm_type, d.cfg_renorm_min]
+
+
+def guidance_controls(gr, preset: str, prefix: str) -> list:
+    """Steps, timestep shift and the CFG settings, starting at a named preset, in gen_config's order."""
+    steps, shift, text, img, start, end, renorm, renorm_min = control_defaults(preset)
+    steps = gr.Slider(2, 100, steps, step=1, label="Steps", elem_id=f"{prefix}-steps",
                       info="timestep grid points; the model runs steps - 1 times")
     with gr.Accordion("Guidance", open=False):
         with gr.Row():
-            shift = gr.Slider(0.5, 10.0, d.timestep_shift, step=0.5, label="Timestep shift")
-            cfg_text = gr.Slider(1.0, 8.0, d.cfg_text_scale, step=0.1, label="CFG text scale")
-            cfg_img = gr.Slider(1.0, 4.0, d.cfg_img_scale, step=0.1, label="CFG image scale")
+            shift = gr.Slider(0.5, 10.0, shift, step=0.5, label="Timestep shift")
+            text = gr.Slider(1.0, 8.0, text, step=0.1, label="CFG text scale")
+            img = gr.Slider(1.0, 4.0, img, step=0.1, label="CFG image scale")
         with gr.Row():
-            start = gr.Slider(0.0, 1.0, d.cfg_interval[0], step=0.05, label="CFG interval start",
+            start = gr.Slider(0.0, 1.0, start, step=0.05, label="CFG interval start",
                               info="guide where start < t <= end (t = 1 is noise)")
-            end = gr.Slider(0.0, 1.0, d.cfg_interval[1], step=0.05, label="CFG interval end")
-            renorm = gr.Dropdown(list(RENORM_TYPES), value=d.cfg_renorm_type, label="CFG renorm type")
-            renorm_min = gr.Slider(0.0, 1.0, d.cfg_renorm_min, step=0.05, label="CFG renorm min")
-    return [steps, shift, cfg_text, cfg_img, start, end, renorm, renorm_min]
+            end = gr.Slider(0.0, 1.0, end, step=0.05, label="CFG interval end")
+            renorm = gr.Dropdown(list(RENORM_TYPES), value=renorm, label="CFG renorm type")
+            renorm_min = gr.Slider(0.0, 1.0, renorm_min, step=0.05, label="CFG renorm min")
+    return [steps, shift, text, img, start, end, renorm, renorm_min]
 
 
 def think_controls(gr, label: str) -> list:

@@ -27,10 +27,32 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def check_device(name: str | None) -> None:
+    """A clear error for a device this machine does not have (before any model is loaded)."""
+    if name is None or name == "cpu":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch build or machine has no CUDA "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+
+
 def load_engine(args):
     from bagel.config import parse_dtype
     from bagel.inference.engine import Engine
 
+    for name in (args.device, args.vae_device, args.vit_device):
+        check_device(name)
     return Engine.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=args.device,
                                   vae_device=args.vae_device, vit_device=args.vit_device)
 

@@ -19,6 +19,9 @@ Exit status: 0 scored, 2 bad arguments or data layout.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import os
 import sys
 
 from eval import digits, geneval, runner
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == digits.TASK:
             return _run_digits(args)
         if args.task == geneval.TASK:
-            manifest = geneval.run_cli(args)
+            manifest = run_geneval(args)
         elif args.score_only:
             manifest = runner.score_only(args.score_only, task=args.task, protocol=args.protocol,
                                          data=args.data, out_dir=args.out, seed=args.seed,
@@ -91,6 +94,51 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(runner.format_table(manifest))
     return 0
+
+
+def load_scorer(spec: str):
+    """'package.module:function' or 'path/to/file.py:function' -> the callable."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--scorer {spec!r}: expected MODULE:FUNCTION or path/to/file.py:FUNCTION")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise FileNotFoundError(f"--scorer {spec!r}: file {module_name!r} does not exist")
+        name = f"geneval_scorer_{os.path.splitext(os.path.basename(module_name))[0]}"
+        mod_spec = importlib.util.spec_from_file_location(name, module_name)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module  # dataclasses and pickle look classes up by module name
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"--scorer {spec!r}: cannot import {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"--scorer {spec!r}: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+
+
+def run_geneval(args) -> dict:
+    """`bagel-eval --task geneval ...` -> manifest."""
+    if args.score_only:
+        scorer = load_scorer(args.scorer) if args.scorer else None
+        return geneval.score_only(args.score_only, scorer, args.out, args.protocol, scorer_name=args.scorer)
+    if not args.data:
+        raise ValueError("--task geneval --model needs --data (the GenEval prompt metadata .jsonl)")
+    settings = geneval.settings_from_args(args)
+    settings.check()  # before loading the model
+    batch_size = args.batch_size or 1
+    geneval.read(args.data, args.limit)
+    geneval.check_new_out_dir(args.out)
+    scorer = load_scorer(args.scorer) if args.scorer else None
+    engine = runner.load_engine(args.model, args.dtype, args.device)  # checks are done: loading takes minutes
+    return geneval.run(args.data, engine, args.out, settings, limit=args.limit, batch_size=batch_size,
+                       scorer=scorer, scorer_name=args.scorer, model=args.model, protocol=args.protocol,
+                       progress=not args.quiet)
 
 
 def _run_digits(args) -> int:

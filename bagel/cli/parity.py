@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bagel.cli.common import USER_ERRORS
+from bagel.cli.common import USER_ERRORS, check_device
 
 # Suggested tolerances of the fixture contract (atol = rtol) for float32 re-implementations.
 TOL_SINGLE_PASS = 1e-4
@@ -140,8 +140,10 @@ def training_outputs(model, batch, noise) -> dict[str, torch.Tensor | None]:
 
 def run_training_cases(fx: Fixture, model) -> list[Comparison]:
     results = []
+    device = model.llm.embed_tokens.weight.device
     for case in fx.meta.get("train", {}):
         batch, noise = training_batch(fx, case)
+        batch, noise = batch.to(device), (noise.to(device) if noise is not None else None)
         results.append(check_masks(fx, case, batch))
         ours = training_outputs(model, batch, noise)
         for name in TRAIN_OUTPUTS:
@@ -154,13 +156,14 @@ def run_training_cases(fx: Fixture, model) -> list[Comparison]:
 def run_vae_case(fx: Fixture, vae) -> list[Comparison]:
     if not fx.has("vae/in/image"):
         return []
-    image, eps = fx.get("vae/in/image"), fx.get("vae/in/sample_eps")
+    device = next(vae.parameters()).device
+    image, eps = fx.get("vae/in/image").to(device), fx.get("vae/in/sample_eps").to(device)
     with torch.no_grad():
         ours = {
             "encoder_moments": vae.encoder_moments(image),
             "z_sampled": vae.encode(image, eps=eps),
             "z_mean": vae.encode(image, sample=False),
-            "decoded": vae.decode(fx.get("vae/in/decode_latent")),
+            "decoded": vae.decode(fx.get("vae/in/decode_latent").to(device)),
         }
         ours["decoded_of_z_sampled"] = vae.decode(ours["z_sampled"])
     results = [compare(f"vae/out/{k}", v, fx.get(f"vae/out/{k}")) for k, v in ours.items() if fx.has(f"vae/out/{k}")]
@@ -169,7 +172,7 @@ def run_vae_case(fx: Fixture, vae) -> list[Comparison]:
         prefix = f"train/{case}/in/"
         if fx.has(prefix + "padded_images") and fx.has(prefix + "vae_sample_eps"):
             with torch.no_grad():
-                z = vae.encode(fx.get(prefix + "padded_images"), eps=fx.get(prefix + "vae_sample_eps"))
+                z = vae.encode(fx.get(prefix + "padded_images").to(device), eps=fx.get(prefix + "vae_sample_eps").to(device))
             results.append(compare(prefix + "padded_latent", z, fx.get(prefix + "padded_latent")))
     return results
 
@@ -260,17 +263,21 @@ def run_inference_cases(fx: Fixture, model, vae) -> list[Comparison]:
     return results
 
 
-def run_all(path: str | Path) -> list[Comparison]:
+def run_all(path: str | Path, device: str = "cpu") -> list[Comparison]:
+    """Every case of the fixture, in float32 on `device` (on CUDA with TF32 off: the contract is fp32)."""
     from bagel.checkpoint.official import load_official_model
     from bagel.checkpoint.vae import load_vae
     from bagel.config import VAEConfig
 
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     fx = Fixture(path)
-    model = load_official_model(fx.path)
+    model = load_official_model(fx.path, device=device)
     results = run_training_cases(fx, model)
     if (fx.path / "ae.safetensors").is_file():
         vae_cfg = model.cfg.vae if (fx.path / "ae_config.json").is_file() else VAEConfig()
-        vae = load_vae(fx.path / "ae.safetensors", vae_cfg)
+        vae = load_vae(fx.path / "ae.safetensors", vae_cfg, device=device)
         results += run_vae_case(fx, vae)
         results += run_inference_cases(fx, model, vae)
     return results
@@ -280,11 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bagel-parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("fixture_dir", help="directory in the bagel_official_tiny fixture format")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        results = run_all(args.fixture_dir)
+        check_device(args.device)
+        results = run_all(args.fixture_dir, args.device)
     except USER_ERRORS as e:
         print(f"bagel-parity: error: {e}", file=sys.stderr)
         return 2

@@ -31,42 +31,21 @@ from typing import Any, Iterator
 from bagel.cli.common import USER_ERRORS
 
 
-class PackSource:
-    """The data pipeline's `PackLoader` behind the trainer's source interface."""
+class AdaptedSource:
+    """A data_pipelines stream behind the trainer's source interface: its resumable state passes
+    through, its items become TrainItems."""
 
-    def __init__(self, loader):
-        self.loader = loader
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
-    def __iter__(self) -> Iterator:
-        from bagel.train.batches import TrainItem
-
-        for pack in self.loader:
-            yield TrainItem(batch=pack.batch, num_samples=len(pack.keys), skipped=dict(self.loader.stats))
-
-
-class CorpusSource:
-    """`data_pipelines.text_corpus.CorpusBatches` behind the trainer's source interface."""
-
-    def __init__(self, batches):
-        self.batches = batches
+    def __init__(self, stream, to_item):
+        self.stream, self.to_item = stream, to_item
 
     def state_dict(self) -> dict[str, Any]:
-        return self.batches.state_dict()
+        return self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches.load_state_dict(state)
+        self.stream.load_state_dict(state)
 
     def __iter__(self) -> Iterator:
-        from bagel.train.batches import TrainItem
-
-        for item in self.batches:
-            yield TrainItem(batch=item.batch, num_samples=item.num_samples)
+        return (self.to_item(item) for item in self.stream)
 
 
 def build_source(cfg, model_cfg, dist):
@@ -76,9 +55,12 @@ def build_source(cfg, model_cfg, dist):
         from data_pipelines.loader import PackLoader
         from data_pipelines.mixing import DataConfig
 
+        from bagel.train.batches import TrainItem
+
         loader = PackLoader(DataConfig.from_yaml(data.config), model_cfg, num_workers=data.num_workers,
                             rank=dist.rank, world_size=dist.world_size)
-        return PackSource(loader)
+        return AdaptedSource(loader, lambda pack: TrainItem(batch=pack.batch, num_samples=len(pack.keys),
+                                                            skipped=dict(loader.stats)))
     if data.kind == "corpus":
         from bagel.tokenizer import SpecialTokens, load_tokenizer
         from data_pipelines.text_corpus import CorpusBatches, corpus_samples
@@ -86,8 +68,11 @@ def build_source(cfg, model_cfg, dist):
         tokenizer = load_tokenizer(data.tokenizer)
         encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         samples = corpus_samples(data.corpus, encode, data.holdout_every, data.max_tokens)
-        return CorpusSource(CorpusBatches(samples, model_cfg, SpecialTokens.from_tokenizer(tokenizer),
-                                          data.samples_per_batch, data.seed, dist.rank, dist.world_size))
+        from bagel.train.batches import TrainItem
+
+        batches = CorpusBatches(samples, model_cfg, SpecialTokens.from_tokenizer(tokenizer), data.samples_per_batch,
+                                data.seed, dist.rank, dist.world_size)
+        return AdaptedSource(batches, lambda item: TrainItem(batch=item.batch, num_samples=item.num_samples))
     return None
 
 

@@ -100,7 +100,8 @@ def add_vae_image(model, vae, tokens: SpecialTokens, contexts: list[Context], im
         if image.shape[1] % d or image.shape[2] % d:
             raise ValueError(f"VAE image {tuple(image.shape[1:])} is not a multiple of {d} px")
         with torch.no_grad():
-            z = vae.encode(image[None].to(vae_device(vae)), eps=None if eps is None else eps[i], generator=generator)[0]
+            dev = vae_device(vae)
+            z = vae.encode(image[None].to(dev), eps=None if eps is None else eps[i].to(dev), generator=generator)[0]
         x = patchify(z.to(model.llm.embed_tokens.weight), cfg.latent_patch_size)
         queries.append(latent_query(model, tokens, x, 0.0, (image.shape[1] // d, image.shape[2] // d), ctx.rope))
     prefill(model, contexts, queries, [1] * len(contexts))

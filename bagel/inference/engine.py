@@ -108,41 +108,23 @@ class Engine:
         """Token ids of `text`, without special tokens (BAGEL frames each segment itself)."""
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _check_length(self, s: Session, extra: int) -> None:
-        if s.full.rope + extra > self.max_context:
-            raise ValueError(f"the context would reach {s.full.rope + extra} positions, over the model's limit of "
-                             f"{self.max_context} (max_position_embeddings)")
-
     def add_text(self, sessions: list[Session], texts: list[str]) -> None:
         ids = [self.encode(t) for t in texts]
         for s, i in zip(sessions, ids):
-            self._check_length(s, len(i) + 2)
+            if s.full.rope + len(i) + 2 > self.max_context:
+                raise ValueError(f"the context would reach {s.full.rope + len(i) + 2} positions, over the model's "
+                                 f"limit of {self.max_context} (max_position_embeddings)")
             s.text_uncond = s.full.fork()
         hidden = ctxlib.add_text(self.model, self.tokens, [s.full for s in sessions], ids)
         ctxlib.add_text(self.model, self.tokens, [s.img_uncond for s in sessions], ids)
-        self._set_hints(sessions, hidden)
-
-    def _set_hints(self, sessions: list[Session], hidden: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            last = torch.stack([h[-1] for h in hidden])
-            hints = self.model.llm.lm_head(last).argmax(-1).tolist()
-        for s, hint in zip(sessions, hints):
+        for s, hint in zip(sessions, next_hints(self.model, hidden)):
             s.next_hint = hint
 
-    def prepare_image(self, image: Image.Image) -> Image.Image:
-        """Resize with the VAE transform: the size editing outputs keep. Files are opened by the
-        caller (bagel.cli.inputs.open_image checks them)."""
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected a PIL image, got {type(image).__name__} (open files with "
-                            "bagel.cli.inputs.open_image or PIL.Image.open)")
-        image = image.convert("RGB")
-        size = resize_size(image.width, image.height, self.vae_transform)
-        return image if size == image.size else image.resize(size, Image.BICUBIC)
-
-    def add_image(self, sessions: list[Session], images: list, vae: bool = True, vit: bool = True,
+    def add_image(self, sessions: list[Session], images: list[Image.Image], vae: bool = True, vit: bool = True,
                   generator: torch.Generator | None = None, eps: list[torch.Tensor] | None = None) -> None:
-        """Add an input image: VAE block then ViT block (editing), or ViT only (understanding)."""
-        images = [self.prepare_image(im) for im in images]
+        """Add an input image: VAE block then ViT block (editing), or ViT only (understanding). The
+        VAE transform sets the size editing outputs keep."""
+        images = [resized(im, self.vae_transform) for im in images]
         for s, im in zip(sessions, images):
             s.image_size = (im.height, im.width)
         fulls = [s.full for s in sessions]
@@ -150,11 +132,8 @@ class Engine:
             ctxlib.add_vae_image(self.model, self.vae, self.tokens, fulls, [to_tensor(im) for im in images],
                                  generator=generator, eps=eps)
         if vit:
-            vit_images = []
-            for im in images:
-                size = resize_size(im.width, im.height, self.vit_transform)
-                vit_images.append(to_tensor(im if size == im.size else im.resize(size, Image.BICUBIC)))
-            ctxlib.add_vit_image(self.model, self.tokens, fulls, vit_images)
+            ctxlib.add_vit_image(self.model, self.tokens, fulls,
+                                 [to_tensor(resized(im, self.vit_transform)) for im in images])
         for s in sessions:
             s.text_uncond = s.full.fork()
 
@@ -276,7 +255,25 @@ class Engine:
         q = Query(end, torch.tensor([session.full.rope - 1], device=end.device),
                   torch.zeros(1, dtype=torch.bool, device=end.device), causal=True)
         hidden = forward_queries(llm_stack(self.model), [ctx], [q], commit=False)
-        self._set_hints([session], hidden)
+        session.next_hint = next_hints(self.model, hidden)[0]
+
+
+def next_hints(model, hidden: list[torch.Tensor]) -> list[int]:
+    """The LM head's prediction at the last position of each block just added: what the model
+    wants next (the interleaved-output protocol in the module docstring)."""
+    with torch.no_grad():
+        return model.llm.lm_head(torch.stack([h[-1] for h in hidden])).argmax(-1).tolist()
+
+
+def resized(image: Image.Image, spec: ResizeSpec) -> Image.Image:
+    """An RGB copy of a PIL image resized by `spec`'s rule (bicubic). Files are opened by the
+    caller (bagel.cli.inputs.open_image checks them)."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__} (open files with "
+                        "bagel.cli.inputs.open_image or PIL.Image.open)")
+    image = image.convert("RGB")
+    size = resize_size(image.width, image.height, spec)
+    return image if size == image.size else image.resize(size, Image.BICUBIC)
 
 
 def latent_grid(cfg, size: tuple[int, int]) -> tuple[int, int]:

@@ -94,7 +94,9 @@ class VAE(nn.Module):
             x = mean
         else:
             if eps is None:
-                eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                # drawn on the CPU (where the callers' generators live), so a seed gives the same
+                # noise on every device
+                eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
             elif eps.shape != mean.shape:
                 raise ValueError(f"VAE.encode: eps has shape {list(eps.shape)}, expected {list(mean.shape)}")
             # No logvar clamp, as in BFL's DiagonalGaussian (diffusers clamps to [-30, 20]).

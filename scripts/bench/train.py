@@ -28,7 +28,7 @@ from bagel.packing import pack_samples
 from bagel.train.batches import TrainItem
 from bagel.train.config import load_config
 from bagel.train.metrics import batch_flops, measure_gemm_tflops
-from bagel.train.parallelize import DTYPES
+from bagel.config import parse_dtype
 from bagel.train.trainer import Trainer
 
 SIZES = {
@@ -68,7 +68,7 @@ def main() -> None:
     mcfg = trainer.model_cfg
     source = trainer.source
     n_params = sum(p.numel() for p in trainer.params)
-    peak = measure_gemm_tflops(DTYPES[args.dtype], torch.device("cpu"))
+    peak = measure_gemm_tflops(parse_dtype(args.dtype), torch.device("cpu"))
     print(f"model: {args.size} ({n_params / 1e6:.2f}M trainable parameters), {args.dtype}, "
           f"{torch.get_num_threads()} threads; {args.samples} samples per step, {args.image_size}px images; "
           f"measured GEMM peak {peak * 1e3:.0f} GFLOP/s")

@@ -172,12 +172,12 @@ def test_stub_scorer_through_the_cli(tmp_path, monkeypatch):
 
     # an image the scorer skipped stays in the denominator as wrong; an unknown filename is counted
     monkeypatch.syspath_prepend(str(tmp_path))
-    _, metrics, counts = geneval.score(images, "stub_geneval_scorer:skip_last")
+    _, metrics, counts = geneval.score(images, cli.load_scorer("stub_geneval_scorer:skip_last"))
     assert counts["unjudged"] == 1 and counts["unknown_judgements"] == 1
     assert metrics["tags"]["count"]["accuracy"] == pytest.approx(0.5)  # (2, 1) unjudged -> wrong
     assert metrics["overall"] == pytest.approx((0.25 + 0.5) / 2)
     # judgements without filenames are taken in layout order
-    _, metrics, _ = geneval.score(images, "stub_geneval_scorer:in_order")
+    _, metrics, _ = geneval.score(images, cli.load_scorer("stub_geneval_scorer:in_order"))
     assert metrics["overall"] == pytest.approx(0.625)
 
 
@@ -188,9 +188,9 @@ def test_bad_scorer_output_and_specs(tmp_path):
     with pytest.raises(ValueError, match="'correct' must be a bool"):
         geneval.score(images, lambda out, rows: [{"correct": "yes"}] * 6)
     with pytest.raises(ValueError, match="MODULE:FUNCTION"):
-        geneval.load_scorer("no_colon")
+        cli.load_scorer("no_colon")
     with pytest.raises(ValueError, match="cannot import"):
-        geneval.load_scorer("no_such_module_xyz:judge")
+        cli.load_scorer("no_such_module_xyz:judge")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -186,15 +186,11 @@ def test_edit_output_keeps_input_size(engine, think):
 
 
 def test_interleaved_output_follows_the_model_hints(engine, monkeypatch):
+    from bagel.inference import engine as engine_module
+
     script = iter([engine.tokens.start_of_image, engine.tokens.bos, engine.tokens.eos])
-    real = engine._set_hints
-
-    def scripted(sessions, hidden):
-        real(sessions, hidden)
-        for s in sessions:
-            s.next_hint = next(script, engine.tokens.eos)
-
-    monkeypatch.setattr(engine, "_set_hints", scripted)
+    monkeypatch.setattr(engine_module, "next_hints", lambda model, hidden: [next(script, engine.tokens.eos)
+                                                                            for _ in hidden])
     cfg, sampling = ImageGenConfig(num_timesteps=3), SamplingConfig(max_new_tokens=3)
     out = engine.interleave(["Count up from one:"], size=(32, 32), cfg=cfg, sampling=sampling, seed=4)
     monkeypatch.undo()

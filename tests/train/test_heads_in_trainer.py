@@ -95,8 +95,8 @@ def test_corpus_source_is_deterministic_and_rank_split(make_cfg):
     cfg = make_cfg("corpus", "--data.kind=corpus", "--data.corpus=digits",
                    f"--data.tokenizer={REPO / 'tests/assets/bagel_official_tiny'}", "--data.samples_per_batch=4")
     mcfg = model_config(cfg.model)
-    one = build_source(cfg, mcfg, DistInfo()).batches
-    ranks = [build_source(cfg, mcfg, DistInfo(rank=r, world_size=2)).batches for r in (0, 1)]
+    one = build_source(cfg, mcfg, DistInfo()).stream
+    ranks = [build_source(cfg, mcfg, DistInfo(rank=r, world_size=2)).stream for r in (0, 1)]
     for index in (0, 3):
         whole, parts = one.make(index), [r.make(index) for r in ranks]
         assert torch.equal(whole.batch.text_ids, one.make(index).batch.text_ids)

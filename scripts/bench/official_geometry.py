@@ -1,0 +1,202 @@
+"""Our speed on the geometry the official code was timed on (shared/reference/performance-targets.md).
+
+    python scripts/bench/official_geometry.py [--repeats 5] [--threads 2]
+    python scripts/bench/official_geometry.py --device cuda --dtype bf16 --scale 4   # GPU, scaled up
+
+A random model of exactly that geometry (LLM 256 wide, MLP 1024, 4 MoT layers, 8/2 heads, vocab
+1000; ViT 128 wide, 2 layers, 4 heads, patch 14, 16x16 table; FLUX-layout VAE ch 32, 4 levels, 16
+latent channels; max_latent_size 32), the same 2048-token pack (two understanding samples with a
+224 px image, two text-to-image samples with a noisy 256 px image, one edit: clean 256 px VAE image,
+the same image through the ViT at 224 px, the instruction and a noisy 256 px target: 256
+text/marker positions, 768 ViT tokens, 1024 latent tokens, 110 CE and 768 MSE positions) and the
+same inference inputs. Each row is the median over `--repeats` timed runs after a warm-up; a
+1024^3 float32 matmul is timed beside them as the machine's calibration (the official figures were
+measured while it read 150-270 GFLOP/s). Ratios are against the official figures of the reference
+(measured in another session: compare them with the calibration in mind). `--scale k` multiplies
+every width by k (heads by k, head_dim unchanged) for accelerators, where the CPU geometry is too
+small to measure anything but launch overhead; then no official figure applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bagel.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig, parse_dtype
+from bagel.inference import context as C
+from bagel.inference.generate_image import Branches, ImageGenConfig, generate_latents
+from bagel.inference.generate_text import SamplingConfig, generate_text
+from bagel.inference.kv_cache import KVCache
+from bagel.model.bagel import Bagel
+from bagel.model.vae import VAE
+from bagel.packing import Text, VaeImage, VitImage, pack_samples
+from bagel.tokenizer import SpecialTokens
+from bagel.train import losses
+from bagel.train.metrics import batch_flops
+
+# The official code on this machine class, fp32, 2 threads (performance-targets.md, 2026-11-29).
+OFFICIAL = {"train_fwd_bwd_s": 0.766, "train_step_with_vae_s": 0.926, "t2i_step_s": 0.057, "edit_step_s": 0.079,
+            "greedy_tok_per_s": 225.0, "vae_decode_s": 0.081}
+TOKENS = SpecialTokens(bos=990, eos=991, start_of_image=992, end_of_image=993)
+
+
+def geometry(scale: int = 1) -> BagelConfig:
+    return BagelConfig(
+        llm=LLMConfig(vocab_size=1000 * scale, hidden_size=256 * scale, intermediate_size=1024 * scale,
+                      num_hidden_layers=4, num_attention_heads=8 * scale, num_key_value_heads=2 * scale),
+        vit=ViTConfig(hidden_size=128 * scale, intermediate_size=512 * scale, num_hidden_layers=2,
+                      num_attention_heads=4 * scale, patch_size=14, image_size=224),
+        vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16),
+        max_latent_size=32, vit_max_num_patch_per_side=16)
+
+
+def the_pack(g: torch.Generator) -> list:
+    """The five samples of the reference pack (2048 tokens)."""
+    img = lambda s: torch.rand(3, s, s, generator=g) * 2 - 1  # noqa: E731
+    ids = lambda n: torch.randint(0, 900, (n,), generator=g).tolist()  # noqa: E731
+    und = [[VitImage(img(224)), Text(ids(24)), Text(ids(54), loss=True)] for _ in range(2)]
+    t2i = [[Text(ids(24)), VaeImage(img(256), loss=True)] for _ in range(2)]
+    edit = [[VaeImage(img(256)), VitImage(img(224)), Text(ids(24)), VaeImage(img(256), loss=True)]]
+    return und + t2i + edit
+
+
+def median_time(fn, repeats: int, device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def calibration(device) -> float:
+    """GFLOP/s of a 1024^3 float32 matmul (best of 5)."""
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    return 2 * 1024**3 / median_time(lambda: a @ b, 5, device) / 1e9
+
+
+def training_rows(model, vae, batch, repeats, device) -> dict:
+    g = torch.Generator().manual_seed(1)
+    n, _, h, w = batch.vae_images.shape
+    eps = torch.randn(n, model.cfg.vae.z_channels, h // 8, w // 8, generator=g).to(device)
+    with torch.no_grad():
+        batch.vae_latents = vae.encode(batch.vae_images, eps=eps)
+
+    def step(encode: bool):
+        if encode:
+            with torch.no_grad():
+                batch.vae_latents = vae.encode(batch.vae_images, eps=eps)
+        noised = losses.flow_inputs(model.cfg, batch, generator=g)
+        with torch.autocast(device.type, dtype=DTYPE, enabled=DTYPE != torch.float32):
+            out = model(batch, noised.x_t, noised.t)
+        terms = losses.loss_terms(out, batch, noised)
+        loss = terms.loss_ce + terms.loss_mse + out.participation
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    fwd_bwd = median_time(lambda: step(False), repeats, device)
+    with_vae = median_time(lambda: step(True), repeats, device)
+    return {"train_fwd_bwd_s": fwd_bwd, "train_step_with_vae_s": with_vae,
+            "train_tflops": batch_flops(model.cfg, batch) / fwd_bwd / 1e12}
+
+
+def image_rows(model, vae, repeats, device) -> dict:
+    g = torch.Generator().manual_seed(2)
+    out = {}
+    for name, side, edit in (("t2i_step_s", 256, False), ("edit_step_s", 224, True)):
+        cache = KVCache.for_model(model)
+        full, img_uncond = cache.new_context(), cache.new_context()
+        if edit:  # VAE block then ViT block, as an input image goes in
+            src = (torch.rand(3, side, side, generator=g) * 2 - 1).to(device)
+            C.add_vae_image(model, vae, TOKENS, [full], [src], generator=g)
+            C.add_vit_image(model, TOKENS, [full], [src])
+        text_uncond = full.fork()
+        prompt = torch.randint(0, 900, (24,), generator=g).tolist()
+        C.add_text(model, TOKENS, [full], [prompt])
+        C.add_text(model, TOKENS, [img_uncond], [prompt])
+        cfg = ImageGenConfig.preset("edit" if edit else "text_to_image", num_timesteps=11, cfg_interval=(0.0, 1.0))
+        branches = [Branches(full, text_uncond, img_uncond if edit else None)]
+        grid = (side // 16, side // 16)
+        total = median_time(lambda: generate_latents(model, TOKENS, branches, grid, cfg, generator=g), repeats, device)
+        out[name] = total / 10  # 11 grid points: 10 steps, guidance at every one
+    z = torch.randn(1, 16, 32, 32, generator=g).to(device)
+    with torch.no_grad():
+        out["vae_decode_s"] = median_time(lambda: vae.decode(z), repeats, device)
+    return out
+
+
+def text_row(model, repeats, device) -> dict:
+    g = torch.Generator().manual_seed(3)
+    image = (torch.rand(3, 224, 224, generator=g) * 2 - 1).to(device)
+    question = torch.randint(0, 900, (24,), generator=g).tolist()
+
+    def answer():
+        ctx = KVCache.for_model(model).new_context()
+        C.add_vit_image(model, TOKENS, [ctx], [image])
+        C.add_text(model, TOKENS, [ctx], [question])
+        t0 = time.perf_counter()
+        out = generate_text(model, TOKENS, [ctx], SamplingConfig(max_new_tokens=64))
+        assert len(out.ids[0]) == 64 or out.finished[0]
+        return time.perf_counter() - t0
+
+    answer()
+    secs = statistics.median(answer() for _ in range(repeats))
+    return {"greedy_tok_per_s": 64 / secs, "greedy_ms_per_token": 1e3 * secs / 64}
+
+
+def main() -> None:
+    global DTYPE
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (weights stay fp32)")
+    p.add_argument("--scale", type=int, default=1, help="width multiplier (accelerators)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "image", "text"])
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, DTYPE = torch.device(args.device), parse_dtype(args.dtype)
+    torch.manual_seed(0)
+    cfg = geometry(args.scale)
+    model = Bagel(cfg)
+    model.init_weights(std=0.02, seed=0)
+    model.to(device)
+    vae = VAE(cfg.vae).to(device).eval()
+    batch = pack_samples(the_pack(torch.Generator().manual_seed(0)), cfg, TOKENS).to(device)
+    assert args.scale > 1 or (batch.sequence_length, batch.num_ce_tokens, batch.num_mse_tokens) == (2048, 110, 768)
+    gflops = calibration(device)
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {args.dtype}, scale {args.scale}; "
+          f"{sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters; pack {batch.sequence_length} tokens; "
+          f"calibration: 1024^3 fp32 matmul {gflops:.0f} GFLOP/s")
+    rows = {}
+    if "train" not in args.skip:
+        model.train()
+        rows.update(training_rows(model, vae, batch, args.repeats, device))
+    model.eval()
+    if DTYPE != torch.float32:
+        model.to(DTYPE)
+    if "image" not in args.skip:
+        rows.update(image_rows(model, vae, args.repeats, device))
+    if "text" not in args.skip:
+        rows.update(text_row(model, args.repeats, device))
+    official = args.scale == 1 and device.type == "cpu" and args.dtype == "fp32"
+    print(f"{'work':<36} {'ours':>12} {'official':>10} {'ratio':>7}")
+    for key, value in rows.items():
+        ref = OFFICIAL.get(key) if official else None
+        ratio = "" if ref is None else f"{(value / ref if 'per_s' in key else ref / value):.2f}x"
+        print(f"{key:<36} {value:12.4g} {ref if ref is not None else '':>10} {ratio:>7}")
+
+
+DTYPE = torch.float32
+
+if __name__ == "__main__":
+    main()
