@@ -63,9 +63,29 @@ def _from_dict(cls, data: dict[str, Any], source: str, ignore: tuple[str, ...] =
         )
     kwargs = {k: v for k, v in data.items() if k in names}
     for f in dataclasses.fields(cls):
-        if f.name in kwargs and isinstance(kwargs[f.name], list) and "tuple" in str(f.type):
-            kwargs[f.name] = tuple(kwargs[f.name])
+        if f.name in kwargs:
+            kwargs[f.name] = _typed(kwargs[f.name], str(f.type), f"{source}.{f.name}")
     return cls(**kwargs)
+
+
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _typed(value, annotation: str, key: str):
+    """`value` checked against a field's annotation (the simple ones: int, float, bool, str,
+    tuple[int, ...]); ints pass as floats, lists become tuples. Others are left to the field."""
+    if annotation in _SCALARS:
+        want = _SCALARS[annotation]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}={value!r}: expected {annotation}, got {type(value).__name__}")
+        return value
+    if annotation.startswith("tuple[int") and isinstance(value, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key}={list(value)!r}: expected integers")
+        return tuple(value)
+    return value
 
 
 @dataclass

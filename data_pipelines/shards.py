@@ -241,9 +241,11 @@ def iter_tar(path: str, stats: Counter, start: int = 0, wanted: set[int] | None 
         count_skip(stats, "unreadable_shard", f"{path}: {e}")
         return
     offset, key, members, expected_next = -1, None, {}, 0
+    seen_member = False
     try:
         with tar:
             for member in tar:
+                seen_member = True
                 if member.offset != expected_next:
                     count_skip(stats, "corrupt_tar_member", f"{path}: bad bytes at {expected_next}")
                 expected_next = member.offset_data + (member.size + 511) // 512 * 512
@@ -263,7 +265,13 @@ def iter_tar(path: str, stats: Counter, start: int = 0, wanted: set[int] | None 
             if key is not None and offset >= start and (wanted is None or offset in wanted):
                 yield offset, key, members
     except (tarfile.TarError, OSError, EOFError) as e:
-        count_skip(stats, "truncated_shard", f"{path}: {e}")
+        if seen_member:
+            count_skip(stats, "truncated_shard", f"{path}: {e}")
+        else:
+            count_skip(stats, "unreadable_shard", f"{path}: not a tar archive ({e})")
+        return
+    if not seen_member:  # tarfile finds no header at all in a file that is not a tar
+        count_skip(stats, "unreadable_shard", f"{path}: not a tar archive (no member header)")
 
 
 class ShardStream:
@@ -283,6 +291,7 @@ class ShardStream:
         self.buffer_size = max(1, shuffle_buffer)
         self.stats = stats if stats is not None else Counter()
         self._shard_cache: tuple[int, list[int]] | None = None
+        self._unreadable_before = 0  # unreadable-shard count when the current shard was opened
         self.load_state_dict(None)
 
     # position bookkeeping --------------------------------------------------------------------
@@ -353,6 +362,7 @@ class ShardStream:
                     continue
                 self._shard = shards[self.cursor]
                 self._read_in_shard = 0
+                self._unreadable_before = self.stats["unreadable_shard"]
                 self._tar_iter = iter_tar(self.manifest.shard_path(self._shard), self.stats,
                                           start=self.offset)
             item = next(self._tar_iter, None)
@@ -367,7 +377,8 @@ class ShardStream:
 
     def _finish_shard(self) -> None:
         expected = self.manifest.shards[self._shard].num_samples
-        if self.offset < expected:
+        unreadable = self.stats["unreadable_shard"] > self._unreadable_before
+        if self.offset < expected and not unreadable:
             count_skip(self.stats, "shard_shorter_than_manifest",
                        f"{self.manifest.shard_path(self._shard)}: ended at sample {self.offset}, "
                        f"manifest says {expected}")

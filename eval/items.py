@@ -96,9 +96,12 @@ def read_jsonl(path: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataLayoutError(f"{path}:{lineno}: not a JSON object ({e})") from None
+            if not isinstance(row, dict):
+                raise DataLayoutError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
     return rows
 
 
@@ -130,8 +133,9 @@ def read_predictions(path: str) -> tuple[list[dict], dict[str, str | None], list
     return rows, preds, duplicates
 
 
-def items_from_rows(rows: list[dict], path: str) -> list[Item]:
-    """Rebuild items from a self-contained predictions file (rows written by `prediction_row`)."""
+def items_from_rows(rows: list[dict], path: str, meta_keys: tuple[str, ...] = ()) -> list[Item]:
+    """Rebuild items from a self-contained predictions file (rows written by `prediction_row`);
+    `meta_keys`: what the task's scorer reads from each row's `meta`."""
     items = []
     seen = set()
     for lineno, row in enumerate(rows, 1):
@@ -143,6 +147,10 @@ def items_from_rows(rows: list[dict], path: str) -> list[Item]:
         if key in seen:
             continue
         seen.add(key)
+        absent = [k for k in meta_keys if k not in (row.get("meta") or {})]
+        if absent:
+            raise DataLayoutError(f"{path}: row {lineno} (id {key!r}) has no {absent} in its 'meta'; this task's "
+                                  "scoring needs them (score it with --data pointing at the benchmark instead)")
         items.append(
             Item(
                 id=key,

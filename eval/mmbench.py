@@ -24,6 +24,7 @@ from eval.items import DataLayoutError, Item, ScoreResult, base_counts, check_pr
 
 TASK = "mmbench"
 MAX_NEW_TOKENS = 100
+META_KEYS = ("group", "options", "category", "l2_category")  # what scoring reads from each item
 SUFFIX = "Answer with the option's letter from the given choices directly."
 PROMPT = {"template": "[{hint}\\n]{question}\\nA. {A}\\nB. {B}...\\n" + SUFFIX,
           "source": "BAGEL eval/vlm mmbench (InternVL-derived)"}

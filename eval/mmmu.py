@@ -22,6 +22,7 @@ from eval.items import DataLayoutError, Item, ScoreResult, base_counts, check_pr
 
 TASK = "mmmu"
 MAX_NEW_TOKENS = 10
+META_KEYS = ("question_type",)  # plus "options" for multiple-choice items, checked in score()
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 OPEN_SUFFIX = "Answer the question using a single word or phrase."
 PROMPT = {"multiple-choice": "{question}\\nA. {option}\\nB. {option}...\\n" + MC_SUFFIX,
@@ -147,6 +148,8 @@ def score(items: list[Item], preds: dict[str, str | None], protocol: str = "stan
         pred = preds.get(it.id)
         how = None
         if it.meta["question_type"] == "multiple-choice":
+            if "options" not in it.meta:
+                raise DataLayoutError(f"item {it.id!r}: a multiple-choice item without 'options' in its meta")
             options = it.meta["options"]
             golds = it.gold if isinstance(it.gold, list) else [it.gold]
             if not all(g in options for g in golds):

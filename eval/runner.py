@@ -23,7 +23,7 @@ from importlib import metadata
 from typing import Protocol
 
 from eval import mmbench, mme, mmmu, pope, vqa
-from eval.items import (Item, Request, ScoreResult, check_protocol, items_from_rows, load_image,
+from eval.items import (DataLayoutError, Item, Request, ScoreResult, check_protocol, items_from_rows, load_image,
                         prediction_row, read_predictions, write_jsonl)
 
 TASKS = {"mme": mme, "mmbench": mmbench, "mmmu": mmmu, "pope": pope, "vqav2": vqa}
@@ -234,13 +234,16 @@ def _scoring_seed(task: str, seed: int) -> int:
 
 def score_only(predictions: str, task: str | None = None, protocol: str = "standard",
                data: str | None = None, out_dir: str | None = None, seed: int = 0,
-               read_kwargs: dict | None = None) -> dict:
+               read_kwargs: dict | None = None, allow_missing: bool = False) -> dict:
     """Score a saved predictions JSONL. Without `data` the gold answers come from the file itself
     (rows written by a run); with `data` they come from the benchmark, matched by id, and benchmark
-    items absent from the file count as missing."""
+    items absent from the file count as missing. An empty file, or one whose ids match no item,
+    is an error unless `allow_missing` (it would score 0)."""
     check_protocol(protocol)
     t0 = time.time()
     rows, preds, duplicates = read_predictions(predictions)
+    if not preds and not allow_missing:
+        raise DataLayoutError(f"{predictions}: no predictions in the file (pass --allow-missing to score it as 0)")
     if task is None:
         tasks = {r.get("task") for r in rows}
         if len(tasks) != 1 or None in tasks:
@@ -249,8 +252,13 @@ def score_only(predictions: str, task: str | None = None, protocol: str = "stand
     module = get_task(task)
     if data is not None:
         items = module.read(data, **(read_kwargs or {}))
+        ids = {it.id for it in items}
+        if not allow_missing and preds and not any(k in ids for k in preds):
+            raise DataLayoutError(f"{predictions}: none of its {len(preds)} ids matches an item of {data} (e.g. "
+                                  f"{next(iter(preds))!r} vs {next(iter(ids), None)!r}); pass --allow-missing to "
+                                  "score it anyway")
     else:
-        items = items_from_rows(rows, predictions)
+        items = items_from_rows(rows, predictions, getattr(module, "META_KEYS", ()))
     result = module.score(items, preds, protocol, seed=_scoring_seed(task, seed))
     result.counts["duplicate_ids"] = len(duplicates)
     manifest = {

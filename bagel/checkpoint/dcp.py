@@ -60,14 +60,38 @@ def load_metadata(data: bytes, source: str):
         raise CheckpointError(f"{source}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
 
 
+def read_metadata_file(path: str | Path):
+    """The metadata of the DCP checkpoint directory `path`, through the allow-list."""
+    path = Path(path) / METADATA_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a complete DCP checkpoint")
+    return load_metadata(path.read_bytes(), str(path))
+
+
+def check_fits(path: str | Path, state: dict) -> None:
+    """Before loading: every entry of `state` (nested dicts, DCP's flattened names) is in the
+    checkpoint, tensors with the same global shape; else a CheckpointError naming the first misfit
+    (DCP itself fails later, with tracebacks in its logs)."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict  # what DCP's planner does
+
+    stored = read_metadata_file(path).state_dict_metadata
+    flat, _ = flatten_state_dict(state)
+    for name, value in flat.items():
+        if name not in stored:
+            raise CheckpointError(f"checkpoint {path} does not fit this model and optimizer: it has no {name!r} "
+                                  "(was it written for another model config or optimizer setting?)")
+        if isinstance(value, torch.Tensor):
+            have = list(getattr(stored[name], "size", []))
+            if have != list(value.shape):
+                raise CheckpointError(f"checkpoint {path} does not fit this model: {name!r} has shape {have} in "
+                                      f"the checkpoint, the run expects {list(value.shape)}")
+
+
 class SafeReader(FileSystemReader):
     """`FileSystemReader` whose metadata comes through `load_metadata`."""
 
     def read_metadata(self, *args, **kwargs):
-        path = Path(self.path) / METADATA_NAME
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing: not a complete DCP checkpoint")
-        metadata = load_metadata(path.read_bytes(), str(path))
+        metadata = read_metadata_file(self.path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

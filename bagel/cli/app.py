@@ -22,16 +22,26 @@ import argparse
 import sys
 import threading
 
-from bagel.cli.common import USER_ERRORS, add_model_args, load_engine, run
+from bagel.cli.common import Parser, USER_ERRORS, add_model_args, load_engine, run
 from bagel.flow import RENORM_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bagel-app", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bagel-app", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves the network (no auth)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port_number, default=7860)
     return p
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--port {text!r}: expected a number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--port {port}: must be in 1..65535")
+    return port
 
 
 def max_image_px(engine) -> int:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bagel.cli.common import USER_ERRORS, add_model_args, load_engine, run
+from bagel.cli.common import Parser, USER_ERRORS, add_model_args, load_engine, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bagel-chat", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bagel-chat", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], help="input image (repeatable)")
     p.add_argument("--question", help="ask once and exit; without it, start an interactive chat")
@@ -100,13 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     def go():
         from bagel.inference.generate_text import SamplingConfig
 
+        from bagel.cli.inputs import open_image
+
+        # every input is checked before the model loads
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        if args.question is not None and not args.question.strip():
+            raise ValueError("--question is empty")
+        images = [open_image(path) for path in args.image]
         engine = load_engine(args)
         if args.speculative:
             enable_speculative(engine, args.speculative, args.heads)
         chat = Chat(engine, sampling, args.think)
-        for path in args.image:
-            chat.add_image(path)
+        for image in images:
+            chat.engine.add_image(chat.session, [image], vae=False, vit=True)
         if args.question is not None:
             print(chat.ask(args.question))
         else:

@@ -18,6 +18,14 @@ from bagel.config import DTYPE_NAMES
 USER_ERRORS = (ValueError, OSError)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a short error: one line naming the problem and where the options are,
+    instead of the whole usage block (exit status 2, as argparse's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (our layout or the released BAGEL layout)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="LLM/ViT weight dtype (bf16 on GPU)")
@@ -25,6 +33,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-device", default=None, help="put the VAE elsewhere (e.g. cpu) to save GPU memory")
     p.add_argument("--vit-device", default=None, help="put the ViT elsewhere (e.g. cpu) to save GPU memory")
     p.add_argument("--seed", type=int, default=0)
+
+
+def check_writable_dir(path, flag: str) -> None:
+    """The output folder `path` (or, if it does not exist yet, its nearest existing parent) is a
+    folder this process may write into; checked before any work, so a bad --out wastes nothing."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{flag} {path}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: {probe} is not writable")
 
 
 def check_device(name: str | None) -> None:

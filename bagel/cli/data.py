@@ -10,6 +10,7 @@
 
 Shards hold --max-samples samples or --max-bytes bytes; `--on-error skip` (default) counts and
 logs each bad record with its file and line, `--on-error stop` stops at the first one.
+Exit status: 0 done, 2 bad arguments, input or nothing converted.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
+from bagel.cli.common import Parser, USER_ERRORS, check_writable_dir
 from data_pipelines.converters import convert
-from data_pipelines.converters.common import ConvertError, ErrorPolicy
-from data_pipelines.shards import DataError, load_manifest
+from data_pipelines.converters.common import ErrorPolicy
+from data_pipelines.shards import load_manifest
 
 FORMATS = ("folder", "t2i-parquet", "vlm-jsonl", "edit-parquet", "obelics")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bagel-data", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="bagel-data", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("digits", help="scikit-learn's handwritten digits: 4 tasks x train/test")
@@ -50,10 +53,47 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrNow(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (not the one at setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _log_to_stderr(logger: logging.Logger) -> None:
+    """The converters' per-record messages (file and line of each bad record) on stderr, once."""
+    if not any(isinstance(h, _StderrNow) for h in logger.handlers):
+        handler = _StderrNow()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _check(args) -> None:
+    """Values argparse lets through but the command cannot use, and an output folder it cannot write."""
+    if args.command == "inspect":
+        return
+    if args.command == "digits" and args.size < 8:
+        raise ValueError(f"--size {args.size}: the digits are 8x8 pixels, the stored side must be >= 8")
+    if args.max_samples < 1:
+        raise ValueError(f"--max-samples {args.max_samples}: must be >= 1")
+    if getattr(args, "max_bytes", None) is not None and args.max_bytes < 1:
+        raise ValueError(f"--max-bytes {args.max_bytes}: must be >= 1")
+    check_writable_dir(args.out, "--out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_to_stderr(logging.getLogger("data_pipelines"))
+    out = getattr(args, "out", None)
+    fresh = out is not None and not out.exists()  # a failed command removes an output folder it made
     try:
+        _check(args)
         if args.command == "digits":
             from data_pipelines.digits import write_digits
 
@@ -79,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.out}; "
               f"skipped {dict(policy.skipped) or 'none'}")
         if manifest.num_samples == 0:
-            print("error: nothing was converted", file=sys.stderr)
-            return 1
+            raise ValueError(f"nothing was converted (skipped {dict(policy.skipped)})")
         return 0
-    except (ConvertError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:  # ConvertError, DataError and SchemaError are ValueErrors
+        if fresh and out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"bagel-data: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ import importlib.util
 import os
 import sys
 
+from bagel.cli.common import Parser, USER_ERRORS, check_device
 from eval import digits, geneval, runner
-from eval.items import PROTOCOLS, DataLayoutError
+from eval.items import PROTOCOLS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bagel-eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bagel-eval", description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--score-only", metavar="PREDICTIONS.jsonl", help="score a saved predictions file")
     mode.add_argument("--model", metavar="DIR", help="BAGEL checkpoint directory to evaluate")
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", default=None, help="POPE / VQA: folder of COCO images if not under --data")
     p.add_argument("--out", metavar="DIR", default=None, help="results folder (default runs/eval/...)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score a predictions file that is empty or matches no item (as 0) instead of refusing")
     g = p.add_argument_group("geneval (text-to-image; defaults: BAGEL's GenEval script, see eval/geneval.py)")
     g.add_argument("--samples-per-prompt", type=int, default=None, help="images per prompt (default 4)")
     g.add_argument("--size", default=None, metavar="WxH", help="multiples of 16 (default 1024x1024)")
@@ -67,9 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        print(f"bagel-eval: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
-        return 2
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
+                        ("--max-new-tokens", args.max_new_tokens), ("--samples-per-prompt", args.samples_per_prompt)):
+        if value is not None and value < 1:
+            print(f"bagel-eval: error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.model:
+        try:
+            check_device(args.device)
+        except ValueError as e:
+            print(f"bagel-eval: error: {e}", file=sys.stderr)
+            return 2
     read_kwargs = {"image_dir": args.image_dir} if args.image_dir and args.task in ("pope", "vqav2") else {}
     try:
         if args.task == digits.TASK:
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.score_only:
             manifest = runner.score_only(args.score_only, task=args.task, protocol=args.protocol,
                                          data=args.data, out_dir=args.out, seed=args.seed,
-                                         read_kwargs=read_kwargs)
+                                         read_kwargs=read_kwargs, allow_missing=args.allow_missing)
         else:
             if not args.task or not args.data:
                 print("bagel-eval: --model needs --task and --data", file=sys.stderr)
@@ -89,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                                   limit=args.limit, batch_size=args.batch_size or 1, out_dir=args.out,
                                   model=args.model, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                   progress=not args.quiet, read_kwargs=read_kwargs)
-    except (DataLayoutError, ValueError, FileNotFoundError) as e:
-        print(f"bagel-eval: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # DataLayoutError is a ValueError
+        print(f"bagel-eval: error: {e}", file=sys.stderr)
         return 2
     print(runner.format_table(manifest))
     return 0

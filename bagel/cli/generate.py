@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bagel.cli.common import add_model_args, load_engine, run
+from bagel.cli.common import Parser, add_model_args, check_writable_dir, load_engine, run
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -30,7 +30,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bagel-generate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bagel-generate", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", help="input image: edit it according to the prompt")
@@ -71,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         from bagel.cli.inputs import open_image
         from bagel.inference.generate_text import SamplingConfig
 
+        # every input is checked before the model loads
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+        if args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
         edit = args.image is not None
         source = open_image(args.image) if edit else None
-        if args.batch < 1:
-            raise ValueError("--batch must be >= 1")
         cfg = sampler_config(args, "edit" if edit else "text_to_image")
-        engine = load_engine(args)
         think = SamplingConfig(max_new_tokens=args.max_think_tokens)
+        check_writable_dir(Path(args.out).parent, "--out")
+        engine = load_engine(args)
         if edit:
             images, thoughts = engine.edit([source] * args.batch, [args.prompt] * args.batch, cfg, seed=args.seed,
                                            think=args.think, think_sampling=think, progress=True)

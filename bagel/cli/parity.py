@@ -13,7 +13,6 @@ its max |difference| and tolerance; the exit status is non-zero if any compariso
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bagel.cli.common import USER_ERRORS, check_device
+from bagel.cli.common import Parser, USER_ERRORS, check_device
 
 # Suggested tolerances of the fixture contract (atol = rtol) for float32 re-implementations.
 TOL_SINGLE_PASS = 1e-4
@@ -55,14 +54,15 @@ class Fixture:
     """Lazy access to a fixture directory's reference tensors and metadata."""
 
     def __init__(self, path: str | Path):
-        from safetensors.torch import load_file
+        from bagel.checkpoint.files import load_safetensors
+        from bagel.config import read_json_object
 
         self.path = Path(path)
         for name in ("reference.safetensors", "reference.json"):
             if not (self.path / name).is_file():
                 raise FileNotFoundError(f"{self.path}: missing {name}; not a parity fixture directory")
-        self.tensors = load_file(str(self.path / "reference.safetensors"))
-        self.meta = json.loads((self.path / "reference.json").read_text())
+        self.tensors = load_safetensors(self.path / "reference.safetensors", "parity reference")
+        self.meta = read_json_object(self.path / "reference.json")
 
     def get(self, key: str) -> torch.Tensor:
         t = self.tensors[key]
@@ -284,7 +284,7 @@ def run_all(path: str | Path, device: str = "cpu") -> list[Comparison]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bagel-parity", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="bagel-parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("fixture_dir", help="directory in the bagel_official_tiny fixture format")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")

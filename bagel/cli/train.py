@@ -28,7 +28,7 @@ import argparse
 import sys
 from typing import Any, Iterator
 
-from bagel.cli.common import USER_ERRORS
+from bagel.cli.common import Parser, USER_ERRORS
 
 
 class AdaptedSource:
@@ -77,7 +77,7 @@ def build_source(cfg, model_cfg, dist):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bagel-train", description=__doc__,
+    parser = Parser(prog="bagel-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=False, help="a configs/train/*.yaml recipe")
     parser.add_argument("--resume", default=None,
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"--checkpoint.resume={args.resume}")
 
     from bagel.train.config import load_config
-    from bagel.train.distributed import init_distributed, teardown
+    from bagel.train.distributed import init_distributed, lost_peer_message, teardown
     from bagel.train.trainer import Trainer, TrainingError
     from bagel.train.weights import model_config
 
@@ -123,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.run()
     except TrainingError as e:
         print(f"bagel-train: stopped: {e}", file=sys.stderr, flush=True)
+        return 1
+    except USER_ERRORS as e:  # the run directory, a checkpoint to resume, the data while reading it
+        print(f"bagel-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:
+        lost = lost_peer_message(e)
+        if lost is None:
+            raise
+        print(f"bagel-train: {lost}", file=sys.stderr, flush=True)
         return 1
     finally:
         teardown()

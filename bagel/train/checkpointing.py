@@ -38,7 +38,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from bagel.checkpoint.dcp import SafeLoadPlanner, SafeReader
+from bagel.checkpoint.dcp import SafeLoadPlanner, SafeReader, check_fits
 from bagel.checkpoint.files import fsync_dir, fsync_file, write_text
 from bagel.checkpoint.strict import CheckpointError
 from bagel.train.distributed import DistInfo, barrier
@@ -164,7 +164,7 @@ def commit(tmp: Path, final: Path, trainer_state: dict[str, Any], config_yaml: s
     write_text(tmp / "config.yaml", config_yaml)
     write_text(tmp / "trainer.json", json.dumps(trainer_state, indent=2))
     files = {}
-    for f in sorted(p for p in tmp.iterdir() if p.is_file()):
+    for f in sorted(p for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST):
         fsync_file(f)
         files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
     write_text(tmp / MANIFEST, json.dumps({"files": files}, indent=1))
@@ -214,14 +214,9 @@ def load(path: str | Path, model, optimizer, ema_state: dict[str, torch.Tensor] 
             f"ranks and this run has {dist.world_size}; the data-loader state only resumes on the same "
             "world size (weights alone can be reloaded with model.preset=pretrained after an export)")
     state = _sharded_state(model, optimizer, ema_state)
-    try:
-        with _quiet():
-            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
-    except CheckpointError:
-        raise
-    except (RuntimeError, ValueError, KeyError, AssertionError) as e:  # DCP's errors for another model's checkpoint
-        raise CheckpointError(f"checkpoint {path} does not fit this model and optimizer "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    check_fits(path, state)  # our own message, before DCP fails with tracebacks in its logs
+    with _quiet():
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_state = torch.load(rank_file, weights_only=True)  # tensors and plain containers: no unpickling
     return trainer_state, rank_state

@@ -257,7 +257,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             key, raw = arg[2:], args[i + 1]
             i += 1
         i += 1
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_value(raw, f"--{key}") if raw != "" else ""
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -266,6 +266,16 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override --{key}: {part} is not a section")
         node[parts[-1]] = value
     return nested
+
+
+def _yaml_value(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{at} ({problem})") from None
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -286,7 +296,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"train config {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_value(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at top level")
     data = deep_merge(data, parse_overrides(overrides or []))

@@ -11,6 +11,7 @@ The backend is NCCL when CUDA is available and gloo otherwise (CPU, tests).
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,7 +51,65 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
+        _register(rank)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+_KEY = "bagel/rank/{}"
+
+
+def _register(rank: int) -> None:
+    """Leave this rank's host and pid in the rendezvous store, so that a survivor can say which
+    rank is gone when a collective fails."""
+    try:
+        dist.distributed_c10d._get_default_store().set(_KEY.format(rank), f"{socket.gethostname()}:{os.getpid()}")
+    except Exception:  # diagnostics only: never fail a start over it
+        pass
+
+
+def lost_peer_message(error: BaseException) -> str | None:
+    """One line for a collective that failed because another rank is gone, naming it where it can
+    be told (a rank on this host whose process has exited); None for any other error."""
+    if not isinstance(error, (dist.DistError, RuntimeError)) or not dist.is_initialized():
+        return None
+    text = str(error)
+    if not isinstance(error, dist.DistError) and not any(
+            s in text for s in ("Connection closed", "Connection reset", "Broken pipe", "gloo", "NCCL")):
+        return None
+    me, world = dist.get_rank(), dist.get_world_size()
+    gone, unknown = [], []
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=2))
+        for r in range(world):
+            if r == me:
+                continue
+            host, pid = store.get(_KEY.format(r)).decode().rsplit(":", 1)
+            if host != socket.gethostname():
+                unknown.append(f"{r} on {host}")
+            elif not _alive(int(pid)):
+                gone.append(f"{r} (pid {pid})")
+    except Exception:
+        unknown = ["(the rendezvous store is gone too)"]
+    first = text.splitlines()[0][:160] if text else type(error).__name__
+    if gone:
+        return f"rank {me}: rank {', '.join(gone)} died; stopping ({first})"
+    return f"rank {me}: lost contact with another rank ({', '.join(unknown) or 'not identified'}); stopping ({first})"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped by its parent) still answers kill(pid, 0)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def teardown() -> None:

@@ -65,8 +65,11 @@ def build_optimizer(model: nn.Module, optim, no_decay: set[str], heads_lr_mult: 
             mult = heads_lr_mult if name.startswith("draft_heads.") else 1.0
             groups.setdefault((name not in no_decay, mult), []).append(p)
     order = [(True, 1.0), (False, 1.0), (True, heads_lr_mult), (False, heads_lr_mult)]
-    param_groups = [{"params": groups[key], "weight_decay": optim.weight_decay if key[0] else 0.0, "lr_mult": key[1]}
+    param_groups = [{"params": groups[key], "weight_decay": optim.weight_decay if key[0] else 0.0}
                     for key in dict.fromkeys(order) if key in groups]
+    for group, key in zip(param_groups, [k for k in dict.fromkeys(order) if k in groups]):
+        if key[1] != 1.0:  # only then: checkpoints of runs without it keep their param-group keys
+            group["lr_mult"] = key[1]
     return torch.optim.AdamW(param_groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=True)
 
 

@@ -80,7 +80,13 @@ def parallelize(model: nn.Module, cfg: ParallelSection, dist: DistInfo,
         if cfg.param_dtype != "fp32" and cfg.reduce_dtype != "fp32":
             raise ValueError("parallel.mode=ddp reduces gradients in fp32 (reduce_dtype must be fp32)")
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # The buffers (sin-cos tables) are equal on every rank: no sync per forward. torch >= 2.13
+        # renames the switch (and syncs once at init, which is harmless here).
+        import inspect
+
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False})
+        return DistributedDataParallel(model, device_ids=device_ids, **sync)
     return model
 
 

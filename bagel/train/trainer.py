@@ -173,19 +173,24 @@ class Trainer:
         return self.last_checkpoint
 
     def start(self) -> Path | None:
-        """Before the first step: clean up a killed save, pick the checkpoint to resume from (or
-        check that a fresh start eats no earlier run), restore it; returns its path or None."""
+        """Before the first step, holding the run directory: clean up a killed save, pick the
+        checkpoint to resume from (or check that a fresh start eats no earlier run), restore it;
+        returns its path or None. (A checkpoint named by path was restored before the lock.)"""
         cfg, dist = self.cfg, self.dist
         checkpointing.remove_stale(self.run_dir, dist)
-        how = cfg.checkpoint.resume
+        if cfg.checkpoint.resume not in ("auto", "none"):
+            return Path(cfg.checkpoint.resume)
         path = None
-        if how == "auto":
+        if cfg.checkpoint.resume == "auto":
             path = broadcast_object(checkpointing.latest_checkpoint(self.run_dir, log=_say) if dist.is_main else None)
-        elif how != "none":
-            path = Path(how)
         if path is None:
             on_main(dist, lambda: check_fresh_start(self.run_dir, cfg.checkpoint.overwrite, log=_say))
             return None
+        self.restore(path)
+        return path
+
+    def restore(self, path: Path) -> None:
+        """Model, optimizer, EMA, counters, data position and RNG states from checkpoint `path`."""
         state, rank_state = checkpointing.load(path, self.model, self.optimizer,
                                                self.ema.state if self.ema else None, self.dist)
         self.step = int(state["step"])
@@ -196,7 +201,6 @@ class Trainer:
         self.gen.set_state(rank_state["noise_rng"])
         if rank_state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(rank_state["cuda_rng"], self.device)
-        return path
 
     # One step ---------------------------------------------------------------------------------
     def _prepare(self, item: TrainItem) -> TrainItem:
@@ -295,6 +299,9 @@ class Trainer:
 
     def run(self) -> RunResult:
         """Train to `train.steps` holding the run directory's lock (rank 0) throughout."""
+        if self.cfg.checkpoint.resume not in ("auto", "none"):
+            # a checkpoint named by path is read (and checked) before anything is written
+            self.restore(Path(self.cfg.checkpoint.resume))
         lock = RunLock(self.run_dir, log=_say) if self.dist.is_main else None
         on_main(self.dist, lambda: lock.acquire())
         try:

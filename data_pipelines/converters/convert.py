@@ -17,6 +17,10 @@
 
 Every converter yields (key, Document, images) and `write_dataset` shards them. Bad records go
 through `ErrorPolicy` (`--on-error skip|stop`), which names the file and line or row.
+
+Image paths in the input are confined to their root (--images, or the folder of the file that names
+them): an absolute path or one that climbs out with `..` (or a symlink) is a bad record, so a
+converted dataset cannot pull in files from elsewhere on the machine.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def _files(path: Path, suffix: str, policy: ErrorPolicy) -> list[Path]:
     return [path]
 
 
-def _read_image(ref: Any, root: Path | None, index: int) -> tuple[str, bytes]:
+def _read_image(ref: Any, root: Path, index: int) -> tuple[str, bytes]:
     if isinstance(ref, dict):
         ref = ref.get("bytes") or ref.get("path")
     if isinstance(ref, (bytes, bytearray)):
@@ -55,9 +59,17 @@ def _read_image(ref: Any, root: Path | None, index: int) -> tuple[str, bytes]:
     if isinstance(ref, str):
         if "://" in ref:
             raise FileNotFoundError(f"{ref} is a URL (nothing is downloaded)")
-        path = Path(ref) if root is None else root / ref
-        return image_member(path.read_bytes(), index)
+        return image_member(confined(root, ref).read_bytes(), index)
     raise TypeError(f"cannot read an image from {type(ref).__name__}")
+
+
+def confined(root: Path, ref: str) -> Path:
+    """`root / ref`, refused if it resolves outside `root` (absolute paths, `..`, symlinks out)."""
+    base = root.resolve()
+    path = (base / ref).resolve()
+    if not path.is_relative_to(base):
+        raise PermissionError(f"{ref} points outside the input root {root}")
+    return path
 
 
 def from_folder(captions: Path, images: Path, policy: ErrorPolicy) -> Iterator[Record]:
@@ -89,7 +101,7 @@ def from_t2i_parquet(path: Path, policy: ErrorPolicy) -> Iterator[Record]:
                          if isinstance(c, str) and c]
                 if not texts:
                     raise ValueError("no caption")
-                member, data = _read_image(row["image"], None, 0)
+                member, data = _read_image(row["image"], file.parent, 0)
             except Exception as e:
                 policy.bad("bad_row", where, f"{type(e).__name__}: {e}")
                 continue
@@ -110,7 +122,7 @@ def from_vlm_jsonl(path: Path, images: Path | None, policy: ErrorPolicy) -> Iter
             refs = rec.get("image", [])
             refs = [refs] if isinstance(refs, str) else list(refs)
             try:
-                members = [_read_image(r, images, i) for i, r in enumerate(refs)]
+                members = [_read_image(r, images or file.parent, i) for i, r in enumerate(refs)]
                 segments = _vlm_segments(turns, [m for m, _ in members])
             except Exception as e:
                 policy.bad("bad_record", where, f"{type(e).__name__}: {e}")
@@ -151,7 +163,7 @@ def from_edit_parquet(path: Path, policy: ErrorPolicy) -> Iterator[Record]:
                 if len(images) < 2 or len(instructions) != len(images) - 1:
                     raise ValueError(f"{len(images)} images need {len(images) - 1} instruction "
                                      f"lists, got {len(instructions)}")
-                members = [_read_image(im, None, i) for i, im in enumerate(images)]
+                members = [_read_image(im, file.parent, i) for i, im in enumerate(images)]
                 segments: list[Segment] = [ImageSegment(members[0][0], ("vae", "vit"), cfg=True)]
                 for k, paraphrases in enumerate(instructions, 1):
                     texts = [paraphrases] if isinstance(paraphrases, str) else list(paraphrases)
@@ -187,7 +199,7 @@ def from_obelics(path: Path, images: Path | None, policy: ErrorPolicy) -> Iterat
                     segments.append(TextSegment(text.strip(), loss=True))
                 elif image is not None:
                     try:
-                        member, data = _read_image(image, images, len(members))
+                        member, data = _read_image(image, images or file.parent, len(members))
                     except Exception as e:
                         policy.bad("missing_image", where, f"image dropped: {type(e).__name__}: {e}")
                         continue

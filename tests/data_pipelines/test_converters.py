@@ -37,13 +37,13 @@ def test_folder_convert_skips_bad_lines_and_reports(tmp_path, capsys):
     rc = main(["convert", "folder", str(tmp_path / "caps.jsonl"), "--images", str(images),
                "--out", str(tmp_path / "out2"), "--on-error", "stop"])
     err = capsys.readouterr().err
-    assert rc == 1 and "caps.jsonl:2" in err and "invalid JSON" in err
+    assert rc == 2 and "caps.jsonl:2" in err and "invalid JSON" in err
 
 
 def test_missing_folder_is_reported(tmp_path, capsys):
     rc = main(["convert", "folder", str(tmp_path / "none.jsonl"), "--images", str(tmp_path / "no"),
                "--out", str(tmp_path / "o"), "--on-error", "stop"])
-    assert rc == 1 and "image folder does not exist" in capsys.readouterr().err
+    assert rc == 2 and "image folder does not exist" in capsys.readouterr().err
 
 
 def test_vlm_jsonl(tmp_path):
@@ -101,4 +101,24 @@ def test_official_parquets(tmp_path, capsys, caplog):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 nope")
     rc = main(["convert", "t2i-parquet", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "b"),
                "--on-error", "stop"])
-    assert rc == 1 and "bad.parquet" in capsys.readouterr().err
+    assert rc == 2 and "bad.parquet" in capsys.readouterr().err
+
+
+def test_image_paths_are_confined_to_their_root(tmp_path):
+    """A captions file cannot pull in files from elsewhere: absolute paths and `..` are bad records."""
+    from PIL import Image
+
+    from data_pipelines.converters import convert
+    from data_pipelines.converters.common import ErrorPolicy
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "ok.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    captions = tmp_path / "c.jsonl"
+    captions.write_text("\n".join(json.dumps(r) for r in [
+        {"image": "ok.png", "caption": "fine"}, {"image": "../secret.png", "caption": "escape"},
+        {"image": str(tmp_path / "secret.png"), "caption": "absolute"}]) + "\n")
+    policy = ErrorPolicy("skip")
+    records = list(convert.from_folder(captions, images, policy))
+    assert len(records) == 1 and policy.skipped["bad_image"] == 2
