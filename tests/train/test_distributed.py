@@ -85,3 +85,27 @@ def test_fsdp_bf16_with_activation_checkpointing(two_rank_runs, single_process):
         diff = _max_diff(bf16, single_process[:3], key)
         print(f"fsdp bf16 {key}: max |diff| vs fp32 one process = {diff:.2e}")
         assert diff < 0.02, key
+
+
+def test_a_dead_rank_is_named_in_one_line_by_the_survivor(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--config", str(REPO / "configs/train/tiny_cpu.yaml"), f"--run_dir={tmp_path / 'run'}",
+            "--parallel.mode=ddp", "--train.steps=6", "--log.progress=false", "--log.tensorboard=false",
+            "--log.plot=false", "--log.peak_tflops=0.1", "--data.samples_per_batch=2", "--checkpoint.export=false"]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests/train/die_at_step.py"), *args], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert procs[1].returncode == 3
+    err = outs[0][1]
+    assert procs[0].returncode == 1, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("bagel-train")]
+    assert len(lines) == 1 and f"rank 0: rank 1 (pid {procs[1].pid}) died" in lines[0], err
