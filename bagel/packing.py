@@ -98,7 +98,12 @@ def item_num_tokens(item: PlanItem, vit_stride: int, vae_stride: int) -> int:
     if isinstance(item, Text):
         return len(item.ids) + 2
     stride = vit_stride if isinstance(item, VitImage) else vae_stride
-    return (item.image.shape[1] // stride) * (item.image.shape[2] // stride) + 2
+    return image_num_tokens(item.image.shape[1], item.image.shape[2], stride)
+
+
+def image_num_tokens(height: int, width: int, stride: int) -> int:
+    """Packed tokens of one image of that size: its grid cells plus the two markers."""
+    return (height // stride) * (width // stride) + 2
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Image transforms for the ViT and VAE paths: resize to a stride multiple, then [-1, 1].
 
-The size rule follows the official `ImageTransform` (reference notes section 5.3):
+The size rule follows the official `ImageTransform` (the release's data/data_utils.py):
 1. scale = min(max_size / long side, 1), raised so the short side reaches min_size;
 2. each side -> round(side * scale), snapped to the nearest stride multiple (at least one stride);
 3. if the area exceeds max_pixels / num_images, shrink;
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+
+from bagel.packing import image_num_tokens
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def transform_image(image: Image.Image, spec: ResizeSpec, num_images: int = 1) -
 def num_image_tokens(width: int, height: int, spec: ResizeSpec, num_images: int = 1) -> int:
     """Tokens of one image after the transform, markers included (grid cells + 2)."""
     w, h = resize_size(width, height, spec, num_images)
-    return (w // spec.stride) * (h // spec.stride) + 2
+    return image_num_tokens(h, w, spec.stride)
 
 
 TRANSFORMS_FILE = "transforms.json"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bagel.packing import CfgDropout, DroppedImage, Sample, Text, VaeImage, VitImage, apply_cfg_dropout
+from bagel.packing import CfgDropout, Sample, Text, VaeImage, VitImage, apply_cfg_dropout, item_num_tokens
 from bagel.tokenizer import SpecialTokens
 from data_pipelines.schema import ImageSegment, SchemaError, TextSegment, loads_document
 from data_pipelines.shards import SampleRef, stable_seed
@@ -105,16 +105,8 @@ class SampleDecoder:
             # really go into the pack (and a resumed stream decides the same).
             drop_rng = np.random.default_rng(stable_seed(self.seed, key, ref.visit, "cfg"))
             plan = apply_cfg_dropout(plan, self.dropout, lambda: float(drop_rng.random()))
-        return DecodedSample(key, ref, plan, sum(self._num_tokens(item) for item in plan))
+        return DecodedSample(key, ref, plan, sum(item_num_tokens(i, self.vit.stride, self.vae.stride) for i in plan))
 
-    def _num_tokens(self, item) -> int:
-        """Packed length of one plan item, markers included."""
-        if isinstance(item, DroppedImage):
-            return 0
-        if isinstance(item, Text):
-            return len(item.ids) + 2
-        stride = self.vit.stride if isinstance(item, VitImage) else self.vae.stride
-        return (item.image.shape[1] // stride) * (item.image.shape[2] // stride) + 2
 
     @staticmethod
     def _open_image(raw: dict[str, Any], key: str, name: str) -> Image.Image:

@@ -1,6 +1,6 @@
 """Token-budget packing: a stream of decoded samples -> `PackedBatch`es of about a fixed size.
 
-Greedy first-fit with an overflow buffer (the official `PackedDataset` idea, reference section 5.4,
+Greedy first-fit with an overflow buffer (the official `PackedDataset` idea, data/dataset_base.py in the release,
 without its two silent drops):
 
 1. A pack first takes, in FIFO order, every buffered sample that still fits.

@@ -3,8 +3,8 @@
 Shards are plain tar files in the webdataset layout (members `{key}.json`, `{key}.0.png`, ...
 grouped by key), so `webdataset.WebDataset` reads them too. We read them with `tarfile`
 ourselves because webdataset 1.0.2 has no mid-epoch resume, seeds `resampled=True` from the pid
-and clock, raises on an empty worker and needs an explicit node splitter under torchrun
-(cpu-machine-facts.md section 6). Here:
+and clock, raises on an empty worker and needs an explicit node splitter under torchrun.
+Here:
 
 * A `ShardStream` is one source seen by one *slot* (rank * num_workers + worker). Epoch mode:
   every epoch permutes all shards with (seed, epoch), the same on every slot, and slot s takes

@@ -4,8 +4,8 @@ Two protocols run through every benchmark (see eval/README.md for examples):
 - `standard`: the benchmark authors' definition where they publish one (MMMU's answer parser, the VQA
   challenge evaluator, MMBench circular evaluation); for yes/no benchmarks a strict parser that calls an
   undecidable answer unparsable instead of guessing.
-- `bagel`: what the official BAGEL evaluation code computes, quirks included, as measured in
-  ../shared/reference/eval-scoring.md, so its published numbers can be reproduced.
+- `bagel`: what the official BAGEL evaluation code (the release's eval/vlm scripts) computes,
+  quirks included, so its published numbers can be reproduced (eval/README.md lists the quirks).
 
 Sections, in order: yes/no parsing (MME, POPE); option letters (MMBench, MMMU multiple choice);
 MMMU open answers; VQA normalisation and soft accuracy; exact match and ANLS; aggregates.

@@ -57,12 +57,10 @@ class EnginePredictor:
 
 
 def load_engine(model_dir: str, dtype: str = "fp32", device: str = "cpu"):
-    import torch
-
+    from bagel.config import parse_dtype
     from bagel.inference.engine import Engine
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    return Engine.from_pretrained(model_dir, dtype=dtypes[dtype], device=device)
+    return Engine.from_pretrained(model_dir, dtype=parse_dtype(dtype), device=device)
 
 
 def load_predictor(model_dir: str, seed: int = 0, dtype: str = "fp32", device: str = "cpu") -> Predictor:

@@ -71,3 +71,10 @@ def test_json_roundtrip(tmp_path):
 def test_missing_dir():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         BagelConfig.from_official_dir("/nonexistent/model")
+
+
+def test_qk_norm_off_is_refused_not_ignored():
+    from bagel.config import LLMConfig
+
+    with pytest.raises(ConfigError, match="qk_norm=False is not supported"):
+        LLMConfig(qk_norm=False)

@@ -28,8 +28,8 @@ from bagel.inference.kv_cache import Context, KVCache
 from bagel.packing import unpatchify
 from bagel.tokenizer import SpecialTokens
 
-# The release's sampler settings per entry point (shared/reference/bagel-official.md section 4.10),
-# the one place they are written: the Python API, the CLIs, the app and the evaluations take them
+# The release's sampler settings per entry point (its inference notebook, app.py and
+# eval/gen/gen_images_mp.py), the one place they are written: the Python API, the CLIs, the app and the evaluations take them
 # from here. All use 50 grid points and shift 3 (ImageGenConfig's defaults).
 PRESETS: dict[str, dict] = {
     # notebook T2I (the app's T2I tab passes no image scale and so pays a third branch at 1.5;

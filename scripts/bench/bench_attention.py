@@ -2,7 +2,7 @@
 
 Layout: 2 documents, each alternating causal text splits (16-96 tokens) and full image splits
 (64-256 tokens), fp32. Methods run interleaved within each repetition and the best of N is
-reported, because other jobs share the machine (cpu-machine-facts.md: trust ratios to ~30%).
+reported, because other jobs may share the machine (then trust ratios to ~30%).
 
     python scripts/bench/bench_attention.py                    # L = 1024 and 4096, CPU
     python scripts/bench/bench_attention.py --lengths 1024 --reps 9 --flex   # + compiled flex

@@ -1,4 +1,4 @@
-"""Our speed on the geometry the official code was timed on (shared/reference/performance-targets.md).
+"""Our speed on the geometry the official code was timed on (OFFICIAL below: this machine class).
 
     python scripts/bench/official_geometry.py [--repeats 5] [--threads 2]
     python scripts/bench/official_geometry.py --device cuda --dtype bf16 --scale 4   # GPU, scaled up
@@ -11,8 +11,8 @@ the same image through the ViT at 224 px, the instruction and a noisy 256 px tar
 text/marker positions, 768 ViT tokens, 1024 latent tokens, 110 CE and 768 MSE positions) and the
 same inference inputs. Each row is the median over `--repeats` timed runs after a warm-up; a
 1024^3 float32 matmul is timed beside them as the machine's calibration (the official figures were
-measured while it read 150-270 GFLOP/s). Ratios are against the official figures of the reference
-(measured in another session: compare them with the calibration in mind). `--scale k` multiplies
+measured while it read 150-270 GFLOP/s). Ratios are against the official figures (OFFICIAL below,
+measured in another session: compare them with the calibration in mind). `--scale k` multiplies
 every width by k (heads by k, head_dim unchanged) for accelerators, where the CPU geometry is too
 small to measure anything but launch overhead; then no official figure applies.
 """
@@ -37,7 +37,8 @@ from bagel.tokenizer import SpecialTokens
 from bagel.train import losses
 from bagel.train.metrics import batch_flops
 
-# The official code on this machine class, fp32, 2 threads (performance-targets.md, 2026-11-29).
+# The official code (commit 056b5fd, unmodified, CPU fp32, 2 threads, tuned malloc) on this machine
+# class, medians measured by the project on 2026-11-29 with the calibration at 150-270 GFLOP/s.
 OFFICIAL = {"train_fwd_bwd_s": 0.766, "train_step_with_vae_s": 0.926, "t2i_step_s": 0.057, "edit_step_s": 0.079,
             "greedy_tok_per_s": 225.0, "vae_decode_s": 0.081}
 TOKENS = SpecialTokens(bos=990, eos=991, start_of_image=992, end_of_image=993)

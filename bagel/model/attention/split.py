@@ -4,7 +4,7 @@ Both cut the packed layout into *spans*: queries that share their visible keys (
 of consecutive causal splits of a sample, which is one bottom-right causal block over its visible
 prefix). `sdpa_loop` merges tiny neighbouring spans into one masked call and batches equal
 whole-sample images; it is 2-3x faster than one dense-mask SDPA call at 4k tokens on our CPU
-(shared/reference/cpu-machine-facts.md section 2), hence the CPU training default. `flash` runs one
+(scripts/bench/bench_attention.py), hence the CPU training default. `flash` runs one
 varlen call for the causal runs and one for the full/noise splits, each over gathered visible keys.
 """
 
