@@ -37,6 +37,7 @@ STATE_VERSION = 1
 @dataclass
 class _WorkerDone:
     worker: int
+    stats: dict | None = None  # the worker's skip counts at its end
 
 
 def special_tokens_of(tokenizer) -> SpecialTokens:
@@ -99,6 +100,8 @@ class _PackedDataset(IterableDataset):
             if self.states.get(worker) is not None:
                 pipeline.load_state_dict(self.states[worker])
             yield from pipeline
+            yield _WorkerDone(worker, dict(pipeline.stats))
+            return
         yield _WorkerDone(worker)
 
 
@@ -186,6 +189,7 @@ class PackLoader:
                                 prefetch_factor=self.prefetch_factor, collate_fn=_identity)
             source = loader_iter = iter(loader)
         pending: dict[int, list] = {w: [] for w in range(self.workers)}
+        fresh, yielded, skipped = not self._done, 0, Counter()
         try:
             while len(self._done) < self.workers:
                 w = self._cursor
@@ -193,20 +197,38 @@ class PackLoader:
                     self._cursor = (w + 1) % self.workers
                     continue
                 while not pending[w]:
-                    item = next(source)  # every worker ends with a marker, so this never runs dry
+                    item = _next_from(source)  # every worker ends with a marker, so this never runs dry
                     pending[item.worker if isinstance(item, _WorkerDone) else
                             item.slot - self.rank * self.workers].append(item)
                 item = pending[w].pop(0)
                 self._cursor = (w + 1) % self.workers
                 if isinstance(item, _WorkerDone):
                     self._done.add(w)
+                    skipped.update(item.stats or {})
                     continue
                 self._states[w] = item.state
+                yielded += 1
                 yield item
         finally:
             if loader_iter is not None:
                 loader_iter._shutdown_workers()
+        if fresh and not yielded:
+            raise DataError(f"the data gave no readable sample on rank {self.rank} (skipped: "
+                            f"{dict(skipped) or 'nothing: the sources are empty'})")
 
 
 def _identity(x):
     return x
+
+
+def _next_from(source):
+    """next() of the DataLoader, with a worker's DataError as one line: DataLoader re-raises it
+    with the worker's whole traceback pasted into the message."""
+    try:
+        return next(source)
+    except DataError as e:
+        text = str(e)
+        if "Original Traceback" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        raise DataError(last.split("DataError: ", 1)[-1]) from None

@@ -169,3 +169,21 @@ def test_bad_input_is_one_clean_line(index, inputs, tmp_path, capsys, monkeypatc
     after = _files(inputs) | {f"out:{f}" for f in _files(tmp_path)}
     assert after == before, sorted(after ^ before)
     assert torch.get_num_threads() >= 1  # (a case must not leave the process in a broken state)
+
+
+def test_data_with_no_readable_sample_is_one_line(tmp_path, capsys):
+    """All shards unreadable: bagel-train stops at its first batch with one line naming the skips."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "b-0.tar").write_bytes(os.urandom(3000))
+    (root / "manifest.json").write_text(json.dumps({"format": "bagel-wds", "version": 1, "name": "bad", "shards": [
+        {"path": "b-0.tar", "num_samples": 4, "num_bytes": 0, "num_tokens": 0}]}))
+    (tmp_path / "data.yaml").write_text(json.dumps({"tokenizer": str(TINY), "sources": [
+        {"name": "bad", "manifest": str(root)}], "transforms": {"vae": {"max_size": 32, "min_size": 32, "stride": 16},
+                                                               "vit": {"max_size": 28, "min_size": 28, "stride": 14}}}))
+    code = train.main(["--config", str(RECIPE), f"--run_dir={tmp_path / 'run'}", *QUIET, "--data.kind=pipeline",
+                       f"--data.config={tmp_path / 'data.yaml'}", "--data.num_workers=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "no readable sample" in err and "unreadable_shard" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

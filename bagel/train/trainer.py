@@ -53,6 +53,10 @@ from bagel.train.vision_encoder import VIT_PREFIX
 from bagel.train.weights import export, materialize, model_config
 
 
+class DataExhausted(ConfigError):
+    """The batch source ended before `train.steps` (its last step is checkpointed)."""
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); checkpoints are intact."""
 
@@ -330,11 +334,16 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         history: list[dict[str, float]] = []
         last_saved = self.step if resumed else -1
-        stopped = False
+        stopped = exhausted = False
+        first_step = self.step
         data = iter(self.source)
         try:
             while self.step < cfg.train.steps:
-                items = [next(data) for _ in range(cfg.optim.grad_accum)]
+                try:
+                    items = [next(data) for _ in range(cfg.optim.grad_accum)]
+                except StopIteration:
+                    exhausted = True
+                    break
                 record = self.train_step(items)
                 throughput.add(int(record["tokens"]), record["flops"])
                 if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
@@ -350,8 +359,12 @@ class Trainer:
                     stopped = True
                     break
             path = None
-            if last_saved != self.step and not self.consecutive_bad:
+            if last_saved != self.step and self.step > first_step and not self.consecutive_bad:
                 path = self.save_checkpoint()
+            if exhausted:
+                raise DataExhausted(f"the data ran out at step {self.step} of train.steps={cfg.train.steps} (checkpoint "
+                                    f"{path or self.last_checkpoint}): give the data more epochs (or resampled "
+                                    "sources) or train fewer steps, then --resume auto")
             if stopped:
                 if dist.is_main:
                     _say(f"[bagel-train] SIGTERM: saved {path or self.last_checkpoint} and stopping")

@@ -111,3 +111,15 @@ def test_cli_reports_bad_layout_and_bad_rows(tmp_path, capsys):
     assert cli.main(["--score-only", str(bad), "--task", "mme"]) == 2  # no gold and no --data
     assert "--data" in capsys.readouterr().err
     assert cli.main(["--score-only", str(bad), "--task", "pope", "--data", str(tmp_path)]) == 2
+
+
+def test_predictions_that_match_no_item_are_refused_unless_allowed(tmp_path, synthetic, capsys):
+    data = synthetic.write_vqa(tmp_path / "vqa")
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"id": "not-an-id", "answer": "yes"}) + "\n")
+    args = ["--score-only", str(preds), "--task", "vqav2", "--data", data, "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 2
+    assert "none of its 1 ids matches an item" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert cli.main([*args, "--allow-missing"]) == 0
+    assert _manifest(tmp_path / "o")["metrics"]["vqa_accuracy"] == 0.0

@@ -1,5 +1,6 @@
 """Single-process trainer: learning, exact resume, checkpoint faults, precision, SIGTERM, export."""
 
+import json
 import os
 import signal
 import subprocess
@@ -72,6 +73,9 @@ def test_exact_resume_is_bitwise_in_one_process(make_cfg):
     for a, b in zip(full[3:], rest):
         for key in ("loss_ce", "loss_mse", "grad_norm", "lr"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])  # bitwise
+    # metrics.jsonl holds every step once, the resumed ones included
+    steps = [json.loads(line)["step"] for line in (Path(resumed.cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(make_cfg, tmp_path):
@@ -181,3 +185,31 @@ def test_freezing(make_cfg):
         frozen = n.startswith("vit.") or ".und." in n or n in ("llm.embed_tokens.weight", "llm.lm_head.weight")
         assert torch.equal(before[n], p) == frozen, n
     assert set(trainer.ema.state) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_replayed_steps_are_logged_once(tmp_path, make_cfg):
+    """A run resumed from an older checkpoint replays steps: metrics.jsonl keeps each step once."""
+    from bagel.train.run_log import RunLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss_ce": float(s)}) + "\n" for s in range(1, 6)) + '{"step": 6,')
+    logger = RunLogger(tmp_path, make_cfg("log"), enabled=True, start_step=3)
+    logger.log({"step": 4, "loss_ce": 40.0, "loss_mse": 0.0})
+    logger.jsonl.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["loss_ce"] == 40.0
+
+
+def test_data_that_runs_out_stops_cleanly_with_a_checkpoint(make_cfg):
+    from bagel.train.trainer import DataExhausted
+
+    class Three(SyntheticSource):
+        def __iter__(self):
+            for _, item in zip(range(3), super().__iter__()):
+                yield item
+
+    cfg = make_cfg("short", "--data.samples_per_batch=2", "--train.steps=10")
+    trainer = Trainer(cfg, source=Three(BagelConfig.tiny(), cfg.data))
+    with pytest.raises(DataExhausted, match="ran out at step 3 of train.steps=10.*step_00000003"):
+        trainer.run()
+    assert checkpointing.latest_checkpoint(cfg.run_dir).name == "step_00000003"
