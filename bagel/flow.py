@@ -79,7 +79,7 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, t: float | torch.Tensor,
     return x - velocity * (t - t_next)
 
 
-RENORM_TYPES = ("global", "channel", "text_channel")
+RENORM_TYPES = ("global", "channel", "text_channel")  # bagel.sampling checks configs against these
 
 
 def _norm_ratio(ref: torch.Tensor, guided: torch.Tensor, per_token: bool, renorm_min: float) -> torch.Tensor:

@@ -139,6 +139,19 @@ def latent_tokens(latents: torch.Tensor, shapes: list[tuple[int, int]], p: int) 
     return torch.cat(out)
 
 
+def latent_grid(cfg, size: tuple[int, int]) -> tuple[int, int]:
+    """The size rule for generated images, everywhere: (H, W) pixels -> the (h, w) latent token
+    grid of a BagelConfig, or a ValueError naming the rule (positive multiples of
+    `latent_downsample`, at most `max_latent_size` tokens per side)."""
+    h, w = size
+    d, m = cfg.latent_downsample, cfg.max_latent_size
+    if h % d or w % d or h <= 0 or w <= 0:
+        raise ValueError(f"image size {w}x{h} (WxH) must be positive multiples of {d} px for this model")
+    if h // d > m or w // d > m:
+        raise ValueError(f"image size {w}x{h} exceeds the model's largest, {m * d}x{m * d} px (max_latent_size={m})")
+    return h // d, w // d
+
+
 def grid_position_ids(grid_h: int, grid_w: int, max_per_side: int) -> torch.Tensor:
     """Flattened 2-D ids `row * max_per_side + col` in raster order (the 'extrapolate' scheme)."""
     rows = torch.arange(grid_h).unsqueeze(1)

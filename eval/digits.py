@@ -78,10 +78,12 @@ def parse_answer(text: str) -> int | None:
 class DigitsEvalConfig:
     limit: int | None = None  # held-out images used for understanding / editing (None: all 359)
     seeds: int = 10  # generated images per digit (and count runs per start digit)
-    steps: int = 20
-    cfg_text: float = 4.0
-    cfg_img: float = 2.0
-    timestep_shift: float = 1.0
+    # Sampler settings over the model's own (its generation.json: the demo writes 20 steps, shift 1,
+    # guidance over the whole trajectory); None keeps the model's.
+    steps: int | None = None
+    cfg_text: float | None = None
+    cfg_img: float | None = None
+    timestep_shift: float | None = None
     batch_size: int = 32  # noise is drawn per batch: another size gives other (equally valid) draws
     seed: int = 0
 
@@ -96,8 +98,6 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
     """All four scores (+ the judge's own accuracy); writes samples.png / edits.png if out_dir."""
     from tqdm import tqdm
 
-    from bagel.inference.generate_image import ImageGenConfig
-
     t0 = time.time()
     judge = Judge()
     images, labels = load_split("test")
@@ -105,9 +105,10 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
         images, labels = images[: cfg.limit], labels[: cfg.limit]
     size = (engine.vae_transform.max_size, engine.vae_transform.max_size)
     pil = [digit_image(p, size[0]) for p in images]
-    sampler = dict(num_timesteps=cfg.steps, timestep_shift=cfg.timestep_shift, cfg_text_scale=cfg.cfg_text)
-    t2i_cfg = ImageGenConfig.preset("text_to_image", **sampler, cfg_interval=(0.0, 1.0))
-    edit_cfg = ImageGenConfig.preset("edit", **sampler, cfg_img_scale=cfg.cfg_img)
+    given = {"num_timesteps": cfg.steps, "timestep_shift": cfg.timestep_shift, "cfg_text_scale": cfg.cfg_text}
+    given = {k: v for k, v in given.items() if v is not None}
+    t2i_cfg = engine.defaults.text_to_image.replace(**given)
+    edit_cfg = engine.defaults.edit.replace(**given, **({"cfg_img_scale": cfg.cfg_img} if cfg.cfg_img else {}))
     bar = tqdm(total=4, desc="digits eval", unit="task", disable=not progress)
 
     answers = _understand(engine, pil, cfg.batch_size)
@@ -130,7 +131,8 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
                "interleaved_accuracy": interleaved, **judge.accuracy_on_real(size[0]),
                "counts": {"understanding": len(pil), "generation": len(digits), "edit": len(pil),
                           "interleaved": len(digits)},
-               "settings": asdict(cfg), "seconds": round(time.time() - t0, 1)}
+               "settings": {**asdict(cfg), "text_to_image": asdict(t2i_cfg), "edit": asdict(edit_cfg)},
+               "seconds": round(time.time() - t0, 1)}
     if out_dir is not None:
         _write_pictures(Path(out_dir), generated, pil, edited, chains, cfg.seeds)
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -139,7 +141,7 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
 
 def _understand(engine, pil: list, batch_size: int) -> list[str]:
     """Batched greedy answers to "What digit is this?" about each image."""
-    from bagel.inference.generate_text import SamplingConfig
+    from bagel.sampling import SamplingConfig
 
     answers = []
     for idx in _batches(len(pil), batch_size):

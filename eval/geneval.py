@@ -53,7 +53,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
-from bagel.inference.generate_image import ImageGenConfig
+from bagel.sampling import ImageGenConfig
 from eval import runner
 from eval.items import DataLayoutError, write_jsonl
 
@@ -192,7 +192,7 @@ def generate_images(engine, prompts: list[Prompt], out_dir: str, settings: GenSe
     import torch
     from tqdm import tqdm
 
-    from bagel.inference.engine import latent_grid
+    from bagel.packing import latent_grid
     from bagel.inference.generate_image import decode_latents, generate_latents
     from bagel.transforms import to_pil
 

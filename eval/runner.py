@@ -42,7 +42,7 @@ class EnginePredictor:
         self.engine = engine
 
     def __call__(self, requests: list[Request]) -> list[str]:
-        from bagel.inference.generate_text import SamplingConfig
+        from bagel.sampling import SamplingConfig
 
         engine = self.engine
         sessions = engine.new_sessions(len(requests))

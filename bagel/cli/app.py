@@ -7,9 +7,8 @@
 It serves http://127.0.0.1:7860, i.e. this machine only. `--host 0.0.0.0` opens it to the network,
 without any authentication. The model arguments are those of bagel-generate / bagel-chat.
 
-The generation settings are controls that start at the presets the CLI and the Python API use
-(bagel.inference.generate_image.PRESETS): text-to-image cfg-text 4, cfg-img 1, interval 0.4..1,
-global renorm; editing 4, 2, 0..1, text_channel; shift 3, 50 steps.
+The generation settings are controls that start at the model's defaults, as the CLI and the
+Python API do (its generation.json, else bagel.sampling.PRESETS).
 Image sides are multiples of 16 px, up to the model's max_latent_size x 16.
 One engine serves every tab and its KV cache is shared, so a lock runs one request at a time.
 The chat is stateless on the server: each turn rebuilds the context (image, earlier turns,
@@ -52,7 +51,7 @@ def max_image_px(engine) -> int:
 # Requests: plain functions of the engine (the UI adds the lock, progress and error display) ----
 def gen_config(steps, shift, cfg_text, cfg_img, interval_start, interval_end, renorm, renorm_min):
     """The sampler settings of a tab's controls (ImageGenConfig checks every value)."""
-    from bagel.inference.generate_image import ImageGenConfig
+    from bagel.sampling import ImageGenConfig
 
     return ImageGenConfig(num_timesteps=int(steps), timestep_shift=float(shift), cfg_text_scale=float(cfg_text),
                           cfg_img_scale=float(cfg_img), cfg_interval=(float(interval_start), float(interval_end)),
@@ -63,7 +62,7 @@ def chat(engine, image, turns: list[tuple[str, str]], question: str, think: bool
          temperature: float, top_k: int, top_p: float) -> str:
     """Answer `question` about `image` (or none) after the earlier (question, answer) turns."""
     from bagel.inference.engine import VLM_THINK_SYSTEM_PROMPT
-    from bagel.inference.generate_text import SamplingConfig
+    from bagel.sampling import SamplingConfig
 
     if not question.strip():
         raise ValueError("type a question first")
@@ -84,7 +83,7 @@ def chat(engine, image, turns: list[tuple[str, str]], question: str, think: bool
 def generate(engine, prompt: str, width: int, height: int, seed: int, think: bool, max_think_tokens: int, cfg,
              progress: bool = False):
     """-> (image, plan text or "")."""
-    from bagel.inference.generate_text import SamplingConfig
+    from bagel.sampling import SamplingConfig
 
     if not prompt.strip():
         raise ValueError("type a prompt first")
@@ -96,7 +95,7 @@ def generate(engine, prompt: str, width: int, height: int, seed: int, think: boo
 
 def edit(engine, image, instruction: str, seed: int, think: bool, max_think_tokens: int, cfg, progress: bool = False):
     """-> (edited image at the input's resized size, plan text or "")."""
-    from bagel.inference.generate_text import SamplingConfig
+    from bagel.sampling import SamplingConfig
 
     if image is None:
         raise ValueError("upload an image to edit first")
@@ -109,18 +108,15 @@ def edit(engine, image, instruction: str, seed: int, think: bool, max_think_toke
 
 
 # The UI ----------------------------------------------------------------------------------------
-def control_defaults(preset: str) -> list:
-    """A named preset as the values of the guidance controls, in gen_config's argument order."""
-    from bagel.inference.generate_image import ImageGenConfig
-
-    d = ImageGenConfig.preset(preset)
-    return [d.num_timesteps, d.timestep_shift, d.cfg_text_scale, d.cfg_img_scale, *d.cfg_interval,
-            d.cfg_renorm_type, d.cfg_renorm_min]
+def control_values(cfg) -> list:
+    """Sampler settings as the values of the guidance controls, in gen_config's argument order."""
+    return [cfg.num_timesteps, cfg.timestep_shift, cfg.cfg_text_scale, cfg.cfg_img_scale, *cfg.cfg_interval,
+            cfg.cfg_renorm_type, cfg.cfg_renorm_min]
 
 
-def guidance_controls(gr, preset: str, prefix: str) -> list:
-    """Steps, timestep shift and the CFG settings, starting at a named preset, in gen_config's order."""
-    steps, shift, text, img, start, end, renorm, renorm_min = control_defaults(preset)
+def guidance_controls(gr, cfg, prefix: str) -> list:
+    """Steps, timestep shift and the CFG settings, starting at `cfg`, in gen_config's order."""
+    steps, shift, text, img, start, end, renorm, renorm_min = control_values(cfg)
     steps = gr.Slider(2, 100, steps, step=1, label="Steps", elem_id=f"{prefix}-steps",
                       info="timestep grid points; the model runs steps - 1 times")
     with gr.Accordion("Guidance", open=False):
@@ -185,7 +181,7 @@ def generate_tab(gr, engine, call, default_seed: int) -> None:
                 height = gr.Slider(stride, max_px, side, step=stride, label="Height", elem_id="t2i-height")
             seed = gr.Number(default_seed, precision=0, label="Seed", elem_id="t2i-seed")
             think = think_controls(gr, "Think first (write a plan, then draw)")
-            settings = guidance_controls(gr, "text_to_image", "t2i")
+            settings = guidance_controls(gr, engine.defaults.text_to_image, "t2i")
             go = gr.Button("Generate", variant="primary", elem_id="t2i-run")
         with gr.Column():
             image = gr.Image(label="Image", format="png", interactive=False, elem_id="t2i-image")
@@ -206,7 +202,7 @@ def edit_tab(gr, engine, call, default_seed: int) -> None:
             instruction = gr.Textbox(label="Instruction", lines=2, elem_id="edit-instruction")
             seed = gr.Number(default_seed, precision=0, label="Seed", elem_id="edit-seed")
             think = think_controls(gr, "Think first")
-            settings = guidance_controls(gr, "edit", "edit")
+            settings = guidance_controls(gr, engine.defaults.edit, "edit")
             run_edit = gr.Button("Edit", variant="primary", elem_id="edit-run")
         with gr.Column():
             edited = gr.Image(label="Edited (the input's size after resizing)", format="png", interactive=False,

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go():
-        from bagel.inference.generate_text import SamplingConfig
+        from bagel.sampling import SamplingConfig
 
         from bagel.cli.inputs import open_image
 

@@ -4,9 +4,10 @@
     bagel-generate --model DIR --image in.png --prompt "make it winter" --out edit.png
     bagel-generate --model DIR --prompt "..." --think --out out.png --batch 4   # out_0.png ... out_3.png
 
-Defaults are the release's presets (bagel.inference.generate_image.PRESETS): text-to-image
-cfg-text 4, cfg-img 1, interval 0.4..1, global renorm; editing cfg-text 4, cfg-img 2, interval
-0..1, text_channel renorm; shift 3, 50 steps. The Python API and the app use the same presets.
+Defaults are the model's own (its generation.json, written by training), else the release's
+presets (bagel.sampling.PRESETS): text-to-image cfg-text 4, cfg-img 1, interval 0.4..1, global
+renorm; editing cfg-text 4, cfg-img 2, interval 0..1, text_channel renorm; shift 3, 50 steps. The
+Python API and the app start from the same settings.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from bagel.cli.common import Parser, add_model_args, check_writable_dir, load_en
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (H, W), both positive multiples of 16."""
+    """'WxH' -> (H, W); the model's size rule is checked before it loads (bagel.packing.latent_grid)."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size {text!r}: expected WxH, e.g. 1024x768") from None
-    if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise argparse.ArgumentTypeError(f"--size {text}: width and height must be positive multiples of 16")
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"--size {text}: width and height must be positive")
     return h, w
 
 
@@ -36,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="input image: edit it according to the prompt")
     p.add_argument("--think", action="store_true", help="write a plan first, then generate (think mode)")
     p.add_argument("--out", required=True, help="output PNG (with --batch N: OUT_0.png ...)")
-    p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 16 (default: the model's image size, 1024x1024 for BAGEL-7B-MoT; "
-                        "edits keep the input size)")
+    p.add_argument("--size", type=parse_size, default=None,
+                   help="WxH in multiples of the model's latent stride (16 for BAGEL-7B-MoT, 8 for the digits model); "
+                        "default: the model's image size (1024x1024 for BAGEL-7B-MoT); edits keep the input size")
     p.add_argument("--steps", type=int, default=None, help="timestep grid points (steps - 1 model evaluations; "
                    "default 50)")
     p.add_argument("--cfg-text", type=float, default=None, help="text guidance scale (default 4)")
@@ -53,15 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sampler_config(args, preset: str):
-    """The named preset with the options the user gave on top."""
-    from bagel.inference.generate_image import ImageGenConfig
+def sampler_config(args, task: str):
+    """The model's settings for `task` (its generation.json, else the release's preset) with the
+    options the user gave on top; read before the model loads."""
+    from bagel.sampling import GenerationDefaults
 
+    base = getattr(GenerationDefaults.from_model_dir(args.model), task)
     given = {"num_timesteps": args.steps, "timestep_shift": args.timestep_shift, "cfg_text_scale": args.cfg_text,
              "cfg_img_scale": args.cfg_img, "cfg_renorm_type": args.cfg_renorm_type,
              "cfg_renorm_min": args.cfg_renorm_min,
              "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
-    return ImageGenConfig.preset(preset, **{k: v for k, v in given.items() if v is not None})
+    return base.replace(**{k: v for k, v in given.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go():
         from bagel.cli.inputs import open_image
-        from bagel.inference.generate_text import SamplingConfig
+        from bagel.sampling import SamplingConfig
 
         # every input is checked before the model loads
         if not args.prompt.strip():
@@ -81,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = sampler_config(args, "edit" if edit else "text_to_image")
         think = SamplingConfig(max_new_tokens=args.max_think_tokens)
         check_writable_dir(Path(args.out).parent, "--out")
+        if args.size is not None:  # the one size rule, from the model's config alone
+            from bagel.checkpoint.pretrained import read_model_config
+            from bagel.packing import latent_grid
+
+            latent_grid(read_model_config(args.model), args.size)
         engine = load_engine(args)
         if edit:
             images, thoughts = engine.edit([source] * args.batch, [args.prompt] * args.batch, cfg, seed=args.seed,

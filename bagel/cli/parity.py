@@ -12,7 +12,6 @@ its max |difference| and tolerance; the exit status is non-zero if any compariso
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +191,7 @@ def _engine(fx: Fixture, model, vae):
 def _image_case(fx: Fixture, engine, case: str) -> list[Comparison]:
     from PIL import Image
 
-    from bagel.inference.generate_image import ImageGenConfig
+    from bagel.sampling import ImageGenConfig
 
     meta, key = fx.meta["infer"][case], f"infer/{case}/"
     c = meta["config"]
@@ -234,7 +233,7 @@ def _image_case(fx: Fixture, engine, case: str) -> list[Comparison]:
 def _understanding_case(fx: Fixture, engine, case: str) -> list[Comparison]:
     from PIL import Image
 
-    from bagel.inference.generate_text import SamplingConfig
+    from bagel.sampling import SamplingConfig
 
     meta, key = fx.meta["infer"][case], f"infer/{case}/"
     sessions = engine.new_sessions(1)

@@ -23,9 +23,11 @@ from PIL import Image
 
 from bagel.inference import context as ctxlib
 from bagel.inference.forward import Query, forward_queries, llm_stack
-from bagel.inference.generate_image import Branches, ImageGenConfig, decode_latents, generate_latents
-from bagel.inference.generate_text import SamplingConfig, generate_text
+from bagel.inference.generate_image import Branches, decode_latents, generate_latents
+from bagel.inference.generate_text import generate_text
 from bagel.inference.kv_cache import Context, KVCache
+from bagel.sampling import GenerationDefaults, ImageGenConfig, SamplingConfig
+from bagel.packing import latent_grid
 from bagel.tokenizer import SpecialTokens, load_tokenizer
 from bagel.transforms import VAE_INFERENCE, VIT_INFERENCE, ResizeSpec, load_model_transforms, resize_size, to_pil, to_tensor
 
@@ -54,10 +56,12 @@ class Session:
 class Engine:
     def __init__(self, model, vae, tokenizer, tokens: SpecialTokens | None = None,
                  vae_transform: ResizeSpec = VAE_INFERENCE, vit_transform: ResizeSpec = VIT_INFERENCE,
-                 max_context: int | None = None):
+                 max_context: int | None = None, defaults: GenerationDefaults | None = None):
         self.model, self.vae, self.tokenizer = model.eval(), vae, tokenizer
         self.tokens = tokens or SpecialTokens.from_tokenizer(tokenizer)
         self.vae_transform, self.vit_transform = vae_transform, vit_transform
+        # the sampler settings of each task when a call gives none (the model's generation.json)
+        self.defaults = defaults or GenerationDefaults()
         self.max_context = max_context or model.cfg.llm.max_position_embeddings
         self.cache = KVCache.for_model(model)
         self.speculative = None  # (heads, SpecConfig): decode text with draft heads, same output
@@ -94,6 +98,7 @@ class Engine:
         vae_t, vit_t = load_model_transforms(path)
         kwargs.setdefault("vae_transform", vae_t)
         kwargs.setdefault("vit_transform", vit_t)
+        kwargs.setdefault("defaults", GenerationDefaults.from_model_dir(path))
         return cls(model, vae, load_tokenizer(path), **kwargs)
 
     # Sessions and inputs ------------------------------------------------------------------------
@@ -154,10 +159,12 @@ class Engine:
         return texts, out
 
     def generate_image(self, sessions: list[Session], size: tuple[int, int] | None = None,
-                       cfg: ImageGenConfig = ImageGenConfig(), generator: torch.Generator | None = None,
+                       cfg: ImageGenConfig | None = None, generator: torch.Generator | None = None,
                        noise: list[torch.Tensor] | None = None, on_step=None, progress: bool = False,
                        return_latents: bool = False):
-        """One image per session; size (H, W) defaults to the last input image's size."""
+        """One image per session; size (H, W) defaults to the last input image's size, `cfg` to
+        the model's text-to-image defaults."""
+        cfg = cfg or self.defaults.text_to_image
         size = size or sessions[0].image_size
         if size is None:
             raise ValueError("no output size given and no input image to take it from")
@@ -182,9 +189,9 @@ class Engine:
     def text_to_image(self, prompts: list[str], size: tuple[int, int], cfg: ImageGenConfig | None = None,
                       seed: int = 0, think: bool = False, think_sampling: SamplingConfig = SamplingConfig(),
                       progress: bool = False) -> tuple[list[Image.Image], list[str]]:
-        """Returns the images and, in think mode, the planning texts. `cfg` defaults to the
-        `text_to_image` preset (bagel.inference.generate_image.PRESETS)."""
-        cfg = cfg or ImageGenConfig.preset("text_to_image")
+        """Returns the images and, in think mode, the planning texts. `cfg` defaults to the model's
+        text-to-image settings (generation.json, else the `text_to_image` preset)."""
+        cfg = cfg or self.defaults.text_to_image
         sessions = self.new_sessions(len(prompts))
         if think:
             self.add_text(sessions, [GEN_THINK_SYSTEM_PROMPT] * len(sessions))
@@ -195,8 +202,9 @@ class Engine:
 
     def edit(self, images: list, instructions: list[str], cfg: ImageGenConfig | None = None, seed: int = 0,
              think: bool = False, think_sampling: SamplingConfig = SamplingConfig(), progress: bool = False):
-        """Edit each image by its instruction; `cfg` defaults to the `edit` preset."""
-        cfg = cfg or ImageGenConfig.preset("edit")
+        """Edit each image by its instruction; `cfg` defaults to the model's edit settings
+        (generation.json, else the `edit` preset)."""
+        cfg = cfg or self.defaults.edit
         sessions = self.new_sessions(len(images))
         g = torch.Generator().manual_seed(seed)
         if think:
@@ -217,7 +225,7 @@ class Engine:
         return texts
 
     def interleave(self, inputs: list, max_blocks: int = 8, size: tuple[int, int] | None = None,
-                   cfg: ImageGenConfig = ImageGenConfig(), sampling: SamplingConfig = SamplingConfig(),
+                   cfg: ImageGenConfig | None = None, sampling: SamplingConfig = SamplingConfig(),
                    seed: int = 0, vit_for_outputs: bool = True) -> list:
         """Feed text/images, then let the model continue with text and images until it stops.
 
@@ -274,14 +282,3 @@ def resized(image: Image.Image, spec: ResizeSpec) -> Image.Image:
     image = image.convert("RGB")
     size = resize_size(image.width, image.height, spec)
     return image if size == image.size else image.resize(size, Image.BICUBIC)
-
-
-def latent_grid(cfg, size: tuple[int, int]) -> tuple[int, int]:
-    """(H, W) pixels -> the (h, w) latent token grid, or a ValueError naming the size rule."""
-    h, w = size
-    d, m = cfg.latent_downsample, cfg.max_latent_size
-    if h % d or w % d or h <= 0 or w <= 0:
-        raise ValueError(f"image size {w}x{h} (WxH) must be positive multiples of {d} px")
-    if h // d > m or w // d > m:
-        raise ValueError(f"image size {w}x{h} exceeds the model's largest, {m * d}x{m * d} px (max_latent_size={m})")
-    return h // d, w // d

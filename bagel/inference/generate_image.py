@@ -13,82 +13,18 @@ iff both scales are > 1 (with a text scale <= 1 the release applies no guidance 
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from bagel import flow
-from bagel.config import ConfigError
 from bagel.inference.context import latent_query
 from bagel.inference.forward import forward_queries, llm_stack
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.packing import unpatchify
+from bagel.sampling import ImageGenConfig
 from bagel.tokenizer import SpecialTokens
-
-# The release's sampler settings per entry point (its inference notebook, app.py and
-# eval/gen/gen_images_mp.py), the one place they are written: the Python API, the CLIs, the app and the evaluations take them
-# from here. All use 50 grid points and shift 3 (ImageGenConfig's defaults).
-PRESETS: dict[str, dict] = {
-    # notebook T2I (the app's T2I tab passes no image scale and so pays a third branch at 1.5;
-    # with no image in the context that branch only rescales the text guidance)
-    "text_to_image": dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global"),
-    "edit": dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel"),
-    "geneval": dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="global"),
-}
-
-
-@dataclass
-class ImageGenConfig:
-    """Sampler settings; the defaults are the `text_to_image` preset."""
-
-    num_timesteps: int = 50  # grid points; the model runs num_timesteps - 1 times
-    timestep_shift: float = 3.0  # the sampler's shift (training's is BagelConfig.train_timestep_shift)
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 1.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_type: str = "global"
-    cfg_renorm_min: float = 0.0
-
-    def __post_init__(self):
-        self.cfg_interval = tuple(float(x) for x in self.cfg_interval)
-        if self.cfg_renorm_type not in flow.RENORM_TYPES:
-            raise ConfigError(f"cfg_renorm_type={self.cfg_renorm_type!r}; expected one of {flow.RENORM_TYPES}")
-        if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int) or self.num_timesteps < 2:
-            raise ConfigError(f"num_timesteps={self.num_timesteps!r}: at least 2 grid points are needed "
-                              "(the model runs num_timesteps - 1 times)")
-        for name in ("timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_renorm_min"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name}={getattr(self, name)}: must be a finite number")
-        if self.timestep_shift <= 0:
-            raise ConfigError(f"timestep_shift={self.timestep_shift}: must be > 0 (1 = no shift)")
-        if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
-            raise ConfigError(f"guidance scales must be >= 0, got text {self.cfg_text_scale}, image "
-                              f"{self.cfg_img_scale} (1 = no guidance)")
-        lo, hi = self.cfg_interval if len(self.cfg_interval) == 2 else (math.nan, math.nan)
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ConfigError(f"cfg_interval={list(self.cfg_interval)}: need 0 <= start <= end <= 1 "
-                              "(guidance applies where start < t <= end)")
-        if not 0.0 <= self.cfg_renorm_min <= 1.0:
-            raise ConfigError(f"cfg_renorm_min={self.cfg_renorm_min}: must be in [0, 1]")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "ImageGenConfig":
-        """A named preset (`PRESETS`) with some fields replaced."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown sampler preset {name!r}; expected one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    def replace(self, **changes) -> "ImageGenConfig":
-        return dataclasses.replace(self, **changes)
-
-    def scales_at(self, t: float) -> tuple[float, float]:
-        lo, hi = self.cfg_interval
-        if lo < t <= hi:
-            return self.cfg_text_scale, self.cfg_img_scale
-        return 1.0, 1.0
 
 
 @dataclass

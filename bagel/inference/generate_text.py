@@ -8,34 +8,14 @@ given: pass forks (`ctx.fork()`) to keep the originals, as the official `gen_tex
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from bagel.config import ConfigError
-
 from bagel.inference.forward import Query, forward_queries, llm_stack
 from bagel.inference.kv_cache import Context
+from bagel.sampling import SamplingConfig
 from bagel.tokenizer import SpecialTokens
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 512
-    temperature: float = 0.0  # 0 = greedy (argmax)
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-
-    def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature}: must be a finite number >= 0 (0 = greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
 
 
 @dataclass

@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 import torch
 
 from bagel.inference.forward import DecoderStack, Query, forward_queries, llm_stack
-from bagel.inference.generate_text import SamplingConfig, probs_from_logits
+from bagel.inference.generate_text import probs_from_logits
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.model.heads import MedusaHeads, MTPHeads
+from bagel.sampling import SamplingConfig
 from bagel.tokenizer import SpecialTokens
 
 

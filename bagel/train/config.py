@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from bagel.config import ConfigError
+from bagel.sampling import GenerationDefaults
 
 
 @dataclass
@@ -131,6 +132,9 @@ class TrainConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    # The sampler settings the exported model recommends (its generation.json), on top of the
+    # presets: {text_to_image: {num_timesteps: 20, ...}, edit: {...}} (bagel.sampling)
+    generation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         choices = {
@@ -155,6 +159,7 @@ class TrainConfig:
         if (self.train.heads_weight > 0 or self.train.heads_only) and self.parallel.mode == "fsdp":
             raise ConfigError("training draft heads is supported with parallel.mode none or ddp (not fsdp yet)")
         self._check_ranges()
+        GenerationDefaults.from_overrides(self.generation, "generation")  # unknown keys or bad values fail now
 
     def _check_ranges(self) -> None:
         """Values the types allow but the run cannot use: one message naming the key and the range."""

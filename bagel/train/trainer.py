@@ -40,6 +40,7 @@ from bagel.checkpoint.files import write_text
 from bagel.checkpoint.sources import pretrained_source, scratch_source, with_tensors_from
 from bagel.config import ConfigError, parse_dtype
 from bagel.model.bagel import Bagel
+from bagel.sampling import GenerationDefaults
 from bagel.train import checkpointing, losses
 from bagel.train.batches import SyntheticSource, TrainItem
 from bagel.train.config import TrainConfig
@@ -371,7 +372,8 @@ class Trainer:
             elif cfg.checkpoint.export:
                 overrides = self.ema.state if self.ema else None
                 export(self.model, self.model_cfg, self.run_dir / "export", self.run_dir / "export_official",
-                       overrides, dist.is_main, vae=self.vae)
+                       overrides, dist.is_main, vae=self.vae,
+                       generation=GenerationDefaults.from_overrides(cfg.generation, "generation"))
         finally:
             logger.close()
             if previous is not None:

@@ -66,11 +66,13 @@ def full_state_dict(model: nn.Module, overrides: dict[str, torch.Tensor] | None 
 
 
 def export(model: nn.Module, cfg: BagelConfig, out_dir: str | Path, official_dir: str | Path | None,
-           overrides: dict[str, torch.Tensor] | None, is_main: bool, vae=None) -> None:
+           overrides: dict[str, torch.Tensor] | None, is_main: bool, vae=None, generation=None) -> None:
     """Write the weights (EMA when `overrides` holds it) as our `from_pretrained` layout in
     `out_dir` (draft heads also alone in `out_dir/draft_heads`) and, if given, the released layout
-    (`ema.safetensors` + configs) in `official_dir`."""
-    from bagel.checkpoint.files import save_safetensors
+    (`ema.safetensors` + configs) in `official_dir`; both with `generation` (a GenerationDefaults)
+    as their generation.json."""
+    from bagel.checkpoint.files import save_safetensors, write_text
+    from bagel.sampling import GENERATION_FILE
     from bagel.checkpoint.heads import save_draft_heads
     from bagel.checkpoint.official import export_official_state_dict, write_official_configs
     from bagel.checkpoint.pretrained import VAE_NAME, save_pretrained
@@ -84,6 +86,9 @@ def export(model: nn.Module, cfg: BagelConfig, out_dir: str | Path, official_dir
         plain = Bagel(cfg)
     plain.load_state_dict(state, strict=True, assign=True)
     save_pretrained(plain, out_dir, vae=vae)
+    for folder in (out_dir, official_dir):
+        if generation is not None and folder is not None:
+            write_text(Path(folder) / GENERATION_FILE, generation.to_json_text())
     if plain.draft_heads is not None:
         save_draft_heads(plain.draft_heads, Path(out_dir) / "draft_heads")
     if official_dir is not None:

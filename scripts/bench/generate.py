@@ -23,10 +23,11 @@ import torch
 from bagel.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig
 from bagel.inference import context as C
 from bagel.inference.forward import Query, forward_queries, llm_stack
-from bagel.inference.generate_text import SamplingConfig, generate_text
+from bagel.inference.generate_text import generate_text
 from bagel.inference.kv_cache import KVCache
 from bagel.model.bagel import Bagel
 from bagel.packing import Text, VaeImage, VitImage, pack_samples
+from bagel.sampling import SamplingConfig
 from bagel.tokenizer import SpecialTokens
 from bagel.train.losses import flow_inputs
 

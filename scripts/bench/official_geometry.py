@@ -27,12 +27,13 @@ import torch
 
 from bagel.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig, parse_dtype
 from bagel.inference import context as C
-from bagel.inference.generate_image import Branches, ImageGenConfig, generate_latents
-from bagel.inference.generate_text import SamplingConfig, generate_text
+from bagel.inference.generate_image import Branches, generate_latents
+from bagel.inference.generate_text import generate_text
 from bagel.inference.kv_cache import KVCache
 from bagel.model.bagel import Bagel
 from bagel.model.vae import VAE
 from bagel.packing import Text, VaeImage, VitImage, pack_samples
+from bagel.sampling import ImageGenConfig, SamplingConfig
 from bagel.tokenizer import SpecialTokens
 from bagel.train import losses
 from bagel.train.metrics import batch_flops

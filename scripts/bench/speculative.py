@@ -22,10 +22,11 @@ import torch
 from bagel.checkpoint.heads import load_draft_heads
 from bagel.checkpoint.pretrained import from_pretrained
 from bagel.inference.context import add_text
-from bagel.inference.generate_text import SamplingConfig, generate_text
+from bagel.inference.generate_text import generate_text
 from bagel.inference.kv_cache import KVCache
 from bagel.inference.speculative import SpecConfig, Tree, generate_speculative, tree_from_accuracies
 from bagel.model.heads import MedusaHeads
+from bagel.sampling import SamplingConfig
 from bagel.tokenizer import SpecialTokens, load_tokenizer
 from data_pipelines.text_corpus import paragraphs, pydoc_topics
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bagel.cli import eval as cli
-from bagel.inference.generate_image import ImageGenConfig
+from bagel.sampling import ImageGenConfig
 from eval import geneval, runner
 
 TINY = Path(__file__).parents[1] / "assets" / "bagel_official_tiny"

@@ -92,8 +92,7 @@ def _runs(engine):
     import numpy as np
     from PIL import Image
 
-    from bagel.inference.generate_image import ImageGenConfig
-    from bagel.inference.generate_text import SamplingConfig
+    from bagel.sampling import ImageGenConfig, SamplingConfig
 
     g = torch.Generator().manual_seed(0)
     noise = [torch.randn(12, engine.model.cfg.patch_latent_dim, generator=g)]

@@ -8,10 +8,11 @@ from bagel import flow
 from bagel.inference import context as C
 from bagel.inference.engine import Engine
 from bagel.inference.forward import forward_queries, llm_stack
-from bagel.inference.generate_image import ImageGenConfig, generate_latents
-from bagel.inference.generate_text import SamplingConfig, sample_next
+from bagel.inference.generate_image import generate_latents
+from bagel.inference.generate_text import sample_next
 from bagel.inference.kv_cache import KVCache
 from bagel.packing import Text, pack_samples
+from bagel.sampling import ImageGenConfig, SamplingConfig
 from bagel.transforms import ResizeSpec
 
 

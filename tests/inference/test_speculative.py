@@ -9,7 +9,8 @@ import torch
 from bagel.config import BagelConfig
 from bagel.inference.context import add_text
 from bagel.inference.forward import Query, forward_queries, llm_stack
-from bagel.inference.generate_text import SamplingConfig, generate_text, probs_from_logits
+from bagel.inference.generate_text import generate_text, probs_from_logits
+from bagel.sampling import SamplingConfig
 from bagel.inference.kv_cache import KVCache
 from bagel.inference.speculative import (SpecConfig, Tree, generate_speculative, tree_from_accuracies,
                                          typical_threshold, verify_greedy, verify_sample_chain, verify_sample_tree,

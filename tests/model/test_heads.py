@@ -9,11 +9,11 @@ from bagel.checkpoint.heads import load_draft_heads, save_draft_heads
 from bagel.checkpoint.strict import CheckpointError
 from bagel.config import BagelConfig, ConfigError, HeadsConfig
 from bagel.inference.forward import Query, forward_queries, llm_stack
-from bagel.inference.generate_text import SamplingConfig
 from bagel.inference.kv_cache import KVCache
 from bagel.inference.speculative import _MTPDrafter
 from bagel.model.bagel import Bagel
 from bagel.model.heads import attach_draft_heads
+from bagel.sampling import SamplingConfig
 from bagel.train.losses import medusa_loss, mtp_forward, shifted_targets
 
 

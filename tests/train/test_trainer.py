@@ -38,7 +38,8 @@ def inject_overflow(monkeypatch, trainer, steps):
 def test_tiny_training_lowers_both_losses_and_exports(make_cfg, tmp_path):
     # Two distinct batches, cycled: the model must fit them (text CE and flow MSE both fall).
     cfg = make_cfg("learn", "--train.steps=24", "--data.num_batches=2", "--checkpoint.export=true",
-                   "--log.plot=true", "--log.tensorboard=true", "--optim.weight_decay=0.01")
+                   "--log.plot=true", "--log.tensorboard=true", "--optim.weight_decay=0.01",
+                   "--generation.text_to_image.num_timesteps=7")
     result = Trainer(cfg).run()
     h = result.history
     assert len(h) == 24 and all(r["step_ok"] == 1.0 for r in h)
@@ -54,6 +55,11 @@ def test_tiny_training_lowers_both_losses_and_exports(make_cfg, tmp_path):
     # Both exports load, strictly, and hold the same (EMA) weights.
     from bagel.checkpoint.pretrained import from_pretrained
 
+    from bagel.sampling import GenerationDefaults, ImageGenConfig
+
+    for folder in ("export", "export_official"):  # the recommended sampler settings travel with the model
+        assert GenerationDefaults.from_model_dir(run / folder).text_to_image == ImageGenConfig.preset(
+            "text_to_image", num_timesteps=7)
     ours = from_pretrained(run / "export").state_dict()
     official = from_pretrained(run / "export_official").state_dict()
     assert ours.keys() == official.keys()
