@@ -18,7 +18,7 @@ test: venv
 	$(PY) -m pytest -q
 
 # The embedded default: data, tokenizer, first-stage VAE and ViT, unified pretraining, evaluation, report
-# (runs/digits/report.md). About 10 minutes on 2 CPU cores, after the install.
+# (runs/digits/report.md). 9-11 minutes on 2 CPU cores after the install (README, Digits demo).
 demo: venv
 	$(PY) scripts/digits_demo.py
 

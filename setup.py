@@ -1,10 +1,14 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="bagel",
-    version="0.1.0",
+    version=re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "bagel" / "__init__.py").read_text()).group(1),
     description="BAGEL-style unified multimodal models: packed Mixture-of-Transformers, flow matching, official-checkpoint parity",
     packages=find_packages(include=["bagel", "bagel.*", "data_pipelines", "data_pipelines.*", "eval", "eval.*"]),
+    license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=[
         # 2.13.0 is the CPU wheel the CI installs first; the range keeps newer torch usable.

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bagel.sampling import RENORM_TYPES
+
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     """s*t / (1 + (s-1)*t): s > 1 spends more time near the noise end (t = 1)."""
@@ -79,7 +81,6 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, t: float | torch.Tensor,
     return x - velocity * (t - t_next)
 
 
-RENORM_TYPES = ("global", "channel", "text_channel")  # bagel.sampling checks configs against these
 
 
 def _norm_ratio(ref: torch.Tensor, guided: torch.Tensor, per_token: bool, renorm_min: float) -> torch.Tensor:

@@ -9,10 +9,13 @@ contract in tests/assets/README.md):
             1/sqrt(len(ids)+1) each. The closing <|im_end|> carries CE only with
             `special_token_loss` (label = `special_token_label`).
 * VitImage: [<|vision_start|>] + patches + [<|vision_end|>], mode `full`, one shared RoPE id,
-            counter += 1.
+            counter += 1. With `next_label`, the closing <|vision_end|> carries CE (weight 1) with
+            that label: what follows the image (our interleaved-output protocol, see
+            bagel.inference.engine; the release has no loss on image markers).
 * VaeImage: clean (loss=False): same layout, mode `full`, shared RoPE id, counter += 1, timestep
-            logit -inf (t = 0). Noisy target (loss=True): mode `noise`, shared RoPE id, counter
-            does NOT advance (the clean copy that may follow reuses the id); MSE on its latents.
+            logit -inf (t = 0), optional `next_label` as for VitImage. Noisy target (loss=True):
+            mode `noise`, shared RoPE id, counter does NOT advance (the clean copy that may follow
+            reuses the id); MSE on its latents.
 
 RoPE ids restart at 0 for each sample. CFG dropout (training; `apply_cfg_dropout`, decided by the
 data pipeline before packing) drops `enable_cfg` items: a dropped text does not advance the RoPE
@@ -45,6 +48,7 @@ class Text:
 class VitImage:
     image: torch.Tensor  # (3, H, W) in [-1, 1]; H, W multiples of the ViT patch size
     enable_cfg: bool = False
+    next_label: int | None = None  # CE label of the closing <|vision_end|> (what follows the image)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class VaeImage:
     loss: bool = False  # True: noisy generation target (MSE); False: clean condition
     enable_cfg: bool = False
     timestep_logit: float | None = None  # noisy targets: None draws N(0, 1) at pack time
+    next_label: int | None = None  # clean images: CE label of the closing <|vision_end|>
 
 
 @dataclass
@@ -223,20 +228,24 @@ def _add_text(out: _Lists, item: Text, tokens, at: int, rope: int, sample_no: in
     return rope + n
 
 
-def _add_image_markers(out: _Lists, tokens, at: int, n_img: int, rope: int) -> range:
-    """<|vision_start|> + n_img inner tokens + <|vision_end|>, all at one RoPE id; returns the
-    flat positions of the inner tokens."""
+def _add_image_markers(out: _Lists, tokens, at: int, n_img: int, rope: int, next_label: int | None) -> range:
+    """<|vision_start|> + n_img inner tokens + <|vision_end|>, all at one RoPE id (CE on the
+    closing marker with `next_label`); returns the flat positions of the inner tokens."""
     out.text_ids += [tokens.start_of_image, tokens.end_of_image]
     out.text_idx += [at, at + n_img + 1]
     out.pos_ids += [rope] * (n_img + 2)
     out.split_lens.append(n_img + 2)
+    if next_label is not None:
+        out.ce_idx.append(at + n_img + 1)
+        out.labels.append(next_label)
+        out.ce_w.append(1.0)
     return range(at + 1, at + 1 + n_img)
 
 
 def _add_vit(out: _Lists, item: VitImage, cfg, tokens, at: int, rope: int) -> int:
     p = cfg.vit.patch_size
     gh, gw = _check_image(item, p, cfg.vit_max_num_patch_per_side, "ViT", "vit_max_num_patch_per_side")
-    out.vit_idx += _add_image_markers(out, tokens, at, gh * gw, rope)
+    out.vit_idx += _add_image_markers(out, tokens, at, gh * gw, rope, item.next_label)
     out.vit_tokens.append(patchify(item.image, p))
     out.vit_pos.append(grid_position_ids(gh, gw, cfg.vit_max_num_patch_per_side))
     out.vit_lens.append(gh * gw)
@@ -246,7 +255,10 @@ def _add_vit(out: _Lists, item: VitImage, cfg, tokens, at: int, rope: int) -> in
 
 def _add_vae(out: _Lists, item: VaeImage, cfg, tokens, at: int, rope: int, generator) -> int:
     gh, gw = _check_image(item, cfg.latent_downsample, cfg.max_latent_size, "VAE", "max_latent_size")
-    inner = _add_image_markers(out, tokens, at, gh * gw, rope)
+    if item.loss and item.next_label is not None:
+        raise ValueError("a noisy VAE target cannot carry next_label (later blocks do not see it); "
+                         "put the label on the clean copy that follows")
+    inner = _add_image_markers(out, tokens, at, gh * gw, rope, item.next_label)
     out.vae_idx += inner
     out.vae_images.append(item.image)
     out.vae_shapes.append((gh, gw))

@@ -105,17 +105,25 @@ GENERATION_FILE = "generation.json"
 @dataclass
 class GenerationDefaults:
     """The sampler settings a model recommends per task (a model trained with few steps or no
-    shift says so here); missing tasks fall back to the presets."""
+    shift says so here); missing tasks fall back to the presets. A closed-domain model (the
+    digits demo) also lists its `vocabulary`: prompts with other words get a warning."""
 
     text_to_image: ImageGenConfig = field(default_factory=lambda: ImageGenConfig.preset("text_to_image"))
     edit: ImageGenConfig = field(default_factory=lambda: ImageGenConfig.preset("edit"))
+    vocabulary: tuple[str, ...] | None = None
 
     @classmethod
     def from_overrides(cls, overrides: dict, source: str = "generation") -> "GenerationDefaults":
-        """Presets with `{task: {field: value}}` on top; unknown tasks or fields are ConfigErrors."""
-        unknown = sorted(set(overrides) - {"text_to_image", "edit"})
+        """Presets with `{task: {field: value}}` on top (+ an optional `vocabulary` word list);
+        unknown keys or bad values are ConfigErrors."""
+        unknown = sorted(set(overrides) - {"text_to_image", "edit", "vocabulary"})
         if unknown:
-            raise ConfigError(f"{source}: unknown task(s) {unknown}; expected text_to_image, edit")
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; expected text_to_image, edit, vocabulary")
+        vocabulary = overrides.get("vocabulary")
+        if vocabulary is not None:
+            if not isinstance(vocabulary, list) or not all(isinstance(w, str) and w for w in vocabulary):
+                raise ConfigError(f"{source}.vocabulary: expected a list of words, got {vocabulary!r}")
+            vocabulary = tuple(vocabulary)
         tasks = {}
         for task in ("text_to_image", "edit"):
             given = dict(overrides.get(task) or {})
@@ -126,11 +134,14 @@ class GenerationDefaults:
             if "cfg_interval" in given:
                 given["cfg_interval"] = tuple(given["cfg_interval"])
             tasks[task] = ImageGenConfig.preset(task, **given)
-        return cls(**tasks)
+        return cls(**tasks, vocabulary=vocabulary)
 
     def to_dict(self) -> dict:
-        return {task: {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-                for task, cfg in (("text_to_image", self.text_to_image), ("edit", self.edit))}
+        out: dict = {task: {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+                     for task, cfg in (("text_to_image", self.text_to_image), ("edit", self.edit))}
+        if self.vocabulary is not None:
+            out["vocabulary"] = list(self.vocabulary)
+        return out
 
     def to_json_text(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"

@@ -52,3 +52,25 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer  # lazy: transformers costs seconds to import
 
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def words_of(text: str) -> list[str]:
+    """The lower-cased words of `text` (letters, digits and apostrophes), in order, once each."""
+    import re
+
+    return list(dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z0-9']+", text)))
+
+
+def unknown_words(tokenizer, text: str, vocabulary: tuple[str, ...] | None = None) -> list[str]:
+    """Words of `text` the model cannot know: those outside `vocabulary` when one is given (a
+    closed-domain model's training words), else words of 4+ characters the tokenizer can only
+    spell one character per token (a byte-level BPE's sign that it never saw them)."""
+    words = words_of(text)
+    if vocabulary is not None:
+        known = {w.lower() for w in vocabulary}
+        return [w for w in words if w not in known]
+    unknown = []
+    for word in words:
+        if len(word) >= 4 and len(tokenizer.encode(" " + word, add_special_tokens=False)) >= len(word):
+            unknown.append(word)
+    return unknown

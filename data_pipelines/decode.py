@@ -52,6 +52,10 @@ class SampleDecoder:
         self.dropout = dropout
         self._cache: dict[str, list[int]] = {}  # prompts repeat a lot (digits: 30 distinct texts)
 
+    def label_id(self, name: str) -> int:
+        """A schema label name (schema.SPECIAL_TOKEN_LABELS) -> its token id."""
+        return {"start_of_image": self.tokens.start_of_image, "eos": self.tokens.eos}[name]
+
     def encode(self, text: str) -> list[int]:
         ids = self._cache.get(text)
         if ids is None:
@@ -79,23 +83,22 @@ class SampleDecoder:
                 if isinstance(text, list):
                     rng = rng or np.random.default_rng(stable_seed(self.seed, key, ref.visit))
                     text = text[int(rng.integers(len(text)))]
-                label = None
-                if seg.special_token_loss:
-                    label = {"start_of_image": self.tokens.start_of_image,
-                             "eos": self.tokens.eos}.get(seg.special_token_label or "eos")
+                label = self.label_id(seg.special_token_label or "eos") if seg.special_token_loss else None
                 ids = self.encode(text)
                 plan.append(Text(ids, loss=seg.loss, enable_cfg=seg.cfg,
                                  special_token_loss=seg.special_token_loss, special_token_label=label))
                 continue
             assert isinstance(seg, ImageSegment)
             image = self._open_image(raw, key, seg.image)
+            next_label = self.label_id(seg.next_label) if seg.next_label else None
             for role in seg.roles:
                 spec = self.vit if role == "vit" else self.vae
                 tensor = transform_image(image, spec, num_images)  # (3, H, W) in [-1, 1]
+                label = next_label if role == seg.roles[-1] else None  # on the segment's last block
                 if role == "vit":
-                    plan.append(VitImage(tensor, enable_cfg=seg.cfg))
+                    plan.append(VitImage(tensor, enable_cfg=seg.cfg, next_label=label))
                 elif role == "vae":
-                    plan.append(VaeImage(tensor, loss=False, enable_cfg=seg.cfg))
+                    plan.append(VaeImage(tensor, loss=False, enable_cfg=seg.cfg, next_label=label))
                 else:
                     plan.append(VaeImage(tensor, loss=True, enable_cfg=False))
         if not any(getattr(item, "loss", False) for item in plan):

@@ -6,8 +6,9 @@
 * vqa:   image through the ViT, "What digit is this?" -> "{word}" (CE on the answer)
 * edit:  image (clean VAE + ViT), "Change it to the next digit." -> an image of the next digit
          (nine -> zero), drawn from the same split
-* count: "Count up from {word}:" -> three images of {word}, {word}+1, {word}+2 (mod 10); the
-         first two are targets followed by their clean VAE + ViT copies, the last a target only
+* count: "Count up from {word}:" -> three images of {word}, {word}+1, {word}+2 (mod 10), each a
+         target followed by its clean VAE + ViT copies; the prompt and each image learn what
+         follows them (an image, or the end of the turn)
 
 Held-out split (fixed, no seed): image i is in `test` when i % 5 == 4 (359 images), else `train`
 (1438). Images are upscaled to `size` pixels (bicubic) and stored as grey-on-black RGB PNGs.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from bagel.progress import track
 
 from data_pipelines.converters.common import estimate_info
 from data_pipelines.converters.common import estimate_tokens as common_estimate
@@ -67,10 +68,14 @@ def digit_png(pixels: np.ndarray, size: int) -> bytes:
 
 
 def count_document(start: int, names: list[str], **meta) -> Document:
-    segments = [TextSegment(count_prompt(start), cfg=True)]
+    """The prompt, then each image as a target with its clean copies; the prompt's closing marker
+    and each image's last one learn what comes next (another image, or the end), so
+    `Engine.interleave` can let the model draw the three images and stop by itself."""
+    segments = [TextSegment(count_prompt(start), cfg=True, special_token_loss=True,
+                            special_token_label="start_of_image")]
     for i, name in enumerate(names):
         last = i == len(names) - 1
-        segments.append(ImageSegment(name, ("target",) if last else ("target", "vae", "vit")))
+        segments.append(ImageSegment(name, ("target", "vae", "vit"), next_label="eos" if last else "start_of_image"))
     return Document(segments, task="count", meta=meta)
 
 
@@ -90,7 +95,7 @@ def write_digits(out_dir: str | Path, *, size: int = 64, max_samples: int = 500,
 
     digits = load_digits()
     images, labels = digits.images, digits.target.astype(int)
-    pngs = [digit_png(im, size) for im in tqdm(images, desc="render digits", disable=not progress)]
+    pngs = [digit_png(im, size) for im in track(images, desc="render digits", unit="img", enabled=progress)]
     rng = np.random.default_rng(seed)
     info = estimate_info(DIGITS_VAE, DIGITS_VIT)
     manifests: dict[str, dict[str, Manifest]] = {}
@@ -102,7 +107,7 @@ def write_digits(out_dir: str | Path, *, size: int = 64, max_samples: int = 500,
             writer = DatasetWriter(Path(out_dir) / split / task, f"digits-{split}-{task}",
                                    max_samples=max_samples, estimate_tokens=estimate_tokens,
                                    token_estimate_info=info)
-            for i in tqdm(index, desc=f"{split}/{task}", disable=not progress):
+            for i in track(index, desc=f"{split}/{task}", unit="sample", enabled=progress):
                 d, key = labels[i], f"digit{i:04d}"
                 if task == "t2i":
                     writer.write(key, t2i_document(caption(d), label=int(d),

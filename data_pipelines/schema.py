@@ -20,7 +20,9 @@ Segments are in reading order. Per segment, the role decides which model path se
   `vae` (clean VAE condition), `vit` (understanding input through the ViT). They expand in this
   fixed order, as the official interleaved datasets do: a generated image is followed by its
   clean copies, which later segments attend to. `cfg` applies to the clean conditions only
-  (targets are never dropped).
+  (targets are never dropped). Optional `next_label` (`"start_of_image"`: another image follows,
+  `"eos"`: the turn ends) puts CE on the closing marker of the segment's last clean block, which
+  teaches the model when to draw again (bagel.inference.engine's interleaved-output protocol).
 
 This covers text-to-image pairs, VLM question/answer turns, editing, interleaved documents and
 text-only documents (`task` is informational; the segments say everything).
@@ -63,9 +65,13 @@ class ImageSegment:
     image: str  # member name without the key, e.g. "0.png"
     roles: tuple[str, ...] = ("vit",)
     cfg: bool = False
+    next_label: str | None = None  # what the last clean block's closing marker predicts
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "image", "image": self.image, "roles": list(self.roles), "cfg": self.cfg}
+        out = {"type": "image", "image": self.image, "roles": list(self.roles), "cfg": self.cfg}
+        if self.next_label is not None:
+            out["next_label"] = self.next_label
+        return out
 
 
 Segment = TextSegment | ImageSegment
@@ -137,8 +143,13 @@ def parse_document(obj: Any, where: str = "document") -> Document:
             if not roles or any(r not in IMAGE_ROLES for r in roles) or len(set(roles)) != len(roles):
                 raise SchemaError(f"{at}: roles {roles} must be a non-empty subset of {IMAGE_ROLES}")
             ordered = tuple(r for r in IMAGE_ROLES if r in roles)
-            segments.append(ImageSegment(image=name, roles=ordered,
-                                         cfg=_expect(seg, "cfg", bool, at, default=False)))
+            next_label = _expect(seg, "next_label", (str, type(None)), at, default=None)
+            if next_label is not None and next_label not in SPECIAL_TOKEN_LABELS:
+                raise SchemaError(f"{at}: next_label {next_label!r} not in {SPECIAL_TOKEN_LABELS}")
+            if next_label is not None and ordered == ("target",):
+                raise SchemaError(f"{at}: next_label needs a clean block (role vae or vit) to sit on")
+            segments.append(ImageSegment(image=name, roles=ordered, cfg=_expect(seg, "cfg", bool, at, default=False),
+                                         next_label=next_label))
         else:
             raise SchemaError(f"{at}: type {kind!r} is not 'text' or 'image'")
     return Document(segments=segments, task=_expect(obj, "task", str, where, default="interleaved"),

@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 
 # The dataset owns the task texts, the split and the rendering; the benchmark asks with the same.
+from bagel.inference.pictures import grid, save_png, upscale
+from bagel.progress import track
 from data_pipelines.digits import (EDIT_INSTRUCTION, QUESTION, WORDS, caption, count_prompt,  # noqa: F401
                                    digit_image, split_of)
 
@@ -96,8 +98,6 @@ def _batches(n: int, size: int):
 def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | Path | None = None,
              progress: bool = True) -> dict:
     """All four scores (+ the judge's own accuracy); writes samples.png / edits.png if out_dir."""
-    from tqdm import tqdm
-
     t0 = time.time()
     judge = Judge()
     images, labels = load_split("test")
@@ -109,7 +109,7 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
     given = {k: v for k, v in given.items() if v is not None}
     t2i_cfg = engine.defaults.text_to_image.replace(**given)
     edit_cfg = engine.defaults.edit.replace(**given, **({"cfg_img_scale": cfg.cfg_img} if cfg.cfg_img else {}))
-    bar = tqdm(total=4, desc="digits eval", unit="task", disable=not progress)
+    bar = track(total=4, desc="digits eval", unit="task", enabled=progress)
 
     answers = _understand(engine, pil, cfg.batch_size)
     und = float(np.mean([parse_answer(a) == y for a, y in zip(answers, labels)]))
@@ -121,20 +121,25 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
     edited = _edit(engine, pil, edit_cfg, cfg)
     edit = float((judge(edited) == (labels + 1) % 10).mean())
     bar.update()
-    chains = _count(engine, digits, size, t2i_cfg, cfg)
+    chains, paced = _count(engine, digits, size, t2i_cfg, cfg)
     chain_ok = [all(judge(c) == [(d + k) % 10 for k in range(3)]) for c, d in zip(chains, digits)]
     interleaved = float(np.mean(chain_ok))
     bar.update()
     bar.close()
 
     metrics = {"understanding_accuracy": und, "generation_accuracy": gen, "edit_accuracy": edit,
-               "interleaved_accuracy": interleaved, **judge.accuracy_on_real(size[0]),
+               "interleaved_accuracy": interleaved,
+               # the model's own decisions (draw after the prompt and the first two images, then stop),
+               # as Engine.interleave / bagel-generate --interleave follow them
+               "interleaved_self_paced_accuracy": float(np.mean([ok and p for ok, p in zip(chain_ok, paced)])),
+               "interleaved_stops_after_three": float(np.mean(paced)),
+               **judge.accuracy_on_real(size[0]),
                "counts": {"understanding": len(pil), "generation": len(digits), "edit": len(pil),
                           "interleaved": len(digits)},
                "settings": {**asdict(cfg), "text_to_image": asdict(t2i_cfg), "edit": asdict(edit_cfg)},
                "seconds": round(time.time() - t0, 1)}
     if out_dir is not None:
-        _write_pictures(Path(out_dir), generated, pil, edited, chains, cfg.seeds)
+        _write_pictures(Path(out_dir), generated, pil, labels, edited, chains, cfg.seeds)
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -171,35 +176,47 @@ def _edit(engine, pil: list, sampler, cfg: DigitsEvalConfig) -> list:
     return out
 
 
-def _count(engine, starts: list[int], size, sampler, cfg: DigitsEvalConfig) -> list[list]:
-    """Three images after "Count up from {word}:", each fed back (VAE + ViT) before the next."""
+def _count(engine, starts: list[int], size, sampler, cfg: DigitsEvalConfig) -> tuple[list[list], list[bool]]:
+    """Three images after "Count up from {word}:", each fed back (VAE + ViT) before the next; and
+    per chain, whether the model itself asked for exactly those three (its next-block hints:
+    an image after the prompt and after the first two images, the end after the third)."""
     chains = [[] for _ in starts]
+    paced = [True for _ in starts]
+    draw = engine.tokens.start_of_image
     for idx in _batches(len(starts), cfg.batch_size):
         sessions = engine.new_sessions(len(idx))
         engine.add_text(sessions, [count_prompt(starts[i]) for i in idx])
         g = torch.Generator().manual_seed(cfg.seed + idx[0])
-        for _ in range(3):
+        for k in range(3):
+            for s, i in zip(sessions, idx):
+                paced[i] &= s.next_hint == draw
             imgs = engine.generate_image(sessions, size, sampler, generator=g)
             for j, i in enumerate(idx):
                 chains[i].append(imgs[j])
             for s, im in zip(sessions, imgs):
                 engine.add_image([s], [im], vae=True, vit=True, generator=g)
-    return chains
+        for s, i in zip(sessions, idx):
+            paced[i] &= s.next_hint != draw
+    return chains, paced
 
 
-def _write_pictures(out: Path, generated: list, pil: list, edited: list, chains: list, seeds: int) -> None:
+PICTURES = {  # file -> caption (the demo's report.md shows them with these)
+    "samples.png": "Generated: one row per digit (zero at the top), one column per seed.",
+    "edits.png": "Edited: the first held-out image of each digit (top) and its edit to the next digit (bottom).",
+    "interleaved.png": "Interleaved: after \"Count up from {digit}:\", one row per start digit (zero at the top); "
+                       "each image is fed back before the next.",
+}
+PICTURE_SCALE = 3  # nearest-neighbour enlargement of the grids: 32 px digits are hard to see
+
+
+def _write_pictures(out: Path, generated: list, pil: list, labels: np.ndarray, edited: list, chains: list,
+                    seeds: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    grid([generated[i * seeds:(i + 1) * seeds] for i in range(10)]).save(out / "samples.png")
-    grid([[pil[i], edited[i]] for i in range(min(10, len(pil)))]).save(out / "edits.png")
-    grid(chains[:: max(1, seeds)][:10]).save(out / "interleaved.png")
-
-
-def grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
-    """Rows of equal-size images -> one image (grey padding between cells)."""
-    w, h = rows[0][0].size
-    cols = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad), (96, 96, 96))
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            canvas.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
-    return canvas
+    first = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()]  # one input per digit
+    pictures = {
+        "samples.png": grid([generated[i * seeds:(i + 1) * seeds] for i in range(10)]),
+        "edits.png": grid([[pil[i] for i in first], [edited[i] for i in first]]),
+        "interleaved.png": grid(chains[:: max(1, seeds)][:10]),
+    }
+    for name, picture in pictures.items():
+        save_png(upscale(picture, PICTURE_SCALE), out / name, {"caption": PICTURES[name]})

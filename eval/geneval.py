@@ -53,6 +53,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
+from bagel.progress import track
 from bagel.sampling import ImageGenConfig
 from eval import runner
 from eval.items import DataLayoutError, write_jsonl
@@ -62,7 +63,6 @@ _PRESET = ImageGenConfig.preset("geneval")
 TASK = "geneval"
 REQUIRED_KEYS = {"tag": str, "include": list, "prompt": str}
 PROMPT = {"template": "{prompt}", "source": "BAGEL gen_images_mp.py: the metadata's prompt alone is the context"}
-SIZE_MULTIPLE = 16  # VAE downsampling 8 x latent patch 2
 
 
 def folder_name(index: int) -> str:
@@ -101,9 +101,8 @@ class GenSettings:
     def check(self) -> None:
         for name in ("height", "width"):
             v = getattr(self, name)
-            if v <= 0 or v % SIZE_MULTIPLE:
-                raise ValueError(f"image {name} {v}: must be a positive multiple of {SIZE_MULTIPLE} px "
-                                 f"(size {self.width}x{self.height}, WxH)")
+            if v <= 0:  # the model's own rule (bagel.packing.latent_grid) is checked before it loads
+                raise ValueError(f"image {name} {v}: must be positive (size {self.width}x{self.height}, WxH)")
         if self.samples_per_prompt < 1:
             raise ValueError(f"samples per prompt must be >= 1, got {self.samples_per_prompt}")
         if self.steps < 2:
@@ -190,8 +189,6 @@ def generate_images(engine, prompts: list[Prompt], out_dir: str, settings: GenSe
                     batch_size: int = 1, progress: bool = True) -> list[dict]:
     """Write every prompt's folder, metadata and samples; returns one row per image."""
     import torch
-    from tqdm import tqdm
-
     from bagel.packing import latent_grid
     from bagel.inference.generate_image import decode_latents, generate_latents
     from bagel.transforms import to_pil
@@ -207,7 +204,7 @@ def generate_images(engine, prompts: list[Prompt], out_dir: str, settings: GenSe
 
     jobs = [(p, j) for p in prompts for j in range(n)]
     rows, pending = [], {}  # pending: index -> samples so far, for the grid
-    bar = tqdm(total=len(jobs), desc=TASK, unit="img", disable=not progress)
+    bar = track(total=len(jobs), desc=TASK, unit="img", enabled=progress)
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         sessions = engine.new_sessions(len(batch))

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Protocol
 
+from bagel.progress import track
 from eval import mmbench, mme, mmmu, pope, vqa
 from eval.items import (DataLayoutError, Item, Request, ScoreResult, check_protocol, items_from_rows, load_image,
                         prediction_row, read_predictions, write_jsonl)
@@ -86,14 +87,12 @@ def generate(task: str, items: list[Item], predictor: Predictor, batch_size: int
     """Ask the predictor every askable item, in batches; returns prediction rows in item order.
     Items a reader flagged (missing image) and images that fail to open get prediction null and an
     error, so they are scored wrong and counted as missing, never dropped."""
-    from tqdm import tqdm
-
     module = get_task(task)
     max_new_tokens = max_new_tokens or module.MAX_NEW_TOKENS
     answers: dict[str, str | None] = {}
     errors: dict[str, str] = {}
     askable = [it for it in items if not it.error]
-    bar = tqdm(total=len(askable), desc=f"{task}", unit="q", disable=not progress)
+    bar = track(total=len(askable), desc=task, unit="q", enabled=progress)
     for start in range(0, len(askable), batch_size):
         batch, requests = [], []
         for it in askable[start:start + batch_size]:

@@ -17,7 +17,7 @@ def official_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def reference():
-    from bagel.cli.parity import Fixture
+    from bagel.cli.parity_cases import Fixture
 
     return Fixture(OFFICIAL_TINY)
 

@@ -18,6 +18,8 @@ def test_demo_runs_end_to_end(tmp_path):
            "--steps", "3", "--vae-steps", "3", "--vit-steps", "3", "--eval-seeds", "1", "--eval-limit", "4"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr  # not a terminal: plain progress lines, no bars redrawn with \r
+    assert "\r" not in log and len(log.splitlines()) < 120 and max(map(len, log.splitlines())) < 1000
     for name in ("metrics.json", "report.md", "samples.png", "edits.png", "interleaved.png", "loss.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -26,6 +28,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert metrics["judge_accuracy_raw_8x8"] > 0.95
     assert 0.0 <= metrics["vit_zero_shot_accuracy"] <= 1.0
     assert (out / "vit" / "vit.safetensors").is_file()
+    report = (out / "report.md").read_text()
+    assert all(f"![{name}]({name})" in report for name in ("samples.png", "edits.png", "interleaved.png"))
     assert set(metrics["timings_seconds"]) == {"data", "tokenizer", "vae", "vit", "train", "evaluate"}
     model = out / "model"
     assert {"config.json", "model.safetensors", "ae.safetensors", "tokenizer.json", "transforms.json"} <= {

@@ -111,6 +111,24 @@ def test_special_token_loss(setup):
     np.testing.assert_allclose(batch.ce_loss_weights.tolist(), [0.5] * 4 + [1.0])
 
 
+def test_next_label_puts_ce_on_the_closing_image_marker(setup):
+    """An image's `next_label` teaches what follows it: CE at its <|vision_end|>, weight 1, in
+    sequence order with the text CE; a noisy target cannot carry one (nothing later sees it)."""
+    cfg, tokens, _ = setup
+    img = torch.zeros(3, 32, 32)
+    batch = pack_samples([[Text([5, 6], special_token_loss=True, special_token_label=tokens.start_of_image),
+                           VaeImage(img, loss=True), VaeImage(img, next_label=tokens.start_of_image),
+                           VaeImage(img, loss=True), VaeImage(img, next_label=tokens.eos)]], cfg, tokens)
+    block = 2 + 4  # markers + 2x2 latent tokens
+    ends = [4 + k * block + block - 1 for k in (1, 3)]  # the clean copies' closing markers
+    assert batch.ce_loss_indexes.tolist() == [3, *ends]
+    assert batch.label_ids.tolist() == [tokens.start_of_image, tokens.start_of_image, tokens.eos]
+    assert batch.text_ids[batch.text_indexes.tolist().index(ends[0])] == tokens.end_of_image
+    assert batch.ce_loss_weights.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="noisy VAE target cannot carry next_label"):
+        pack_samples([[VaeImage(img, loss=True, next_label=tokens.eos)]], cfg, tokens)
+
+
 @pytest.mark.parametrize("shape,match", [((3, 30, 28), "multiple of 14"), ((3, 14 * 17, 28), "position table"),
                                          ((1, 28, 28), r"shape \(3, H, W\)")])
 def test_bad_vit_image(setup, shape, match):

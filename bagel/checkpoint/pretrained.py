@@ -6,7 +6,8 @@
     DIR/tokenizer files, transforms.json                                 optional
 
 `from_pretrained` reads this layout or the released one (`ema.safetensors` + `llm_config.json` +
-`vit_config.json`, bagel/checkpoint/official.py). Both are safetensors + JSON only: loading a
+`vit_config.json`, bagel/checkpoint/official.py), from a directory or a Hugging Face Hub id
+(bagel/checkpoint/hub.py). Both are safetensors + JSON only: loading a
 model directory never unpickles anything, so a directory from an untrusted source cannot run code.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bagel.checkpoint.files import SafetensorsFile, atomic_write, save_safetensors, write_text
+from bagel.checkpoint.hub import resolve_model_dir
 from bagel.checkpoint.official import check_state_dict, load_official_model
 from bagel.config import BagelConfig
 
@@ -46,10 +48,9 @@ def save_pretrained(model, path: str | Path, vae=None, tokenizer_dir: str | Path
 
 
 def read_model_config(path: str | Path, **overrides) -> BagelConfig:
-    """The BagelConfig of a model directory in either layout (`overrides` are BagelConfig fields)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+    """The BagelConfig of a model directory (or Hub id) in either layout (`overrides` are
+    BagelConfig fields)."""
+    path = resolve_model_dir(path)
     if (path / CONFIG_NAME).is_file():
         cfg = BagelConfig.from_json(path / CONFIG_NAME)
         return BagelConfig.from_dict({**cfg.to_dict(), **overrides}, str(path / CONFIG_NAME)) if overrides else cfg
@@ -61,10 +62,11 @@ def read_model_config(path: str | Path, **overrides) -> BagelConfig:
 
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     **config_overrides):
-    """Load a directory written by `save_pretrained`, or one in the released BAGEL layout."""
+    """Load a directory written by `save_pretrained`, or one in the released BAGEL layout (a
+    directory or a Hub id)."""
     from bagel.model.bagel import Bagel
 
-    path = Path(path)
+    path = resolve_model_dir(path)
     cfg = read_model_config(path, **config_overrides)
     if not (path / CONFIG_NAME).is_file():
         return load_official_model(path, dtype=dtype, device=device, **config_overrides)

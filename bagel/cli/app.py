@@ -1,35 +1,39 @@
-"""Gradio app over the inference engine: chat (image understanding), generate (text to image), edit.
+"""bagel-app: a Gradio app over the inference engine: chat, generate, edit and interleave.
 
     pip install -e ".[app]"
-    bagel-app --model path/to/BAGEL-7B-MoT --device cuda --dtype bf16  # the released 7B layout
-    bagel-app --model tests/assets/bagel_official_tiny   # CPU smoke run (random weights: noise)
+    bagel-app --model path/to/BAGEL-7B-MoT --device cuda --dtype bf16   # the released 7B layout
+    bagel-app --model runs/digits/model                                 # the digits demo's model
 
-It serves http://127.0.0.1:7860, i.e. this machine only. `--host 0.0.0.0` opens it to the network,
-without any authentication. The model arguments are those of bagel-generate / bagel-chat.
+It serves http://127.0.0.1:7860, i.e. this machine only. --host 0.0.0.0 opens it to the
+network, without any authentication.
 
-The generation settings are controls that start at the model's defaults, as the CLI and the
-Python API do (its generation.json, else bagel.sampling.PRESETS).
-Image sides are multiples of 16 px, up to the model's max_latent_size x 16.
-One engine serves every tab and its KV cache is shared, so a lock runs one request at a time.
-The chat is stateless on the server: each turn rebuilds the context (image, earlier turns,
-question) and answers it, so browser tabs cannot disturb each other's conversations.
+The generation controls start at the model's defaults (its generation.json, else
+bagel.sampling.PRESETS), as bagel-generate and the Python API do. Image sides are multiples of
+the model's latent stride, up to its largest size; small outputs are shown enlarged (nearest
+neighbour) to at least 256 px by default, adjustable per tab.
+
+Named API endpoints, with named parameters (gradio_client, or view API at the page's foot):
+/generate, /edit, /chat, /interleave. One engine serves every tab and its KV cache is shared,
+so a lock runs one request at a time. The chat is stateless on the server: each turn rebuilds
+the context (image, earlier turns, question), so browser tabs cannot disturb each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import threading
 
 from bagel.cli.common import Parser, USER_ERRORS, add_model_args, load_engine, run
-from bagel.flow import RENORM_TYPES
+from bagel.sampling import RENORM_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="bagel-app", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bagel-app", description=__doc__)
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves the network (no auth)")
-    p.add_argument("--port", type=port_number, default=7860)
+    p.add_argument("--port", type=port_number, default=7860, help="port to serve on")
     return p
 
 
@@ -81,7 +85,7 @@ def chat(engine, image, turns: list[tuple[str, str]], question: str, think: bool
 
 
 def generate(engine, prompt: str, width: int, height: int, seed: int, think: bool, max_think_tokens: int, cfg,
-             progress: bool = False):
+             on_step=None):
     """-> (image, plan text or "")."""
     from bagel.sampling import SamplingConfig
 
@@ -89,11 +93,11 @@ def generate(engine, prompt: str, width: int, height: int, seed: int, think: boo
         raise ValueError("type a prompt first")
     images, thoughts = engine.text_to_image([prompt], (int(height), int(width)), cfg, seed=int(seed or 0), think=think,
                                             think_sampling=SamplingConfig(max_new_tokens=int(max_think_tokens)),
-                                            progress=progress)
+                                            on_step=on_step)
     return images[0], (thoughts[0] if thoughts else "")
 
 
-def edit(engine, image, instruction: str, seed: int, think: bool, max_think_tokens: int, cfg, progress: bool = False):
+def edit(engine, image, instruction: str, seed: int, think: bool, max_think_tokens: int, cfg, on_step=None):
     """-> (edited image at the input's resized size, plan text or "")."""
     from bagel.sampling import SamplingConfig
 
@@ -103,8 +107,17 @@ def edit(engine, image, instruction: str, seed: int, think: bool, max_think_toke
         raise ValueError("type an instruction first")
     images, thoughts = engine.edit([image], [instruction], cfg, seed=int(seed or 0), think=think,
                                    think_sampling=SamplingConfig(max_new_tokens=int(max_think_tokens)),
-                                   progress=progress)
+                                   on_step=on_step)
     return images[0], (thoughts[0] if thoughts else "")
+
+
+def interleave(engine, prompt: str, image, seed: int, max_blocks: int, cfg, on_step=None) -> tuple[list, list[str]]:
+    """Let the model continue after (image,) prompt -> (its images, its texts), in order."""
+    if not prompt.strip():
+        raise ValueError("type a prompt first")
+    inputs = ([image] if image is not None else []) + [prompt]
+    outputs = engine.interleave(inputs, max_blocks=int(max_blocks), cfg=cfg, seed=int(seed or 0), on_step=on_step)
+    return [o for o in outputs if not isinstance(o, str)], [o for o in outputs if isinstance(o, str)]
 
 
 # The UI ----------------------------------------------------------------------------------------
@@ -121,9 +134,9 @@ def guidance_controls(gr, cfg, prefix: str) -> list:
                       info="timestep grid points; the model runs steps - 1 times")
     with gr.Accordion("Guidance", open=False):
         with gr.Row():
-            shift = gr.Slider(0.5, 10.0, shift, step=0.5, label="Timestep shift")
-            text = gr.Slider(1.0, 8.0, text, step=0.1, label="CFG text scale")
-            img = gr.Slider(1.0, 4.0, img, step=0.1, label="CFG image scale")
+            shift = gr.Slider(0.5, 10.0, shift, step=0.5, label="Timestep shift", info="1 = none")
+            text = gr.Slider(1.0, 8.0, text, step=0.1, label="CFG text scale", info="1 = off")
+            img = gr.Slider(1.0, 4.0, img, step=0.1, label="CFG image scale", info="1 = off")
         with gr.Row():
             start = gr.Slider(0.0, 1.0, start, step=0.05, label="CFG interval start",
                               info="guide where start < t <= end (t = 1 is noise)")
@@ -140,7 +153,97 @@ def think_controls(gr, label: str) -> list:
     return [think, max_think]
 
 
-def chat_tab(gr, engine, call) -> None:
+def upscale_control(gr, engine, prefix: str):
+    h, w = engine.native_size
+    return gr.Slider(0, 16, 0, step=1, label="Display upscale (nearest)", elem_id=f"{prefix}-upscale",
+                     info=f"0 = auto: shown at least 256 px (the model draws {w}x{h} px natively)")
+
+
+def shown(image, upscale: float):
+    """`image` enlarged for display: `upscale` times, or (0) just enough to be seen."""
+    from bagel.inference.pictures import display_factor, upscale as enlarge
+
+    factor = int(upscale) or display_factor(image.width, image.height)
+    return enlarge(image, factor)
+
+
+class Requests:
+    """The endpoint functions: named parameters (the API's names), the engine lock, a progress bar,
+    warnings for prompts the model cannot know, and bad input as a message in the UI."""
+
+    def __init__(self, gr, engine):
+        self.gr, self.engine, self.lock = gr, engine, threading.Lock()
+
+    def endpoint(self, name: str):
+        """The request method `name` as gradio wants it: a gr.Progress default makes gradio pass
+        the page's progress bar in (gradio finds it in the signature, as it finds the API names)."""
+        import functools
+
+        method = getattr(self, name)
+        if "progress" not in inspect.signature(method).parameters:
+            return method
+        return functools.partial(method, progress=self.gr.Progress())
+
+    def call(self, request):
+        try:
+            with self.lock:
+                return request()
+        except USER_ERRORS as e:
+            raise self.gr.Error(str(e), print_exception=False) from None
+
+    def warn_unknown(self, text: str) -> None:
+        for message in self.engine.prompt_warnings(text):
+            self.gr.Warning(message)
+
+    @staticmethod
+    def stepper(progress, steps: int):
+        """An on_step callback that moves the page's progress bar over the denoising steps."""
+        return lambda i, t, x, v: progress((i + 1) / max(1, int(steps) - 1), desc="denoising")
+
+    def generate(self, prompt: str, width: float, height: float, seed: float, think: bool, max_think_tokens: float,
+                 steps: float, timestep_shift: float, cfg_text_scale: float, cfg_img_scale: float,
+                 cfg_interval_start: float, cfg_interval_end: float, cfg_renorm_type: str, cfg_renorm_min: float,
+                 upscale: float = 0, progress=None):
+        self.warn_unknown(prompt)
+        cfg = self.call(lambda: gen_config(steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval_start,
+                                           cfg_interval_end, cfg_renorm_type, cfg_renorm_min))
+        image, plan = self.call(lambda: generate(self.engine, prompt, width, height, seed, think, max_think_tokens, cfg,
+                                                 on_step=None if progress is None else self.stepper(progress, steps)))
+        return shown(image, upscale), plan
+
+    def edit(self, image, instruction: str, seed: float, think: bool, max_think_tokens: float, steps: float,
+             timestep_shift: float, cfg_text_scale: float, cfg_img_scale: float, cfg_interval_start: float,
+             cfg_interval_end: float, cfg_renorm_type: str, cfg_renorm_min: float, upscale: float = 0, progress=None):
+        self.warn_unknown(instruction)
+        cfg = self.call(lambda: gen_config(steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval_start,
+                                           cfg_interval_end, cfg_renorm_type, cfg_renorm_min))
+        edited, plan = self.call(lambda: edit(self.engine, image, instruction, seed, think, max_think_tokens, cfg,
+                                              on_step=None if progress is None else self.stepper(progress, steps)))
+        return shown(edited, upscale), plan
+
+    def interleave(self, prompt: str, image, seed: float, max_blocks: float, steps: float, timestep_shift: float,
+                   cfg_text_scale: float, cfg_img_scale: float, cfg_interval_start: float, cfg_interval_end: float,
+                   cfg_renorm_type: str, cfg_renorm_min: float, upscale: float = 0, progress=None):
+        self.warn_unknown(prompt)
+        cfg = self.call(lambda: gen_config(steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval_start,
+                                           cfg_interval_end, cfg_renorm_type, cfg_renorm_min))
+        images, texts = self.call(lambda: interleave(self.engine, prompt, image, seed, max_blocks, cfg,
+                                                     on_step=None if progress is None else self.stepper(progress, steps)))
+        if not images and not texts:
+            self.gr.Warning("the model ended the turn at once: nothing to show")
+        return [shown(im, upscale) for im in images], "\n\n".join(texts)
+
+    def chat(self, image, history: list, question: str, think: bool, max_new_tokens: float, temperature: float,
+             top_k: float, top_p: float):
+        self.warn_unknown(question)
+        answer = self.call(lambda: chat(self.engine, image, history, question, think, max_new_tokens, temperature,
+                                        top_k, top_p))
+        turns = history + [(question, answer)]
+        messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        return turns, messages, ""
+
+
+def chat_tab(gr, requests: Requests) -> None:
     turns = gr.State([])
     with gr.Row():
         with gr.Column(scale=1):
@@ -158,44 +261,36 @@ def chat_tab(gr, engine, call) -> None:
                 ask = gr.Button("Ask", variant="primary", elem_id="chat-run")
                 clear = gr.Button("New conversation")
 
-    def on_chat(image, turns, question, think, max_new_tokens, temperature, top_k, top_p):
-        answer = call(lambda: chat(engine, image, turns, question, think, max_new_tokens, temperature, top_k, top_p))
-        turns = turns + [(question, answer)]
-        messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-        return turns, messages, ""
-
     inputs = [image, turns, question, think, max_new, temperature, top_k, top_p]
-    ask.click(on_chat, inputs, [turns, chatbot, question])
-    question.submit(on_chat, inputs, [turns, chatbot, question])
-    clear.click(lambda: ([], []), None, [turns, chatbot])
+    ask.click(requests.endpoint("chat"), inputs, [turns, chatbot, question], api_name="chat")
+    question.submit(requests.endpoint("chat"), inputs, [turns, chatbot, question], api_name=False)
+    clear.click(lambda: ([], []), None, [turns, chatbot], api_name=False)
 
 
-def generate_tab(gr, engine, call, default_seed: int) -> None:
+def generate_tab(gr, engine, requests: Requests, default_seed: int) -> None:
     max_px, stride = max_image_px(engine), engine.model.cfg.latent_downsample
+    native_h, native_w = engine.native_size
     with gr.Row():
         with gr.Column():
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="t2i-prompt")
             with gr.Row():
-                side = min(1024, max_px)
-                width = gr.Slider(stride, max_px, side, step=stride, label="Width", elem_id="t2i-width")
-                height = gr.Slider(stride, max_px, side, step=stride, label="Height", elem_id="t2i-height")
+                width = gr.Slider(stride, max_px, min(native_w, max_px), step=stride, label="Width",
+                                  elem_id="t2i-width")
+                height = gr.Slider(stride, max_px, min(native_h, max_px), step=stride, label="Height",
+                                   elem_id="t2i-height")
             seed = gr.Number(default_seed, precision=0, label="Seed", elem_id="t2i-seed")
             think = think_controls(gr, "Think first (write a plan, then draw)")
             settings = guidance_controls(gr, engine.defaults.text_to_image, "t2i")
+            upscale = upscale_control(gr, engine, "t2i")
             go = gr.Button("Generate", variant="primary", elem_id="t2i-run")
         with gr.Column():
             image = gr.Image(label="Image", format="png", interactive=False, elem_id="t2i-image")
             plan = gr.Textbox(label="Plan (think mode)", interactive=False)
-
-    # gr.Progress(track_tqdm=True) shows the engine's tqdm bar over the denoising steps
-    def on_generate(prompt, width, height, seed, think, max_think, *settings, progress=gr.Progress(track_tqdm=True)):
-        return call(lambda: generate(engine, prompt, width, height, seed, think, max_think, gen_config(*settings),
-                                     progress=True))
-
-    go.click(on_generate, [prompt, width, height, seed, *think, *settings], [image, plan])
+    go.click(requests.endpoint("generate"), [prompt, width, height, seed, *think, *settings, upscale], [image, plan],
+             api_name="generate")
 
 
-def edit_tab(gr, engine, call, default_seed: int) -> None:
+def edit_tab(gr, engine, requests: Requests, default_seed: int) -> None:
     with gr.Row():
         with gr.Column():
             source = gr.Image(type="pil", label="Image to edit", elem_id="edit-source")
@@ -203,41 +298,49 @@ def edit_tab(gr, engine, call, default_seed: int) -> None:
             seed = gr.Number(default_seed, precision=0, label="Seed", elem_id="edit-seed")
             think = think_controls(gr, "Think first")
             settings = guidance_controls(gr, engine.defaults.edit, "edit")
+            upscale = upscale_control(gr, engine, "edit")
             run_edit = gr.Button("Edit", variant="primary", elem_id="edit-run")
         with gr.Column():
             edited = gr.Image(label="Edited (the input's size after resizing)", format="png", interactive=False,
                               elem_id="edit-image")
             plan = gr.Textbox(label="Plan (think mode)", interactive=False)
+    run_edit.click(requests.endpoint("edit"), [source, instruction, seed, *think, *settings, upscale], [edited, plan],
+                   api_name="edit")
 
-    def on_edit(image, instruction, seed, think, max_think, *settings, progress=gr.Progress(track_tqdm=True)):
-        return call(lambda: edit(engine, image, instruction, seed, think, max_think, gen_config(*settings),
-                                 progress=True))
 
-    run_edit.click(on_edit, [source, instruction, seed, *think, *settings], [edited, plan])
+def interleave_tab(gr, engine, requests: Requests, default_seed: int) -> None:
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt (the start of the turn)", lines=2, elem_id="il-prompt",
+                                placeholder="e.g. Count up from seven:")
+            image = gr.Image(type="pil", label="Image before the prompt (optional)", elem_id="il-image")
+            seed = gr.Number(default_seed, precision=0, label="Seed", elem_id="il-seed")
+            max_blocks = gr.Slider(1, 16, 8, step=1, label="Most outputs (texts + images)")
+            settings = guidance_controls(gr, engine.defaults.text_to_image, "il")
+            upscale = upscale_control(gr, engine, "il")
+            go = gr.Button("Continue", variant="primary", elem_id="il-run")
+        with gr.Column():
+            gallery = gr.Gallery(label="Images, in order", elem_id="il-images", format="png")
+            texts = gr.Textbox(label="Texts, in order", interactive=False)
+    go.click(requests.endpoint("interleave"), [prompt, image, seed, max_blocks, *settings, upscale], [gallery, texts],
+             api_name="interleave")
 
 
 def build_ui(engine, model_name: str = "", default_seed: int = 0):
     import gradio as gr
 
-    lock = threading.Lock()
-
-    def call(request):
-        """Run one request under the engine lock; bad input becomes a message in the UI."""
-        try:
-            with lock:
-                return request()
-        except USER_ERRORS as e:
-            raise gr.Error(str(e)) from e
-
+    requests = Requests(gr, engine)
     max_px, stride = max_image_px(engine), engine.model.cfg.latent_downsample
     with gr.Blocks(title="BAGEL", analytics_enabled=False) as demo:
         gr.Markdown(f"# BAGEL\n`{model_name}`: images up to {max_px}x{max_px} px, sides multiples of {stride}")
         with gr.Tab("Chat", id="chat"):
-            chat_tab(gr, engine, call)
+            chat_tab(gr, requests)
         with gr.Tab("Generate", id="generate"):
-            generate_tab(gr, engine, call, default_seed)
+            generate_tab(gr, engine, requests, default_seed)
         with gr.Tab("Edit", id="edit"):
-            edit_tab(gr, engine, call, default_seed)
+            edit_tab(gr, engine, requests, default_seed)
+        with gr.Tab("Interleave", id="interleave"):
+            interleave_tab(gr, engine, requests, default_seed)
     return demo
 
 

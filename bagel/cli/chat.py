@@ -1,9 +1,12 @@
 """bagel-chat: ask questions about images, one-shot or interactively.
 
     bagel-chat --model DIR --image cat.png --question "What is in the picture?"
-    bagel-chat --model DIR                      # interactive: /image PATH, /reset, /quit
+    bagel-chat --model DIR --image a.png --image b.png --question "What changed?"
+    bagel-chat --model DIR [--image cat.png]     # interactive (a terminal): /image PATH, /reset, /quit
 
 In interactive mode the conversation is kept: each answer stays in the context for the next turn.
+Without --question, stdin must be a terminal; in a script, pass --question.
+Exit status: 0 answered, 1 the model gave an empty answer, 2 bad arguments or input.
 """
 
 from __future__ import annotations
@@ -11,19 +14,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bagel.cli.common import Parser, USER_ERRORS, add_model_args, load_engine, run
+from bagel.cli.common import Parser, USER_ERRORS, add_model_args, load_engine, run, warn
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="bagel-chat", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bagel-chat", description=__doc__)
     add_model_args(p)
-    p.add_argument("--image", action="append", default=[], help="input image (repeatable)")
-    p.add_argument("--question", help="ask once and exit; without it, start an interactive chat")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="input image, shown before the question (repeatable)")
+    p.add_argument("--question", help="ask once, print the answer and exit; without it, start an interactive chat")
     p.add_argument("--think", action="store_true", help="reason in <think> tags before answering")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass; 1 = off")
     p.add_argument("--speculative", choices=["medusa", "mtp"], default=None,
                    help="decode with draft heads (same greedy output, fewer forwards)")
     p.add_argument("--heads", default=None, help="draft heads directory (default: the model's own heads)")
@@ -107,16 +111,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.question is not None and not args.question.strip():
             raise ValueError("--question is empty")
         images = [open_image(path) for path in args.image]
+        if args.question is None and not sys.stdin.isatty():
+            raise ValueError("no --question, and stdin is not a terminal for an interactive chat: pass "
+                             "--question TEXT (with --image PATH to ask about an image)")
         engine = load_engine(args)
         if args.speculative:
             enable_speculative(engine, args.speculative, args.heads)
         chat = Chat(engine, sampling, args.think)
         for image in images:
             chat.engine.add_image(chat.session, [image], vae=False, vit=True)
-        if args.question is not None:
-            print(chat.ask(args.question))
-        else:
+        if args.question is None:
             interactive(chat)
+            return 0
+        for message in engine.prompt_warnings(args.question):
+            warn("bagel-chat", message)
+        answer = chat.ask(args.question)
+        if not answer.strip():
+            hint = "" if images else "; this model may need an image: --image PATH"
+            print(f"bagel-chat: the model gave an empty answer{hint}", file=sys.stderr)
+            return 1
+        print(answer)
+        return 0
 
     return run(go, "bagel-chat")
 

@@ -1,4 +1,4 @@
-"""`bagel-data`: make shards.
+"""bagel-data: make shards.
 
     bagel-data digits --out data/digits                      # the bundled real dataset
     bagel-data convert folder CAPTIONS.jsonl --images DIR --out OUT
@@ -8,8 +8,8 @@
     bagel-data convert obelics DIR_OR_FILE [--images DIR] --out OUT
     bagel-data inspect OUT                                   # manifest summary
 
-Shards hold --max-samples samples or --max-bytes bytes; `--on-error skip` (default) counts and
-logs each bad record with its file and line, `--on-error stop` stops at the first one.
+Shards hold --max-samples samples or --max-bytes bytes; --on-error skip (default) counts and
+logs each bad record with its file and line, --on-error stop stops at the first one.
 Exit status: 0 done, 2 bad arguments, input or nothing converted.
 """
 
@@ -23,33 +23,30 @@ import sys
 from pathlib import Path
 
 from bagel.cli.common import Parser, USER_ERRORS, check_writable_dir
-from data_pipelines.converters import convert
-from data_pipelines.converters.common import ErrorPolicy
-from data_pipelines.shards import load_manifest
 
 FORMATS = ("folder", "t2i-parquet", "vlm-jsonl", "edit-parquet", "obelics")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="bagel-data", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="bagel-data", description=__doc__, progress=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     d = sub.add_parser("digits", help="scikit-learn's handwritten digits: 4 tasks x train/test")
-    d.add_argument("--out", required=True, type=Path)
+    d.add_argument("--out", required=True, type=Path, help="output folder ({out}/{split}/{task}/)")
     d.add_argument("--size", type=int, default=64, help="stored image side in pixels")
     d.add_argument("--max-samples", type=int, default=500, help="samples per shard")
     d.add_argument("--seed", type=int, default=0, help="picks the partner images of edit/count")
     c = sub.add_parser("convert", help="convert another layout to shards")
-    c.add_argument("format", choices=FORMATS)
-    c.add_argument("input", type=Path, help="file or folder (captions JSONL for `folder`)")
-    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("format", choices=FORMATS, help="input layout (data_pipelines/README.md)")
+    c.add_argument("input", type=Path, help="file or folder (the captions JSONL for the folder format)")
+    c.add_argument("--out", required=True, type=Path, help="output folder (shards + manifest.json)")
     c.add_argument("--images", type=Path, default=None, help="root of relative image paths")
-    c.add_argument("--name", default=None, help="shard name prefix (default: the output folder)")
+    c.add_argument("--name", default=None, help="shard name prefix (default: the output folder's name)")
     c.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
-    c.add_argument("--max-bytes", type=int, default=None, help="bytes per shard")
-    c.add_argument("--on-error", choices=("skip", "stop"), default="skip")
+    c.add_argument("--max-bytes", type=int, default=None, help="bytes per shard (default: no limit)")
+    c.add_argument("--on-error", choices=("skip", "stop"), default="skip",
+                   help="skip: count and log each bad record and go on; stop: fail at the first")
     i = sub.add_parser("inspect", help="print a manifest summary")
-    i.add_argument("manifest", type=Path)
+    i.add_argument("manifest", type=Path, help="a dataset folder or its manifest.json")
     return p
 
 
@@ -102,10 +99,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(split, {t: m.num_samples for t, m in tasks.items()})
             return 0
         if args.command == "inspect":
+            from data_pipelines.shards import load_manifest
+
             m = load_manifest(args.manifest)
             print(json.dumps({k: v for k, v in m.to_json().items() if k != "shards"}, indent=1))
             print(f"{len(m.shards)} shards")
             return 0
+        from data_pipelines.converters import convert
+        from data_pipelines.converters.common import ErrorPolicy
+
         policy = ErrorPolicy(args.on_error)
         records = {
             "folder": lambda: convert.from_folder(args.input, args.images or Path("."), policy),

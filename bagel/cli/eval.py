@@ -1,4 +1,4 @@
-"""`bagel-eval`: run a benchmark on a model, or score saved predictions.
+"""bagel-eval: run a benchmark on a model, or score saved predictions.
 
     bagel-eval --score-only runs/eval/mme/predictions.jsonl --task mme --protocol bagel
     bagel-eval --score-only preds.jsonl --task pope --data data/pope      # gold from the benchmark
@@ -25,40 +25,45 @@ import os
 import sys
 
 from bagel.cli.common import Parser, USER_ERRORS, check_device
-from eval import digits, geneval, runner
-from eval.items import PROTOCOLS
+from bagel.config import DTYPE_NAMES
+from bagel.sampling import RENORM_TYPES
+
+# The task names (eval/: runner.TASKS, geneval.TASK, digits.TASK; a test keeps them equal) and
+# protocols (eval.items.PROTOCOLS), here so that --help does not import torch.
+TASKS = ("digits", "geneval", "mmbench", "mme", "mmmu", "pope", "vqav2")
+PROTOCOLS = ("standard", "bagel")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="bagel-eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bagel-eval", description=__doc__, progress=True)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--score-only", metavar="PREDICTIONS.jsonl", help="score a saved predictions file")
-    mode.add_argument("--model", metavar="DIR", help="BAGEL checkpoint directory to evaluate")
-    p.add_argument("--task", choices=sorted([*runner.TASKS, geneval.TASK, digits.TASK]),
-                   help="benchmark (inferred from the file with --score-only)")
+    mode.add_argument("--model", metavar="DIR_OR_HUB_ID", help="BAGEL checkpoint directory (or Hugging Face Hub id) to evaluate")
+    p.add_argument("--task", choices=TASKS, help="benchmark (inferred from the file with --score-only)")
     p.add_argument("--data", metavar="PATH", help="local copy of the benchmark (see eval/README.md)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="standard")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="standard",
+                   help="standard: the benchmark's own prompt and parsing; bagel: the release's eval scripts")
     p.add_argument("--limit", type=int, default=None, help="first N items (MMBench: N questions)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="default 1; digits: 32, the demo's (its noise draws are per batch)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's official value")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights (bf16 on GPU)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="random seed (sampling, image noise)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="model weights (bf16 on GPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--image-dir", default=None, help="POPE / VQA: folder of COCO images if not under --data")
     p.add_argument("--out", metavar="DIR", default=None, help="results folder (default runs/eval/...)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--allow-missing", action="store_true",
                    help="score a predictions file that is empty or matches no item (as 0) instead of refusing")
     g = p.add_argument_group("geneval (text-to-image; defaults: BAGEL's GenEval script, see eval/geneval.py)")
     g.add_argument("--samples-per-prompt", type=int, default=None, help="images per prompt (default 4)")
-    g.add_argument("--size", default=None, metavar="WxH", help="multiples of 16 (default 1024x1024)")
+    g.add_argument("--size", default=None, metavar="WxH", help="multiples of the model's latent stride "
+                   "(16 for BAGEL-7B-MoT; default 1024x1024)")
     g.add_argument("--steps", type=int, default=None,
                    help="timestep grid points, steps - 1 model evaluations (default 50)")
     g.add_argument("--cfg-text", type=float, default=None, help="text CFG scale (default 4)")
     g.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("A", "B"),
                    help="guide only where A < t <= B (default 0 1)")
-    g.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"], default=None,
+    g.add_argument("--cfg-renorm-type", choices=RENORM_TYPES, default=None,
                    help="default global")
     g.add_argument("--cfg-renorm-min", type=float, default=None, help="default 0")
     g.add_argument("--timestep-shift", type=float, default=None, help="default 3")
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bagel-eval: error: {e}", file=sys.stderr)
             return 2
     read_kwargs = {"image_dir": args.image_dir} if args.image_dir and args.task in ("pope", "vqav2") else {}
+    from eval import digits, geneval, runner  # here, not at the top: --help stays fast
+
     try:
         if args.task == digits.TASK:
             return _run_digits(args)
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = runner.run(args.task, args.data, predictor, protocol=args.protocol,
                                   limit=args.limit, batch_size=args.batch_size or 1, out_dir=args.out,
                                   model=args.model, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                                  progress=not args.quiet, read_kwargs=read_kwargs)
+                                  progress=True, read_kwargs=read_kwargs)
     except USER_ERRORS as e:  # DataLayoutError is a ValueError
         print(f"bagel-eval: error: {e}", file=sys.stderr)
         return 2
@@ -135,24 +142,31 @@ def load_scorer(spec: str):
 
 def run_geneval(args) -> dict:
     """`bagel-eval --task geneval ...` -> manifest."""
+    from bagel.checkpoint.pretrained import read_model_config
+    from bagel.packing import latent_grid
+    from eval import geneval, runner
+
     if args.score_only:
         scorer = load_scorer(args.scorer) if args.scorer else None
         return geneval.score_only(args.score_only, scorer, args.out, args.protocol, scorer_name=args.scorer)
     if not args.data:
         raise ValueError("--task geneval --model needs --data (the GenEval prompt metadata .jsonl)")
     settings = geneval.settings_from_args(args)
-    settings.check()  # before loading the model
+    settings.check()  # everything before loading the model
     batch_size = args.batch_size or 1
     geneval.read(args.data, args.limit)
     geneval.check_new_out_dir(args.out)
+    latent_grid(read_model_config(args.model), (settings.height, settings.width))  # the model's size rule
     scorer = load_scorer(args.scorer) if args.scorer else None
     engine = runner.load_engine(args.model, args.dtype, args.device)  # checks are done: loading takes minutes
     return geneval.run(args.data, engine, args.out, settings, limit=args.limit, batch_size=batch_size,
                        scorer=scorer, scorer_name=args.scorer, model=args.model, protocol=args.protocol,
-                       progress=not args.quiet)
+                       progress=True)
 
 
 def _run_digits(args) -> int:
+    from eval import digits, runner
+
     if not args.model:
         print("bagel-eval: --task digits needs --model", file=sys.stderr)
         return 2
@@ -163,7 +177,7 @@ def _run_digits(args) -> int:
         if value is not None:
             setattr(settings, field, value)
     engine = runner.load_engine(args.model, dtype=args.dtype, device=args.device)
-    metrics = digits.evaluate(engine, settings, out_dir=args.out, progress=not args.quiet)
+    metrics = digits.evaluate(engine, settings, out_dir=args.out, progress=True)
     for key, value in metrics.items():
         if isinstance(value, float):
             print(f"{key:<32} {value:.4f}")

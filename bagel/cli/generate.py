@@ -1,13 +1,20 @@
-"""bagel-generate: text-to-image and editing from the command line.
+"""bagel-generate: text-to-image, editing and interleaved output from the command line.
 
-    bagel-generate --model DIR --prompt "a red fox in snow" --out fox.png --size 1024x1024 --steps 50
+    bagel-generate --model DIR --prompt "a red fox in snow" --out fox.png
     bagel-generate --model DIR --image in.png --prompt "make it winter" --out edit.png
-    bagel-generate --model DIR --prompt "..." --think --out out.png --batch 4   # out_0.png ... out_3.png
+    bagel-generate --model DIR --prompt "..." --batch 4 --out out.png   # out_0..3.png + out_grid.png
+    bagel-generate --model DIR --interleave --prompt "Count up from seven:" --out count.png
+    bagel-generate --model runs/digits/model --prompt "a handwritten digit seven" --upscale 8 --out 7.png
 
-Defaults are the model's own (its generation.json, written by training), else the release's
-presets (bagel.sampling.PRESETS): text-to-image cfg-text 4, cfg-img 1, interval 0.4..1, global
-renorm; editing cfg-text 4, cfg-img 2, interval 0..1, text_channel renorm; shift 3, 50 steps. The
-Python API and the app start from the same settings.
+Sampler defaults are the model's own (its generation.json, written by training), else the
+release's presets (bagel.sampling.PRESETS: 50 steps, shift 3, text guidance 4; text-to-image
+image guidance 1, interval 0.4..1, global renorm; editing image guidance 2, interval 0..1,
+text_channel renorm). The Python API (Engine) and the app start from the same settings, so the
+same inputs and seed give the same pixels everywhere.
+
+Each PNG carries its prompt, seed, settings and model in PNG text chunks
+(bagel.inference.pictures.read_png_info). A prompt with words the model does not know gets a
+warning on stderr (see README, "Out-of-domain prompts").
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bagel.cli.common import Parser, add_model_args, check_writable_dir, load_engine, run
+from bagel.cli.common import Parser, add_model_args, check_writable_dir, load_engine, resolve_model, run, warn
+from bagel.sampling import RENORM_TYPES
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -31,27 +39,40 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="bagel-generate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="bagel-generate", description=__doc__, progress=True)
     add_model_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--image", help="input image: edit it according to the prompt")
+    p.add_argument("--prompt", required=True, help="what to draw; with --image, the edit instruction; with "
+                   "--interleave, the start of the turn")
+    p.add_argument("--image", help="input image: edit it according to the prompt (or, with --interleave, "
+                   "show it before the prompt)")
+    p.add_argument("--out", required=True, metavar="OUT.png",
+                   help="output PNG; with --batch N: OUT_0.png ... and OUT_grid.png; with --interleave: "
+                        "OUT_0.png ... in order, and the texts printed")
+    p.add_argument("--interleave", action="store_true",
+                   help="let the model continue the turn with text and images until it stops")
+    p.add_argument("--max-blocks", type=int, default=8, help="--interleave: most outputs (texts + images)")
     p.add_argument("--think", action="store_true", help="write a plan first, then generate (think mode)")
-    p.add_argument("--out", required=True, help="output PNG (with --batch N: OUT_0.png ...)")
-    p.add_argument("--size", type=parse_size, default=None,
-                   help="WxH in multiples of the model's latent stride (16 for BAGEL-7B-MoT, 8 for the digits model); "
-                        "default: the model's image size (1024x1024 for BAGEL-7B-MoT); edits keep the input size")
-    p.add_argument("--steps", type=int, default=None, help="timestep grid points (steps - 1 model evaluations; "
-                   "default 50)")
-    p.add_argument("--cfg-text", type=float, default=None, help="text guidance scale (default 4)")
-    p.add_argument("--cfg-img", type=float, default=None, help="image guidance scale (default 1 / 2 for edits)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("A", "B"),
-                   help="guide only where A < t <= B (default 0.4 1 / 0 1 for edits)")
-    p.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"], default=None,
-                   help="default global / text_channel for edits")
-    p.add_argument("--cfg-renorm-min", type=float, default=None, help="default 0")
-    p.add_argument("--timestep-shift", type=float, default=None, help="sampler timestep shift (default 3)")
+    p.add_argument("--max-think-tokens", type=int, default=1000, help="longest plan (think mode)")
+    p.add_argument("--size", type=parse_size, default=None, metavar="WxH",
+                   help="output size in multiples of the model's latent stride (16 for BAGEL-7B-MoT, 8 for the "
+                        "digits model); default: the model's native size (1024x1024 for BAGEL-7B-MoT, 32x32 "
+                        "for the digits model); edits keep the input's size")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (one batched forward per step)")
-    p.add_argument("--max-think-tokens", type=int, default=1000)
+    p.add_argument("--upscale", type=int, default=1, metavar="N",
+                   help="enlarge the saved PNGs N times, nearest neighbour (e.g. 8 for the 32 px digits model)")
+    g = p.add_argument_group("sampler (default: the model's generation.json, else the release's presets)")
+    g.add_argument("--steps", type=int, default=None, help="timestep grid points: steps - 1 model evaluations "
+                   "(preset 50)")
+    g.add_argument("--timestep-shift", type=float, default=None, help="shift of the sampling grid toward noise "
+                   "(preset 3; 1 = none)")
+    g.add_argument("--cfg-text", type=float, default=None, help="text guidance scale (preset 4; 1 = off)")
+    g.add_argument("--cfg-img", type=float, default=None, help="image guidance scale (preset 1, edits 2; 1 = off)")
+    g.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("A", "B"),
+                   help="guide only where A < t <= B, t = 1 is noise (preset 0.4 1, edits 0 1)")
+    g.add_argument("--cfg-renorm-type", choices=RENORM_TYPES, default=None,
+                   help="how the guided velocity's norm is capped (preset global, edits text_channel)")
+    g.add_argument("--cfg-renorm-min", type=float, default=None, help="lower bound of the renorm ratio "
+                   "(preset 0)")
     return p
 
 
@@ -68,43 +89,83 @@ def sampler_config(args, task: str):
     return base.replace(**{k: v for k, v in given.items() if v is not None})
 
 
+def numbered(out: Path, n: int) -> list[Path]:
+    """OUT.png for one image, else OUT_0.png ... OUT_{n-1}.png."""
+    return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+
+
+def check_inputs(args) -> None:
+    """Every argument checked before the model loads (loading a 7B model takes minutes)."""
+    from bagel.checkpoint.pretrained import read_model_config
+    from bagel.packing import latent_grid
+
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    for flag, value in (("--batch", args.batch), ("--upscale", args.upscale), ("--max-blocks", args.max_blocks)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.interleave and (args.think or args.batch > 1):
+        raise ValueError("--interleave makes one turn: it does not combine with --think or --batch")
+    if args.size is not None:  # the one size rule, from the model's config alone
+        latent_grid(read_model_config(args.model), args.size)
+    check_writable_dir(Path(args.out).parent, "--out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go():
         from bagel.cli.inputs import open_image
+        from bagel.inference.pictures import generation_info, grid, save_png, square_rows, upscale
         from bagel.sampling import SamplingConfig
 
-        # every input is checked before the model loads
-        if not args.prompt.strip():
-            raise ValueError("--prompt is empty")
-        if args.batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {args.batch}")
-        edit = args.image is not None
-        source = open_image(args.image) if edit else None
-        cfg = sampler_config(args, "edit" if edit else "text_to_image")
+        resolve_model(args)
+        check_inputs(args)
+        source = open_image(args.image) if args.image else None
+        task = "edit" if source is not None and not args.interleave else "text_to_image"
+        cfg = sampler_config(args, task)
         think = SamplingConfig(max_new_tokens=args.max_think_tokens)
-        check_writable_dir(Path(args.out).parent, "--out")
-        if args.size is not None:  # the one size rule, from the model's config alone
-            from bagel.checkpoint.pretrained import read_model_config
-            from bagel.packing import latent_grid
-
-            latent_grid(read_model_config(args.model), args.size)
         engine = load_engine(args)
-        if edit:
+        for message in engine.prompt_warnings(args.prompt):
+            warn("bagel-generate", message)
+        thoughts: list[str] = []
+        if args.interleave:
+            inputs = ([source] if source is not None else []) + [args.prompt]
+            outputs = engine.interleave(inputs, max_blocks=args.max_blocks, size=args.size, cfg=cfg, seed=args.seed,
+                                        progress=True)
+            images = [o for o in outputs if not isinstance(o, str)]
+            n_images = 0
+            for o in outputs:  # the turn in order: texts as they came, images by their file number
+                if isinstance(o, str):
+                    print(f"text: {o}")
+                else:
+                    print(f"image {n_images}")
+                    n_images += 1
+            if not images:
+                warn("bagel-generate", "the model ended the turn without drawing an image (nothing written)")
+        elif source is not None:
             images, thoughts = engine.edit([source] * args.batch, [args.prompt] * args.batch, cfg, seed=args.seed,
                                            think=args.think, think_sampling=think, progress=True)
         else:
-            side = engine.vae_transform.max_size  # the model's native generation size
-            size = args.size or (side, side)
-            images, thoughts = engine.text_to_image([args.prompt] * args.batch, size, cfg, seed=args.seed,
+            images, thoughts = engine.text_to_image([args.prompt] * args.batch, args.size, cfg, seed=args.seed,
                                                     think=args.think, think_sampling=think, progress=True)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
-        for im, path in zip(images, paths):
-            im.save(path)
-            print(f"wrote {path} ({im.width}x{im.height})")
+        mode = "interleave" if args.interleave else task
+        for i, (im, path) in enumerate(zip(images, numbered(out, len(images)))):
+            info = generation_info(args.prompt, args.seed, cfg, args.model, task=mode, index=i, upscale=args.upscale,
+                                   image=args.image)
+            save_png(upscale(im, args.upscale), path, info)
+            print(f"wrote {path} ({im.width * args.upscale}x{im.height * args.upscale})")
+        if len(images) > 1:
+            path = out.with_name(f"{out.stem}_grid{out.suffix}")
+            rows = [images] if args.interleave else square_rows(images)
+            save_png(upscale(grid(rows), args.upscale),
+                     path, generation_info(args.prompt, args.seed, cfg, args.model, task=mode, upscale=args.upscale))
+            print(f"wrote {path}")
+        if images and args.upscale == 1 and min(images[0].size) < 128:
+            side = min(images[0].size)
+            print(f"tip: the images are {side} px; --upscale {max(2, 256 // side)} saves them large enough to see")
         for t in thoughts[:1]:
             print(f"plan: {t}")
 

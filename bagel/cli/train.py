@@ -1,4 +1,4 @@
-"""`bagel-train --config configs/train/NAME.yaml [--section.key=value ...]`
+"""bagel-train --config configs/train/NAME.yaml [--section.key=value ...]
 
     # one process (CPU or one GPU)
     bagel-train --config configs/train/tiny_cpu.yaml --train.steps=50
@@ -9,12 +9,18 @@
         --rdzv_endpoint $MASTER_HOST:29500 --rdzv_id $RUN_ID -m bagel.cli.train --config ... --parallel.mode=fsdp
     # loss curves of a run (RUN_DIR/loss_curves.png)
     bagel-train --plot RUN_DIR
+    # the resolved recipe, every key it has (each one overridable as --section.key=value)
+    bagel-train --config configs/train/digits_cpu.yaml --train.steps=100 --print-config
 
-`--resume auto` (the default in the recipes) continues from the newest complete checkpoint in
-RUN_DIR/checkpoints, if any; `--resume none` starts afresh; `--resume PATH` loads that one.
+Overrides: any key of the recipe as --section.key=value (YAML values: --optim.lr=3e-4,
+--model.overrides={llm: {num_hidden_layers: 4}}); --print-config lists them all with their
+values. Progress: a bar on a terminal, else a plain line every 30 s (--progress, --quiet).
 
-This is the wiring: it builds the batch source the recipe asks for (`data.kind`: `synthetic`,
-`pipeline` = webdataset shards through data_pipelines, `corpus` = a text corpus) and hands it to
+--resume auto (the default in the recipes) continues from the newest complete checkpoint in
+RUN_DIR/checkpoints, if any; --resume none starts afresh; --resume PATH loads that one.
+
+This is the wiring: it builds the batch source the recipe asks for (data.kind: synthetic,
+pipeline = webdataset shards through data_pipelines, corpus = a text corpus) and hands it to
 the trainer, which imports no data code.
 
 Exit codes: 0 done (or stopped by SIGTERM after saving a checkpoint), 1 a training error (e.g.
@@ -77,11 +83,14 @@ def build_source(cfg, model_cfg, dist):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="bagel-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=False, help="a configs/train/*.yaml recipe")
+    parser = Parser(prog="bagel-train", description=__doc__, progress=True)
+    parser.add_argument("--config", required=False, metavar="RECIPE.yaml",
+                        help="a configs/train/*.yaml recipe (without one: the built-in defaults)")
     parser.add_argument("--resume", default=None,
-                        help="shorthand for --checkpoint.resume: auto | none | a checkpoint directory")
+                        help="shorthand for --checkpoint.resume: auto | none | a checkpoint directory "
+                             "(default: the recipe's, auto in the shipped recipes)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved recipe (with the overrides) as YAML and exit")
     parser.add_argument("--plot", metavar="RUN_DIR", default=None,
                         help="only draw RUN_DIR/loss_curves.png from RUN_DIR/metrics.jsonl, then exit")
     return parser
@@ -102,15 +111,21 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"--checkpoint.resume={args.resume}")
 
     from bagel.train.config import load_config
-    from bagel.train.distributed import init_distributed, lost_peer_message, teardown
-    from bagel.train.trainer import Trainer, TrainingError
-    from bagel.train.weights import model_config
 
     try:
         cfg = load_config(args.config, overrides)
     except USER_ERRORS as e:
         print(f"bagel-train: config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(f"# bagel-train: the resolved recipe ({args.config or 'built-in defaults'} + overrides); "
+              "override any key as --section.key=value")
+        print(cfg.to_yaml(), end="")
+        return 0
+    from bagel.train.distributed import init_distributed, lost_peer_message, teardown
+    from bagel.train.trainer import Trainer, TrainingError
+    from bagel.train.weights import model_config
+
     try:
         try:
             dist = init_distributed()

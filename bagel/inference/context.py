@@ -86,13 +86,13 @@ def add_text(model, tokens: SpecialTokens, contexts: list[Context], ids: list[li
     return prefill(model, contexts, queries, [len(q) for q in queries])
 
 
-def add_vit_image(model, tokens: SpecialTokens, contexts: list[Context], images: list[torch.Tensor]) -> None:
+def add_vit_image(model, tokens: SpecialTokens, contexts: list[Context], images: list[torch.Tensor]) -> list[torch.Tensor]:
     queries = [vit_query(model, tokens, im, c.rope) for c, im in zip(contexts, images)]
-    prefill(model, contexts, queries, [1] * len(contexts))
+    return prefill(model, contexts, queries, [1] * len(contexts))
 
 
 def add_vae_image(model, vae, tokens: SpecialTokens, contexts: list[Context], images: list[torch.Tensor],
-                  generator: torch.Generator | None = None, eps: list[torch.Tensor] | None = None) -> None:
+                  generator: torch.Generator | None = None, eps: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """VAE-encode each image (posterior sample, as the release does) and prefill it at t = 0."""
     cfg, queries = model.cfg, []
     for i, (ctx, image) in enumerate(zip(contexts, images)):
@@ -104,7 +104,7 @@ def add_vae_image(model, vae, tokens: SpecialTokens, contexts: list[Context], im
             z = vae.encode(image[None].to(dev), eps=None if eps is None else eps[i].to(dev), generator=generator)[0]
         x = patchify(z.to(model.llm.embed_tokens.weight), cfg.latent_patch_size)
         queries.append(latent_query(model, tokens, x, 0.0, (image.shape[1] // d, image.shape[2] // d), ctx.rope))
-    prefill(model, contexts, queries, [1] * len(contexts))
+    return prefill(model, contexts, queries, [1] * len(contexts))
 
 
 def vae_device(vae) -> torch.device:

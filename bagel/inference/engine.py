@@ -22,13 +22,12 @@ import torch
 from PIL import Image
 
 from bagel.inference import context as ctxlib
-from bagel.inference.forward import Query, forward_queries, llm_stack
 from bagel.inference.generate_image import Branches, decode_latents, generate_latents
 from bagel.inference.generate_text import generate_text
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.sampling import GenerationDefaults, ImageGenConfig, SamplingConfig
 from bagel.packing import latent_grid
-from bagel.tokenizer import SpecialTokens, load_tokenizer
+from bagel.tokenizer import SpecialTokens, load_tokenizer, unknown_words
 from bagel.transforms import VAE_INFERENCE, VIT_INFERENCE, ResizeSpec, load_model_transforms, resize_size, to_pil, to_tensor
 
 VLM_THINK_SYSTEM_PROMPT = (
@@ -81,14 +80,17 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                         vae_device: str | None = None, vit_device: str | None = None, **kwargs) -> "Engine":
-        """Load model, VAE and tokenizer from our layout or the released one.
+        """Load model, VAE and tokenizer from our layout or the released one: a directory, or a
+        Hugging Face Hub id such as "ByteDance-Seed/BAGEL-7B-MoT" (fetched into the Hub cache once;
+        HF_HUB_OFFLINE=1 reads the cache only).
 
         `vae_device` / `vit_device` let the VAE and the ViT live elsewhere (e.g. on CPU next to a
         GPU LLM) to save accelerator memory."""
+        from bagel.checkpoint.hub import resolve_model_dir
         from bagel.checkpoint.pretrained import VAE_NAME, from_pretrained
         from bagel.checkpoint.vae import load_vae
 
-        path = Path(path)
+        path = resolve_model_dir(path)
         model = from_pretrained(path, dtype=dtype, device=device)
         if vit_device and model.cfg.visual_und:
             model.vit.to(vit_device)
@@ -100,6 +102,26 @@ class Engine:
         kwargs.setdefault("vit_transform", vit_t)
         kwargs.setdefault("defaults", GenerationDefaults.from_model_dir(path))
         return cls(model, vae, load_tokenizer(path), **kwargs)
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(H, W) of the images the model was trained to generate (its VAE transform's largest side)."""
+        side = self.vae_transform.max_size
+        return side, side
+
+    def prompt_warnings(self, text: str) -> list[str]:
+        """Why `text` is likely to be outside what the model knows: words outside its stated
+        vocabulary (generation.json `vocabulary`, for closed-domain models such as the digits
+        demo), or, without one, words its tokenizer can only spell letter by letter."""
+        words = unknown_words(self.tokenizer, text, self.defaults.vocabulary)
+        if not words:
+            return []
+        listed = ", ".join(repr(w) for w in words[:8]) + (" ..." if len(words) > 8 else "")
+        if self.defaults.vocabulary:
+            known = " ".join(self.defaults.vocabulary)
+            return [f"this model was trained on a closed vocabulary; unknown word(s) {listed} will not "
+                    f"steer it (known words: {known})"]
+        return [f"the tokenizer spells {listed} letter by letter: words this model has likely never seen"]
 
     # Sessions and inputs ------------------------------------------------------------------------
     def new_sessions(self, n: int = 1) -> list[Session]:
@@ -129,18 +151,21 @@ class Engine:
                   generator: torch.Generator | None = None, eps: list[torch.Tensor] | None = None) -> None:
         """Add an input image: VAE block then ViT block (editing), or ViT only (understanding). The
         VAE transform sets the size editing outputs keep."""
+        if not (vae or vit):
+            raise ValueError("add_image needs vae=True, vit=True or both")
         images = [resized(im, self.vae_transform) for im in images]
         for s, im in zip(sessions, images):
             s.image_size = (im.height, im.width)
         fulls = [s.full for s in sessions]
         if vae:
-            ctxlib.add_vae_image(self.model, self.vae, self.tokens, fulls, [to_tensor(im) for im in images],
-                                 generator=generator, eps=eps)
+            hidden = ctxlib.add_vae_image(self.model, self.vae, self.tokens, fulls, [to_tensor(im) for im in images],
+                                          generator=generator, eps=eps)
         if vit:
-            ctxlib.add_vit_image(self.model, self.tokens, fulls,
-                                 [to_tensor(resized(im, self.vit_transform)) for im in images])
-        for s in sessions:
+            hidden = ctxlib.add_vit_image(self.model, self.tokens, fulls,
+                                          [to_tensor(resized(im, self.vit_transform)) for im in images])
+        for s, hint in zip(sessions, next_hints(self.model, hidden)):
             s.text_uncond = s.full.fork()
+            s.next_hint = hint
 
     # Outputs ----------------------------------------------------------------------------------------
     def generate_text(self, sessions: list[Session], sampling: SamplingConfig = SamplingConfig(),
@@ -186,11 +211,12 @@ class Engine:
         self.add_text(s, [question])
         return self.generate_text(s, sampling)[0][0]
 
-    def text_to_image(self, prompts: list[str], size: tuple[int, int], cfg: ImageGenConfig | None = None,
+    def text_to_image(self, prompts: list[str], size: tuple[int, int] | None = None, cfg: ImageGenConfig | None = None,
                       seed: int = 0, think: bool = False, think_sampling: SamplingConfig = SamplingConfig(),
-                      progress: bool = False) -> tuple[list[Image.Image], list[str]]:
-        """Returns the images and, in think mode, the planning texts. `cfg` defaults to the model's
-        text-to-image settings (generation.json, else the `text_to_image` preset)."""
+                      progress: bool = False, on_step=None) -> tuple[list[Image.Image], list[str]]:
+        """Returns the images and, in think mode, the planning texts. `size` (H, W) defaults to
+        the model's native size, `cfg` to its text-to-image settings (generation.json, else the
+        `text_to_image` preset)."""
         cfg = cfg or self.defaults.text_to_image
         sessions = self.new_sessions(len(prompts))
         if think:
@@ -198,10 +224,12 @@ class Engine:
         self.add_text(sessions, prompts)
         thoughts = self._think(sessions, think_sampling) if think else []
         g = torch.Generator().manual_seed(seed)
-        return self.generate_image(sessions, size, cfg, generator=g, progress=progress), thoughts
+        return (self.generate_image(sessions, size or self.native_size, cfg, generator=g, progress=progress,
+                                    on_step=on_step), thoughts)
 
     def edit(self, images: list, instructions: list[str], cfg: ImageGenConfig | None = None, seed: int = 0,
-             think: bool = False, think_sampling: SamplingConfig = SamplingConfig(), progress: bool = False):
+             think: bool = False, think_sampling: SamplingConfig = SamplingConfig(), progress: bool = False,
+             on_step=None):
         """Edit each image by its instruction; `cfg` defaults to the model's edit settings
         (generation.json, else the `edit` preset)."""
         cfg = cfg or self.defaults.edit
@@ -215,7 +243,7 @@ class Engine:
         sizes = {s.image_size for s in sessions}
         if len(sizes) > 1:
             raise ValueError(f"batched edits need input images of one size after resizing, got {sorted(sizes)}")
-        return self.generate_image(sessions, None, cfg, generator=g, progress=progress), thoughts
+        return self.generate_image(sessions, None, cfg, generator=g, progress=progress, on_step=on_step), thoughts
 
     def _think(self, sessions, sampling) -> list[str]:
         """Decode the planning text, then add it to the full contexts only (as the release does)."""
@@ -226,11 +254,15 @@ class Engine:
 
     def interleave(self, inputs: list, max_blocks: int = 8, size: tuple[int, int] | None = None,
                    cfg: ImageGenConfig | None = None, sampling: SamplingConfig = SamplingConfig(),
-                   seed: int = 0, vit_for_outputs: bool = True) -> list:
-        """Feed text/images, then let the model continue with text and images until it stops.
+                   seed: int = 0, vit_for_outputs: bool = True, progress: bool = False, on_step=None) -> list:
+        """Feed text/images, then let the model continue with text and images until it stops
+        (at most `max_blocks` outputs). Returns the outputs in order: strings and PIL images.
 
         Each generated image is added back as a clean VAE block (plus a ViT block when
-        `vit_for_outputs`), at the RoPE id its generation used, like interleaved training data."""
+        `vit_for_outputs`), at the RoPE id its generation used, like interleaved training data.
+        Images take `size` (H, W), else the last input image's size, else the model's native size."""
+        if not inputs:
+            raise ValueError("interleave needs at least one input (a prompt or an image)")
         s = self.new_sessions(1)
         g = torch.Generator().manual_seed(seed)
         for item in inputs:
@@ -242,10 +274,10 @@ class Engine:
         for _ in range(max_blocks):
             hint = s[0].next_hint
             if hint == self.tokens.start_of_image:
-                image = self.generate_image(s, size or s[0].image_size, cfg, generator=g)[0]
+                image = self.generate_image(s, size or s[0].image_size or self.native_size, cfg, generator=g,
+                                            progress=progress, on_step=on_step)[0]
                 outputs.append(image)
                 self.add_image(s, [image], vae=True, vit=vit_for_outputs, generator=g)
-                self._hint_from_last_marker(s[0])
             elif hint == self.tokens.bos:
                 text = self.generate_text(s, sampling, generator=g)[0][0]
                 outputs.append(text)
@@ -253,17 +285,6 @@ class Engine:
             else:
                 break
         return outputs
-
-    def _hint_from_last_marker(self, session: Session) -> None:
-        """Prediction at the closing <|vision_end|> of the image just added: re-run that single
-        token as a query (cheap) to read the LM head there."""
-        ctx = session.full.fork()
-        ctx.trim(ctx.length - 1)  # drop the cached <|vision_end|> and recompute it
-        end = self.model.llm.embed_tokens(torch.tensor([self.tokens.end_of_image], device=self.cache.keys.device))
-        q = Query(end, torch.tensor([session.full.rope - 1], device=end.device),
-                  torch.zeros(1, dtype=torch.bool, device=end.device), causal=True)
-        hidden = forward_queries(llm_stack(self.model), [ctx], [q], commit=False)
-        session.next_hint = next_hints(self.model, hidden)[0]
 
 
 def next_hints(model, hidden: list[torch.Tensor]) -> list[int]:

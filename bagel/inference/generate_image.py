@@ -23,6 +23,7 @@ from bagel.inference.context import latent_query
 from bagel.inference.forward import forward_queries, llm_stack
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.packing import unpatchify
+from bagel.progress import track
 from bagel.sampling import ImageGenConfig
 from bagel.tokenizer import SpecialTokens
 
@@ -88,12 +89,7 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
     ordered += [b.img_uncond for b in branches] if need_img else []
     ws = _workspace(ordered, n_tok + 2)
 
-    steps = range(len(grid_t) - 1)
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc="denoising", unit="step")
-    for i in steps:
+    for i in track(range(len(grid_t) - 1), desc="denoising", unit="step", enabled=progress):
         t, t_next = grid_t[i], grid_t[i + 1]
         s_text, s_img = cfg.scales_at(t)
         n_branches = 1 + (s_text > 1) + (s_text > 1 and s_img > 1)

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn as nn
 
+from bagel.progress import track
 from bagel.train.parallelize import canonical_name
 
 
@@ -172,11 +173,7 @@ def fit_one_cycle(module: nn.Module, step_loss, steps: int, lr: float, weight_de
     figure)`: the loss is minimised, the float figure logged and returned per step."""
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc=desc, unit="step")
+    bar = track(total=steps, desc=desc, unit="step", enabled=progress)
     figures = []
     module.train()
     for _ in range(steps):
@@ -186,10 +183,8 @@ def fit_one_cycle(module: nn.Module, step_loss, steps: int, lr: float, weight_de
         opt.step()
         sched.step()
         figures.append(float(figure))
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(loss=f"{figures[-1]:.4f}")
-    if bar is not None:
-        bar.close()
+        bar.set_postfix(loss=f"{figures[-1]:.4f}", refresh=False)
+        bar.update()
+    bar.close()
     module.eval()
     return figures

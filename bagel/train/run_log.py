@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from bagel.checkpoint.files import write_text
+from bagel.progress import track
 
 
 def trim_metrics(path: Path, start_step: int) -> None:
@@ -38,9 +39,7 @@ class RunLogger:
         trim_metrics(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         if cfg.log.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.train.steps, initial=start_step, dynamic_ncols=True, desc="train")
+            self.bar = track(total=cfg.train.steps, initial=start_step, desc="train", unit="step")
         if cfg.log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

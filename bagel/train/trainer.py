@@ -321,7 +321,7 @@ class Trainer:
         self.last_checkpoint = resumed
         if dist.is_main:
             write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-            _say(f"[bagel-train] resolved config:\n{cfg.to_yaml()}")
+            _say(f"[bagel-train] resolved config: {self.run_dir / 'config.yaml'}")
             if resumed:
                 _say(f"[bagel-train] resumed from {resumed} at step {self.step}")
         peak, peak_src = peak_tflops(cfg.log.peak_tflops, parse_dtype(cfg.parallel.param_dtype), self.device)

@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from tqdm import tqdm
+from bagel.progress import track
 
 from data_pipelines.converters.common import (ErrorPolicy, estimate_info, estimate_tokens,
                                               image_member, iter_jsonl, read_parquet)
@@ -217,6 +217,6 @@ def write_dataset(records: Iterator[Record], out: Path, name: str, *, max_sample
                   max_bytes: int | None = None, progress: bool = True) -> Manifest:
     writer = DatasetWriter(out, name, max_samples=max_samples, max_bytes=max_bytes,
                            estimate_tokens=estimate_tokens, token_estimate_info=estimate_info())
-    for key, doc, images in tqdm(records, desc=f"convert {name}", unit=" docs", disable=not progress):
+    for key, doc, images in track(records, desc=f"convert {name}", unit="doc", enabled=progress):
         writer.write(key, doc, images)
     return writer.close()

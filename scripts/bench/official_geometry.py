@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from bagel.cli.common import tune_allocator
 from bagel.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig, parse_dtype
 from bagel.inference import context as C
 from bagel.inference.generate_image import Branches, generate_latents
@@ -164,6 +165,7 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=1, help="width multiplier (accelerators)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "image", "text"])
     args = p.parse_args()
+    allocator = "tuned" if tune_allocator() else "glibc default"  # as the console scripts run (BAGEL_MALLOC)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, DTYPE = torch.device(args.device), parse_dtype(args.dtype)
@@ -178,7 +180,7 @@ def main() -> None:
     gflops = calibration(device)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {args.dtype}, scale {args.scale}; "
           f"{sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters; pack {batch.sequence_length} tokens; "
-          f"calibration: 1024^3 fp32 matmul {gflops:.0f} GFLOP/s")
+          f"calibration: 1024^3 fp32 matmul {gflops:.0f} GFLOP/s; malloc {allocator}")
     rows = {}
     if "train" not in args.skip:
         model.train()

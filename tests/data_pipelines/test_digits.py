@@ -40,7 +40,10 @@ def test_texts_and_roles(digits_dir):
         assert e.segments[1].text == "Change it to the next digit."
         c = loads_document(count[key]["json"])
         assert c.segments[0].text == f"Count up from {WORDS[label]}:"
-        assert len(c.images) == 3 and c.segments[-1].roles == ("target",)
+        assert len(c.images) == 3 and all(seg.roles == ("target", "vae", "vit") for seg in c.segments[1:])
+        # what follows each block is taught: an image after the prompt and the first two, then the end
+        assert (c.segments[0].special_token_loss, c.segments[0].special_token_label) == (True, "start_of_image")
+        assert [seg.next_label for seg in c.segments[1:]] == ["start_of_image", "start_of_image", "eos"]
     assert len(t2i) == 40
 
 
@@ -56,3 +59,24 @@ def test_edit_targets_the_next_digit(digits_dir):
         meta = json.loads(sample["json"])["meta"]
         assert [labels[i] for i in meta["indexes"]] == [(meta["label"] + k) % 10 for k in range(3)]
         assert all(split_of(i) == "test" for i in meta["indexes"])
+
+
+def test_count_plan_teaches_what_follows_each_block(digits_dir, tokenizer):
+    """Decoded, a count sample's prompt closes with CE -> <|vision_start|>, and each image's last
+    clean block (the ViT copy) closes with CE -> <|vision_start|>, <|vision_start|>, <|im_end|>."""
+    from bagel.packing import Text, VaeImage, VitImage
+    from bagel.tokenizer import SpecialTokens
+    from data_pipelines.decode import SampleDecoder
+    from data_pipelines.shards import SampleRef
+    from tests.data_pipelines.conftest import SMALL_TRANSFORMS
+    from bagel.transforms import ResizeSpec
+
+    tokens = SpecialTokens(bos=1, eos=2, start_of_image=3, end_of_image=4)
+    decode = SampleDecoder(tokenizer, tokens, ResizeSpec(**SMALL_TRANSFORMS["vae"]), ResizeSpec(**SMALL_TRANSFORMS["vit"]))
+    key, sample = next(iter(_docs(digits_dir / "train" / "count").items()))
+    plan = decode({"__key__": key, "__ref__": SampleRef("count", 0, 0, 0), **sample}).plan
+    assert isinstance(plan[0], Text) and plan[0].special_token_label == tokens.start_of_image
+    labels = [(type(item).__name__, getattr(item, "loss", None), item.next_label) for item in plan[1:]]
+    image = [("VaeImage", True, None), ("VaeImage", False, None)]
+    assert labels == [*image, ("VitImage", None, 3), *image, ("VitImage", None, 3), *image, ("VitImage", None, 2)]
+    assert all(isinstance(item, (VaeImage, VitImage)) for item in plan[1:])

@@ -28,10 +28,20 @@ def test_edit_roles_and_cfg():
     ({"segments": [{"type": "image", "image": "0.txt", "roles": ["vit"]}]}, "extension"),
     ({"segments": [{"type": "video"}]}, "type 'video'"),
     ({"segments": [{"type": "text", "text": "x", "loss": "yes"}]}, "'loss' is str"),
+    ({"segments": [{"type": "image", "image": "0.png", "roles": ["target"], "next_label": "eos"}]}, "clean block"),
+    ({"segments": [{"type": "image", "image": "0.png", "roles": ["vit"], "next_label": "more"}]}, "next_label 'more'"),
 ])
 def test_schema_errors_name_the_key(bad, match):
     with pytest.raises(SchemaError, match=match):
         parse_document(bad, "s.json")
+
+
+def test_next_label_round_trips_and_sits_on_the_last_clean_block():
+    from data_pipelines.schema import Document, ImageSegment, TextSegment
+
+    doc = Document([TextSegment("go", special_token_loss=True, special_token_label="start_of_image"),
+                    ImageSegment("0.png", ("target", "vae", "vit"), next_label="eos")])
+    assert loads_document(doc.dumps()) == doc
 
 
 def test_role_order_is_canonical():

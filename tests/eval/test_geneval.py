@@ -214,7 +214,7 @@ def test_bad_size_missing_model_and_used_out_dir(tmp_path, capsys):
     data = write_meta(tmp_path / "meta.jsonl")
     base = ["--task", "geneval", "--data", data, "--quiet"]
     assert cli.main([*base, "--model", str(TINY), "--size", "40x32", "--out", str(tmp_path / "a")]) == 2
-    assert "multiple of 16" in capsys.readouterr().err
+    assert "multiples of 16 px for this model" in capsys.readouterr().err
     assert cli.main([*base, "--model", str(TINY), "--size", "big", "--out", str(tmp_path / "a")]) == 2
     assert "expected WxH" in capsys.readouterr().err
     assert cli.main([*base, "--model", str(tmp_path / "nope"), *SMALL, "--out", str(tmp_path / "a")]) == 2

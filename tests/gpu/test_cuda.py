@@ -156,7 +156,7 @@ def test_bf16_fsdp2_training_step_follows_fp32_cpu(tmp_path):
 
 # Parity -----------------------------------------------------------------------------------------
 def test_parity_on_cuda_fp32():
-    from bagel.cli.parity import run_all
+    from bagel.cli.parity_cases import run_all
 
     results = run_all(TINY, "cuda")
     failed = [r.line() for r in results if not r.ok]

@@ -74,6 +74,46 @@ def test_requests(app, official_dir):
         app.chat(engine, None, [], "  ", **turn)
 
 
+def test_named_endpoints_with_named_parameters(app, official_dir, capfd):
+    """The API a client sees: /generate, /edit, /chat, /interleave with the parameters' own names;
+    a call through it gives the engine's image, enlarged for display; bad input is a clean error
+    for the client and no traceback in the server's log."""
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+    from PIL import Image
+
+    engine = app.load_engine(app.build_parser().parse_args(["--model", str(official_dir)]))
+    demo = app.build_ui(engine, "tiny")
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        api = client.view_api(return_format="dict", print_info=False)
+        assert set(api["named_endpoints"]) == {"/generate", "/edit", "/chat", "/interleave"}
+        assert not api["unnamed_endpoints"]
+        names = {name: [p["parameter_name"] for p in ep["parameters"]] for name, ep in api["named_endpoints"].items()}
+        guidance = ["steps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval_start",
+                    "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min", "upscale"]
+        assert names["/generate"] == ["prompt", "width", "height", "seed", "think", "max_think_tokens", *guidance]
+        assert names["/interleave"] == ["prompt", "image", "seed", "max_blocks", *guidance]
+        assert names["/chat"][:3] == ["image", "question", "think"]
+        settings = dict(zip(guidance, [3, 3.0, 4.0, 1.0, 0.4, 1.0, "global", 0.0, 0]))
+        path, plan = client.predict(prompt="a red cube", width=64, height=48, seed=1, think=False, max_think_tokens=16,
+                                    **settings, api_name="/generate")
+        shown = Image.open(path)
+        direct, _ = app.generate(engine, "a red cube", 64, 48, seed=1, think=False, max_think_tokens=8,
+                                 cfg=app.gen_config(3, 3.0, 4.0, 1.0, 0.4, 1.0, "global", 0.0))
+        assert shown.size == (384, 288)  # auto: 6x, the smallest factor that shows 48 px as >= 256 px
+        assert shown.convert("RGB").resize((64, 48), Image.NEAREST).tobytes() == direct.tobytes()
+        capfd.readouterr()
+        with pytest.raises(Exception, match="type a prompt first"):
+            client.predict(prompt="  ", width=64, height=48, seed=1, think=False, max_think_tokens=16, **settings,
+                           api_name="/generate")
+        assert "Traceback" not in "".join(capfd.readouterr())
+    finally:
+        demo.close()
+
+
 # End to end in a browser ------------------------------------------------------------------------
 def browser_tools() -> tuple[str, str]:
     """(chromium, chromedriver) paths, or skip saying what is missing."""
@@ -117,6 +157,18 @@ def kill_group(proc) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=10)
+
+
+def check_not_blank(png: bytes) -> None:
+    """A rendered page, not an empty one: many distinct colours and real contrast."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert colours > 50 and pixels.std() > 10, f"the screenshot looks blank ({colours} colours, std {pixels.std():.1f})"
 
 
 def test_generate_in_headless_chromium(official_dir, tmp_path):
@@ -186,7 +238,10 @@ def test_generate_in_headless_chromium(official_dir, tmp_path):
             toasts = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")]
             pytest.fail(f"no output image; messages on the page: {toasts}\napp log:\n{log.read_text()}")
         size = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img)
-        assert size == [64, 64], "the width/height controls did not reach the engine"
+        assert size == [256, 256], "the width/height controls did not reach the engine (64 px, shown 4x)"
+        shown = driver.execute_script("return [arguments[0].clientWidth, arguments[0].clientHeight]", img)
+        assert min(shown) >= 256, f"the image is displayed at {shown} px"
+        check_not_blank(driver.get_screenshot_as_png())
         print(f"app served after {served - start:.1f} s; image {time.monotonic() - clicked:.1f} s after the click")
     finally:
         watchdog.cancel()

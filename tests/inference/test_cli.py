@@ -18,6 +18,52 @@ def test_generate_batch_writes_numbered_files(official_dir, tmp_path, capsys):
         assert im.size == (64, 48)
 
 
+def test_batch_grid_upscale_and_png_metadata(official_dir, tmp_path):
+    from bagel.inference.pictures import read_png_info
+
+    out = tmp_path / "o.png"
+    rc = generate.main(["--model", str(official_dir), "--prompt", "A cat", "--out", str(out), "--size", "32x16",
+                        "--steps", "3", "--batch", "3", "--seed", "5", "--upscale", "4", "--cfg-text", "2"])
+    assert rc == 0
+    images = [Image.open(tmp_path / f"o_{i}.png") for i in range(3)]
+    assert all(im.size == (128, 64) for im in images)
+    small = images[0].resize((32, 16), Image.NEAREST)
+    assert small.resize((128, 64), Image.NEAREST).tobytes() == images[0].tobytes()  # nearest: whole blocks
+    grid = Image.open(tmp_path / "o_grid.png")
+    assert grid.size == (4 * (2 * (32 + 2) + 2), 4 * (2 * (16 + 2) + 2))  # 2 x 2 cells, 2 px padding, x4
+    info = read_png_info(tmp_path / "o_1.png")
+    settings = json.loads(info["settings"])
+    assert (info["prompt"], info["seed"], info["model"], info["task"], info["index"]) == (
+        "A cat", "5", str(official_dir), "text_to_image", "1")
+    assert settings["num_timesteps"] == 3 and settings["cfg_text_scale"] == 2.0 and info["software"].startswith("bagel ")
+
+
+def test_interleave_writes_the_images_in_order(official_dir, tmp_path, monkeypatch, capsys):
+    from bagel.inference import engine as engine_module
+    from bagel.tokenizer import SpecialTokens, load_tokenizer
+
+    tokens = SpecialTokens.from_tokenizer(load_tokenizer(official_dir))
+    script = iter([tokens.start_of_image, tokens.start_of_image, tokens.eos])
+    monkeypatch.setattr(engine_module, "next_hints", lambda model, hidden: [next(script, tokens.eos) for _ in hidden])
+    out = tmp_path / "count.png"
+    assert generate.main(["--model", str(official_dir), "--interleave", "--prompt", "Count up from one:", "--out",
+                          str(out), "--size", "32x32", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "image 0" in printed and "image 1" in printed
+    assert Image.open(tmp_path / "count_1.png").size == (32, 32) and (tmp_path / "count_grid.png").is_file()
+
+
+def test_interleave_that_draws_nothing_says_so(official_dir, tmp_path, monkeypatch, capsys):
+    from bagel.inference import engine as engine_module
+    from bagel.tokenizer import SpecialTokens, load_tokenizer
+
+    eos = SpecialTokens.from_tokenizer(load_tokenizer(official_dir)).eos
+    monkeypatch.setattr(engine_module, "next_hints", lambda model, hidden: [eos for _ in hidden])
+    assert generate.main(["--model", str(official_dir), "--interleave", "--prompt", "Hi", "--out",
+                          str(tmp_path / "x.png")]) == 0
+    assert "ended the turn without drawing" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_edit_keeps_size(official_dir, tmp_path):
     src = tmp_path / "in.png"
     Image.new("RGB", (80, 48), (200, 30, 30)).save(src)
@@ -36,6 +82,8 @@ def test_generate_rejects_unparsable_size(official_dir, tmp_path, capsys):
     (["--model", "/nonexistent/dir", "--prompt", "x"], "does not exist"),
     (["--prompt", "x", "--size", "4096x4096"], "exceeds the model"),
     (["--prompt", "x", "--size", "60x48"], "positive multiples of 16 px for this model"),
+    (["--prompt", "x", "--upscale", "0"], "--upscale must be >= 1"),
+    (["--prompt", "x", "--interleave", "--batch", "2"], "does not combine"),
     (["--prompt", "x", "--image", "/nonexistent.png"], "does not exist"),
 ])
 def test_generate_clear_errors(official_dir, tmp_path, capsys, argv, match):
@@ -58,9 +106,22 @@ def test_chat_one_shot_and_bad_image(official_dir, tmp_path, capsys):
 def test_chat_interactive(official_dir, monkeypatch, capsys):
     lines = iter(["hello there", "/image /nonexistent.png", "/reset", "again", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
     assert chat.main(["--model", str(official_dir), "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "error: image /nonexistent.png does not exist" in out
+
+
+def test_chat_without_question_off_a_terminal_says_what_to_do(official_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert chat.main(["--model", str(official_dir)]) == 2
+    assert "pass --question TEXT" in capsys.readouterr().err
+
+
+def test_chat_empty_answer_exits_1(official_dir, monkeypatch, capsys):
+    monkeypatch.setattr("bagel.cli.chat.Chat.ask", lambda self, question: "")
+    assert chat.main(["--model", str(official_dir), "--question", "Why?"]) == 1
+    assert "empty answer; this model may need an image: --image PATH" in capsys.readouterr().err
 
 
 def test_chat_speculative_gives_the_same_answer(official_dir, tmp_path, capsys):

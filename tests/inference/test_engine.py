@@ -247,3 +247,43 @@ def test_images_are_pil_and_files_are_read_by_the_caller(engine, tmp_path):
 def test_missing_model_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Engine.from_pretrained(tmp_path / "none")
+
+
+def test_image_hint_equals_recomputing_its_closing_marker(engine):
+    """add_image reads what comes next at the image's closing <|vision_end|> during the prefill;
+    recomputing that one token as a causal query over the cached context gives the same state."""
+    from bagel.inference.engine import next_hints
+    from bagel.inference.forward import Query
+
+    s = engine.new_sessions(1)
+    engine.add_text(s, ["Count up from one:"])
+    engine.add_image(s, [image(3, 32, 32)], vae=True, vit=True, generator=torch.Generator().manual_seed(0))
+    ctx = s[0].full.fork()
+    ctx.trim(ctx.length - 1)
+    end = engine.model.llm.embed_tokens(torch.tensor([engine.tokens.end_of_image]))
+    q = Query(end, torch.tensor([s[0].full.rope - 1]), torch.zeros(1, dtype=torch.bool), causal=True)
+    hidden = forward_queries(llm_stack(engine.model), [ctx], [q], commit=False)
+    assert next_hints(engine.model, hidden) == [s[0].next_hint]
+
+
+def test_prompt_warnings_name_the_unknown_words(engine, monkeypatch):
+    from bagel.sampling import GenerationDefaults
+
+    assert engine.prompt_warnings("a red cube") == []  # Qwen's vocabulary knows these
+    assert "'zqxjvkw'" in engine.prompt_warnings("a zqxjvkw cube")[0]
+    monkeypatch.setattr(engine, "defaults", GenerationDefaults(vocabulary=("a", "handwritten", "digit", "seven")))
+    assert engine.prompt_warnings("a handwritten digit seven") == []
+    warning = engine.prompt_warnings("a handwritten digit eleven, a red fox")[0]
+    assert "closed vocabulary" in warning and "'eleven', 'red', 'fox'" in warning
+
+
+def test_interleave_from_text_alone_draws_at_the_native_size(engine, monkeypatch):
+    from bagel.inference import engine as engine_module
+
+    script = iter([engine.tokens.start_of_image])
+    monkeypatch.setattr(engine_module, "next_hints", lambda model, hidden: [next(script, engine.tokens.eos)
+                                                                            for _ in hidden])
+    out = engine.interleave(["Count up from one:"], cfg=ImageGenConfig(num_timesteps=2))
+    assert len(out) == 1 and out[0].size == engine.native_size[::-1]
+    with pytest.raises(ValueError, match="at least one input"):
+        engine.interleave([])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bagel.batch import PackedBatch
-from bagel.cli.parity import run_all
+from bagel.cli.parity_cases import run_all
 from bagel.config import BagelConfig
 from bagel.model.bagel import Bagel
 from bagel.packing import Text, VaeImage, VitImage, pack_samples
