@@ -28,7 +28,7 @@ setup(
         "data": ["pyarrow"],  # parquet converters
         "dev": ["pytest>=7", "scikit-learn", "pyarrow", "selenium>=4.11"],
         "app": ["gradio>=6,<7"],
-        "train": ["tensorboard", "matplotlib"],  # optional logging and loss plots
+        "train": ["tensorboard", "matplotlib", "peft>=0.17"],  # logging, loss plots, LoRA adapters
     },
     entry_points={
         "console_scripts": [
