@@ -60,7 +60,7 @@ def test_every_option_documented_with_its_default(tool):
             if not action.option_strings or action.help == argparse.SUPPRESS:
                 continue
             assert action.help, f"{p.prog} {action.option_strings[0]} has no help text"
-            if action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, bool):
+            if action.default not in (None, False, argparse.SUPPRESS, []) and not isinstance(action.default, bool):
                 assert "default" in p._get_formatter()._format_action(action), \
                     f"{p.prog} {action.option_strings[0]}: default {action.default!r} not shown"
 

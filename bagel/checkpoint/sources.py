@@ -93,3 +93,20 @@ def with_tensors_from(source: TensorSource, path: str | Path, prefix: str, names
         return t.float()
 
     return read
+
+
+def with_adapters(source: TensorSource, seed: int, shapes: dict[str, tuple[int, ...]]) -> TensorSource:
+    """`source` for a model with LoRA layers injected (`shapes`: its tensor shapes by name): base
+    weights under their plain names (`x.base_layer.weight` reads `x.weight`), adapter tensors from
+    their initialisation rule."""
+    from bagel.model import lora
+
+    def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if not lora.is_adapter_param(name):
+            return source(lora.base_name(name), shape)
+        layer = name.split(".lora_", 1)[0]
+        base = f"{layer}.base_layer.weight"
+        return lora.initial_adapter_tensor(name, shape, seed, lambda: source(f"{layer}.weight", shapes[base]))
+
+    return read
+

@@ -27,7 +27,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default in (None, False, argparse.SUPPRESS) or action.option_strings == []
+        if ("default" in text or default in (None, False, argparse.SUPPRESS, []) or action.option_strings == []
                 or isinstance(action, argparse._VersionAction)):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
@@ -105,6 +105,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default: --device)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and settings give the same "
                    "output, byte for byte")
+    p.add_argument("--lora", action="append", default=[], metavar="DIR",
+                   help="a LoRA adapter directory (peft's format, e.g. RUN_DIR/export_adapter) put on the model; "
+                        "repeatable: adapters add up")
+    p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
+                   help="the adapters' scale (1 = as trained, 0 = off): one value for all, or one per --lora")
 
 
 def check_writable_dir(path, flag: str) -> None:
@@ -159,8 +164,29 @@ def load_engine(args):
     for name in (args.device, args.vae_device, args.vit_device):
         check_device(name)
     resolve_model(args)
-    return Engine.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=args.device,
-                                  vae_device=args.vae_device, vit_device=args.vit_device)
+    adapters = lora_args(args)
+    engine = Engine.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=args.device,
+                                    vae_device=args.vae_device, vit_device=args.vit_device)
+    engine.use_loras(adapters)
+    return engine
+
+
+def lora_args(args) -> list[tuple[str, float]]:
+    """--lora / --lora-scale as (directory, scale) pairs, checked before the model loads."""
+    from pathlib import Path
+
+    paths, scales = getattr(args, "lora", []), getattr(args, "lora_scale", [])
+    if scales and not paths:
+        raise ValueError("--lora-scale without --lora")
+    if len(scales) not in (0, 1, len(paths)):
+        raise ValueError(f"{len(scales)} --lora-scale values for {len(paths)} --lora adapters: give one for all, "
+                         "or one per adapter")
+    for path in paths:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (Path(path) / name).is_file():
+                raise FileNotFoundError(f"--lora {path}: missing {name} (a LoRA adapter directory in peft's format)")
+    scales = scales * len(paths) if len(scales) == 1 else scales or [1.0] * len(paths)
+    return list(zip(paths, scales))
 
 
 def warn(prog: str, message: str) -> None:

@@ -23,7 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bagel.cli.common import Parser, add_model_args, check_writable_dir, load_engine, resolve_model, run, warn
+from bagel.cli.common import (Parser, add_model_args, check_writable_dir, load_engine, lora_args, resolve_model, run,
+                              warn)
 from bagel.sampling import RENORM_TYPES
 
 
@@ -89,6 +90,11 @@ def sampler_config(args, task: str):
     return base.replace(**{k: v for k, v in given.items() if v is not None})
 
 
+def _loras(engine) -> str | None:
+    """The adapters in use, for the PNG's text chunks: 'DIR@SCALE;...' (None without any)."""
+    return ";".join(f"{path}@{scale:g}" for path, scale in engine.loras.values()) or None
+
+
 def numbered(out: Path, n: int) -> list[Path]:
     """OUT.png for one image, else OUT_0.png ... OUT_{n-1}.png."""
     return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
@@ -108,6 +114,7 @@ def check_inputs(args) -> None:
         raise ValueError("--interleave makes one turn: it does not combine with --think or --batch")
     if args.size is not None:  # the one size rule, from the model's config alone
         latent_grid(read_model_config(args.model), args.size)
+    lora_args(args)
     check_writable_dir(Path(args.out).parent, "--out")
 
 
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         mode = "interleave" if args.interleave else task
         for i, (im, path) in enumerate(zip(images, numbered(out, len(images)))):
             info = generation_info(args.prompt, args.seed, cfg, args.model, task=mode, index=i, upscale=args.upscale,
-                                   image=args.image)
+                                   image=args.image, lora=_loras(engine))
             save_png(upscale(im, args.upscale), path, info)
             print(f"wrote {path} ({im.width * args.upscale}x{im.height * args.upscale})")
         if len(images) > 1:

@@ -64,6 +64,41 @@ class Engine:
         self.max_context = max_context or model.cfg.llm.max_position_embeddings
         self.cache = KVCache.for_model(model)
         self.speculative = None  # (heads, SpecConfig): decode text with draft heads, same output
+        self.model_dir: Path | None = None  # set by from_pretrained (adapters check it for merged copies)
+        self.loras: dict[str, tuple[str, float]] = {}  # adapter name -> (directory, scale)
+
+    # LoRA adapters ----------------------------------------------------------------------------
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Put the LoRA adapter in `path` (peft's format) on the model in memory, at `scale`;
+        returns its name. Several adapters add up; the base weights are never touched."""
+        from bagel.checkpoint.adapters import load_adapter
+
+        name = name or f"lora{len(self.loras)}"
+        if name in self.loras:
+            raise ValueError(f"an adapter named {name!r} is already loaded ({self.loras[name][0]})")
+        load_adapter(self.model, path, name, scale, model_dir=self.model_dir)
+        self.loras[name] = (str(path), float(scale))
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Scale adapter `name` (0 switches it off: outputs exactly the base model's)."""
+        from bagel.model.lora import set_scales
+
+        set_scales(self.model, {name: scale})
+        self.loras[name] = (self.loras[name][0], float(scale))
+
+    def unload_lora(self, name: str) -> None:
+        from bagel.model.lora import remove_adapter
+
+        remove_adapter(self.model, name)
+        del self.loras[name]
+
+    def use_loras(self, adapters: list[tuple[str | Path, float]]) -> list[str]:
+        """Swap adapters without reloading the base: remove the loaded ones, load these
+        (path, scale) pairs; [] leaves the plain base model. Returns their names."""
+        for name in list(self.loras):
+            self.unload_lora(name)
+        return [self.load_lora(path, scale) for path, scale in adapters]
 
     def use_speculative(self, heads=None) -> None:
         """Decode text speculatively with draft heads (the model's own, or `heads`). Greedy output
@@ -101,7 +136,9 @@ class Engine:
         kwargs.setdefault("vae_transform", vae_t)
         kwargs.setdefault("vit_transform", vit_t)
         kwargs.setdefault("defaults", GenerationDefaults.from_model_dir(path))
-        return cls(model, vae, load_tokenizer(path), **kwargs)
+        engine = cls(model, vae, load_tokenizer(path), **kwargs)
+        engine.model_dir = path
+        return engine
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -215,3 +215,21 @@ def merge_all(model: nn.Module) -> nn.Module:
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def initial_adapter_tensor(name: str, shape: tuple[int, ...], seed: int, base_weight) -> "torch.Tensor":
+    """An adapter parameter's starting value, from its name alone (every rank, and a resumed run,
+    computes the same): A uniform in +-1/sqrt(fan_in) (peft's default, Kaiming-uniform with
+    a = sqrt(5)), B zero (so training starts at the base model), a DoRA magnitude the row norms
+    of the base weight (`base_weight()` reads it)."""
+    import zlib
+
+    import torch
+
+    if ".lora_B." in name:
+        return torch.zeros(shape)
+    if ".lora_magnitude_vector." in name:
+        return base_weight().float().norm(dim=1)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    bound = 1.0 / shape[1] ** 0.5
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from bagel.checkpoint.dcp import SafeLoadPlanner, SafeReader, check_fits
 from bagel.checkpoint.files import fsync_dir, fsync_file, write_text
@@ -133,8 +133,10 @@ def remove_stale(run_dir: str | Path, dist: DistInfo) -> None:
 
 def save(run_dir: str | Path, step: int, model, optimizer, ema_state: dict[str, torch.Tensor] | None,
          trainer_state: dict[str, Any], rank_state: dict[str, Any], config_yaml: str, keep: int,
-         dist: DistInfo) -> Path:
-    """Write checkpoint `step` (collective: every rank calls it). Returns its final path."""
+         dist: DistInfo, trainable_only: bool = False) -> Path:
+    """Write checkpoint `step` (collective: every rank calls it). Returns its final path.
+    `trainable_only` (LoRA runs): the model's frozen parameters are not written (the run rebuilds
+    them from its base model), so the checkpoint holds only what trains."""
     root = checkpoint_root(run_dir)
     tmp = root / f"{TMP_PREFIX}{step:08d}"
     if dist.is_main:
@@ -142,7 +144,7 @@ def save(run_dir: str | Path, step: int, model, optimizer, ema_state: dict[str, 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    write_shards(tmp, model, optimizer, ema_state, rank_state, dist)
+    write_shards(tmp, model, optimizer, ema_state, rank_state, dist, trainable_only)
     barrier()
     final = root / f"{PREFIX}{step:08d}"
     if dist.is_main:
@@ -152,10 +154,11 @@ def save(run_dir: str | Path, step: int, model, optimizer, ema_state: dict[str, 
     return final
 
 
-def write_shards(tmp: Path, model, optimizer, ema_state, rank_state: dict[str, Any], dist: DistInfo) -> None:
+def write_shards(tmp: Path, model, optimizer, ema_state, rank_state: dict[str, Any], dist: DistInfo,
+                 trainable_only: bool = False) -> None:
     """This rank's part of a checkpoint: its DCP shards and its rank state."""
     with _quiet():
-        dcp.save(_sharded_state(model, optimizer, ema_state), checkpoint_id=str(tmp))
+        dcp.save(_sharded_state(model, optimizer, ema_state, trainable_only), checkpoint_id=str(tmp))
     torch.save(rank_state, tmp / f"rank_{dist.rank:05d}.pt")
 
 
@@ -188,9 +191,13 @@ def prune(run_dir: str | Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _sharded_state(model, optimizer, ema_state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+def _options(trainable_only: bool) -> StateDictOptions:
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def _sharded_state(model, optimizer, ema_state: dict[str, torch.Tensor] | None, trainable_only: bool) -> dict[str, Any]:
     """What DCP saves and loads in place: model, optimizer and (if any) EMA state dicts."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
     state = {"model": model_sd, "optim": optim_sd}
     if ema_state is not None:
         state["ema"] = ema_state
@@ -198,7 +205,7 @@ def _sharded_state(model, optimizer, ema_state: dict[str, torch.Tensor] | None) 
 
 
 def load(path: str | Path, model, optimizer, ema_state: dict[str, torch.Tensor] | None,
-         dist: DistInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+         dist: DistInfo, trainable_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model, optimizer and EMA in place; returns (trainer_state, this rank's state)."""
     path = Path(path)
     if not path.is_dir():
@@ -213,11 +220,12 @@ def load(path: str | Path, model, optimizer, ema_state: dict[str, torch.Tensor] 
             f"{rank_file} is missing: the checkpoint was written by {trainer_state.get('world_size')} "
             f"ranks and this run has {dist.world_size}; the data-loader state only resumes on the same "
             "world size (weights alone can be reloaded with model.preset=pretrained after an export)")
-    state = _sharded_state(model, optimizer, ema_state)
+    state = _sharded_state(model, optimizer, ema_state, trainable_only)
     check_fits(path, state)  # our own message, before DCP fails with tracebacks in its logs
     with _quiet():
         dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(trainable_only))
     rank_state = torch.load(rank_file, weights_only=True)  # tensors and plain containers: no unpickling
     return trainer_state, rank_state
 

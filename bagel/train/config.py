@@ -123,6 +123,32 @@ class LogSection:
 
 
 @dataclass
+class LoraSection:
+    """Low-rank adapters instead of full training (bagel/model/lora.py): rank 0 trains the model
+    itself; rank >= 1 freezes it and trains adapters on the layers `experts` x `kinds` select."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    experts: str = "und,gen"  # und, gen or both
+    kinds: str = "attn,mlp"  # attn, mlp, connector, vit, latent
+    dora: bool = False
+    rslora: bool = False
+
+    def spec(self):
+        """The LoraSpec of this section (None when rank is 0); bad values are ConfigErrors."""
+        if self.rank == 0:
+            return None
+        from bagel.model.lora import LoraError, LoraSpec  # imports torch: only for LoRA runs
+
+        try:
+            return LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, experts=self.experts,
+                            kinds=self.kinds, dora=self.dora, rslora=self.rslora)
+        except LoraError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/tiny"
     model: ModelSection = field(default_factory=ModelSection)
@@ -132,6 +158,7 @@ class TrainConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     # The sampler settings the exported model recommends (its generation.json), on top of the
     # presets: {text_to_image: {num_timesteps: 20, ...}, edit: {...}} (bagel.sampling)
     generation: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +185,11 @@ class TrainConfig:
             raise ConfigError("data.kind='corpus' needs data.tokenizer (a tokenizer directory)")
         if (self.train.heads_weight > 0 or self.train.heads_only) and self.parallel.mode == "fsdp":
             raise ConfigError("training draft heads is supported with parallel.mode none or ddp (not fsdp yet)")
+        if self.lora.rank < 0:
+            raise ConfigError(f"lora.rank={self.lora.rank!r}: must be >= 1 (or 0: no adapters)")
+        if self.lora.rank and (self.train.heads_weight > 0 or self.train.heads_only):
+            raise ConfigError("lora.rank > 0 trains adapters only: it does not combine with draft-head training")
+        self.lora.spec()  # bad LoRA values fail now
         self._check_ranges()
         GenerationDefaults.from_overrides(self.generation, "generation")  # unknown keys or bad values fail now
 

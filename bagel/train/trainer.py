@@ -28,6 +28,7 @@ process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ from typing import Any
 import torch
 
 from bagel.checkpoint.files import write_text
-from bagel.checkpoint.sources import pretrained_source, scratch_source, with_tensors_from
+from bagel.checkpoint.sources import pretrained_source, scratch_source, with_adapters, with_tensors_from
 from bagel.config import ConfigError, parse_dtype
+from bagel.model import lora
 from bagel.model.bagel import Bagel
 from bagel.sampling import GenerationDefaults
 from bagel.train import checkpointing, losses
@@ -85,13 +87,18 @@ class Trainer:
         with torch.device("meta"):
             model = Bagel(self.model_cfg)
         self.frozen = apply_freeze(model, t)
-        no_decay = no_decay_names(model)
         std = cfg.model.init_std
         if cfg.model.preset == "pretrained":
             tensors = pretrained_source(cfg.model.path, self.model_cfg, std, t.seed)
         else:
             shapes = {name: tuple(v.shape) for name, v in model.state_dict().items()}
             tensors = scratch_source(self.model_cfg, std, t.seed, shapes)
+        self.lora = cfg.lora.spec()  # adapters instead of full training: the base is frozen
+        if self.lora is not None:
+            lora.attach(model, self.lora)
+            self.frozen = [n for n, q in model.named_parameters() if not q.requires_grad]
+            tensors = with_adapters(tensors, t.seed, {n: tuple(v.shape) for n, v in model.state_dict().items()})
+        no_decay = no_decay_names(model)
         if cfg.model.vit_path:
             if not self.model_cfg.visual_und:
                 raise ConfigError(f"model.vit_path={cfg.model.vit_path} but this model has no ViT (visual_und=False)")
@@ -164,6 +171,17 @@ class Trainer:
                               "bagel-train (bagel/cli/train.py builds the data pipeline)")
         return SyntheticSource(self.model_cfg, self.cfg.data, self.dist.rank, self.dist.world_size)
 
+    def _record_lora(self) -> None:
+        """Print and save (RUN_DIR/lora.json) the resolved adapter selection and its size."""
+        total = sum(q.numel() for q in self.model.parameters())
+        trainable = sum(q.numel() for q in self.params)
+        spec = self.lora
+        record = {**dataclasses.asdict(spec), "trainable_parameters": trainable, "total_parameters": total}
+        write_text(self.run_dir / "lora.json", json.dumps(record, indent=1) + "\n")
+        _say(f"[bagel-train] LoRA rank {spec.rank} on {len(spec.modules)} layers (experts {','.join(spec.experts)}, "
+             f"kinds {','.join(spec.kinds)}): {trainable:,} trainable parameters, {trainable / total:.2%} of "
+             f"{total:,}; the layers: {self.run_dir / 'lora.json'}")
+
     # Checkpoints ------------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
         return {"data": self.source.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -174,7 +192,7 @@ class Trainer:
         self.last_checkpoint = checkpointing.save(
             self.run_dir, self.step, self.model, self.optimizer, self.ema.state if self.ema else None,
             {"scaler": self.scaler.state_dict(), "counters": self.counters}, self._rank_state(),
-            self.cfg.to_yaml(), self.cfg.checkpoint.keep, self.dist)
+            self.cfg.to_yaml(), self.cfg.checkpoint.keep, self.dist, trainable_only=self.lora is not None)
         return self.last_checkpoint
 
     def start(self) -> Path | None:
@@ -197,7 +215,8 @@ class Trainer:
     def restore(self, path: Path) -> None:
         """Model, optimizer, EMA, counters, data position and RNG states from checkpoint `path`."""
         state, rank_state = checkpointing.load(path, self.model, self.optimizer,
-                                               self.ema.state if self.ema else None, self.dist)
+                                               self.ema.state if self.ema else None, self.dist,
+                                               trainable_only=self.lora is not None)
         self.step = int(state["step"])
         self.scaler.load_state_dict(state["scaler"])
         self.counters.update(state["counters"])
@@ -322,6 +341,8 @@ class Trainer:
         if dist.is_main:
             write_text(self.run_dir / "config.yaml", cfg.to_yaml())
             _say(f"[bagel-train] resolved config: {self.run_dir / 'config.yaml'}")
+            if self.lora is not None:
+                self._record_lora()
             if resumed:
                 _say(f"[bagel-train] resumed from {resumed} at step {self.step}")
         peak, peak_src = peak_tflops(cfg.log.peak_tflops, parse_dtype(cfg.parallel.param_dtype), self.device)
@@ -373,7 +394,8 @@ class Trainer:
                 overrides = self.ema.state if self.ema else None
                 export(self.model, self.model_cfg, self.run_dir / "export", self.run_dir / "export_official",
                        overrides, dist.is_main, vae=self.vae,
-                       generation=GenerationDefaults.from_overrides(cfg.generation, "generation"))
+                       generation=GenerationDefaults.from_overrides(cfg.generation, "generation"),
+                       lora_spec=self.lora, adapter_dir=self.run_dir / "export_adapter", base=cfg.model.path)
         finally:
             logger.close()
             if previous is not None:

@@ -66,11 +66,14 @@ def full_state_dict(model: nn.Module, overrides: dict[str, torch.Tensor] | None 
 
 
 def export(model: nn.Module, cfg: BagelConfig, out_dir: str | Path, official_dir: str | Path | None,
-           overrides: dict[str, torch.Tensor] | None, is_main: bool, vae=None, generation=None) -> None:
+           overrides: dict[str, torch.Tensor] | None, is_main: bool, vae=None, generation=None,
+           lora_spec=None, adapter_dir: str | Path | None = None, base: str | None = None) -> None:
     """Write the weights (EMA when `overrides` holds it) as our `from_pretrained` layout in
     `out_dir` (draft heads also alone in `out_dir/draft_heads`) and, if given, the released layout
     (`ema.safetensors` + configs) in `official_dir`; both with `generation` (a GenerationDefaults)
-    as their generation.json."""
+    as their generation.json. A LoRA run (`lora_spec`) also writes its adapter alone, in peft's
+    format, to `adapter_dir`, and the two model layouts hold the base with the adapter merged in
+    (and say so in merged_adapters.json)."""
     from bagel.checkpoint.files import save_safetensors, write_text
     from bagel.sampling import GENERATION_FILE
     from bagel.checkpoint.heads import save_draft_heads
@@ -84,7 +87,11 @@ def export(model: nn.Module, cfg: BagelConfig, out_dir: str | Path, official_dir
         return
     with torch.device("meta"):
         plain = Bagel(cfg)
-    plain.load_state_dict(state, strict=True, assign=True)
+    merged = []
+    if lora_spec is not None:
+        merged = [_merge_adapter(plain, lora_spec, state, adapter_dir, base)]
+    else:
+        plain.load_state_dict(state, strict=True, assign=True)
     save_pretrained(plain, out_dir, vae=vae)
     for folder in (out_dir, official_dir):
         if generation is not None and folder is not None:
@@ -96,3 +103,27 @@ def export(model: nn.Module, cfg: BagelConfig, out_dir: str | Path, official_dir
         save_safetensors(export_official_state_dict(plain), Path(official_dir) / "ema.safetensors")
         if vae is not None:
             save_vae(vae, Path(official_dir) / VAE_NAME)
+    if merged:
+        from bagel.checkpoint.adapters import write_merged_record
+
+        for folder in (out_dir, official_dir):
+            if folder is not None:
+                write_merged_record(folder, merged)
+
+
+def _merge_adapter(plain: nn.Module, spec, state: dict[str, torch.Tensor], adapter_dir, base) -> dict:
+    """Fill the meta model `plain` from a LoRA run's `state` (base + adapter), write the adapter
+    alone to `adapter_dir`, then merge it into the base in place; returns the merge record."""
+    import dataclasses
+
+    from bagel.checkpoint.adapters import adapter_state, fingerprint, save_adapter
+    from bagel.model import lora
+
+    spec = dataclasses.replace(spec, modules=list(spec.modules))
+    lora.attach(plain, spec)
+    plain.load_state_dict(state, strict=True, assign=True)
+    if adapter_dir is not None:
+        save_adapter(plain, "default", spec, adapter_dir, base=base)
+    record = {"adapter": str(adapter_dir) if adapter_dir else None, "fingerprint": fingerprint(adapter_state(plain, "default"))}
+    lora.merge_all(plain)
+    return record

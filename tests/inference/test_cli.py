@@ -190,3 +190,47 @@ def test_python_api_cli_and_app_give_identical_images(official_dir, tmp_path):
                           str(tmp_path / "e.png"), "--seed", "5"]) == 0
     assert np.array_equal(pixels(api), pixels(Image.open(tmp_path / "e.png")))
     assert np.array_equal(pixels(api), pixels(from_app))
+
+
+@pytest.fixture
+def tiny_adapter(official_dir, tmp_path):
+    """A gen-expert adapter for the fixture model, with random (non-zero) weights."""
+    import torch
+
+    pytest.importorskip("peft")
+    from bagel.checkpoint.adapters import save_adapter
+    from bagel.checkpoint.pretrained import from_pretrained
+    from bagel.model import lora
+
+    model = from_pretrained(official_dir)
+    spec = lora.LoraSpec(rank=2, experts="gen", kinds="attn,mlp,latent")
+    lora.attach(model, spec)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if lora.is_adapter_param(n):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return save_adapter(model, "default", spec, tmp_path / "adapter")
+
+
+def test_generate_with_lora_scale_zero_is_the_base_and_one_is_not(official_dir, tiny_adapter, tmp_path):
+    from bagel.inference.pictures import read_png_info
+
+    common = ["--model", str(official_dir), "--prompt", "A cat", "--size", "32x32", "--steps", "3", "--seed", "2"]
+    assert generate.main([*common, "--out", str(tmp_path / "base.png")]) == 0
+    assert generate.main([*common, "--lora", str(tiny_adapter), "--lora-scale", "0", "--out",
+                          str(tmp_path / "off.png")]) == 0
+    assert generate.main([*common, "--lora", str(tiny_adapter), "--out", str(tmp_path / "on.png")]) == 0
+    base, off, on = (Image.open(tmp_path / f"{n}.png").tobytes() for n in ("base", "off", "on"))
+    assert off == base and on != base
+    assert read_png_info(tmp_path / "on.png")["lora"] == f"{tiny_adapter}@1"
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--lora", "/nonexistent/adapter"], "missing adapter_config.json"),
+    (["--lora-scale", "0.5"], "--lora-scale without --lora"),
+])
+def test_bad_lora_arguments(official_dir, tmp_path, capsys, extra, match):
+    argv = ["--model", str(official_dir), "--prompt", "x", "--out", str(tmp_path / "x.png"), *extra]
+    assert generate.main(argv) == 2
+    assert match in capsys.readouterr().err

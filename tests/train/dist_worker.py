@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import FAST, RECIPE  # noqa: E402
 
 COMMON = ["--data.samples_per_batch=6", "--train.steps=6", "--optim.grad_accum=1"]
+LORA = ["--lora.rank=4", "--lora.alpha=8", "--lora.experts=und,gen", "--lora.kinds=attn,mlp,latent"]
 
 
 def run(out: Path, name: str, *overrides: str) -> list[dict]:
@@ -43,6 +44,8 @@ if __name__ == "__main__":
         barrier()
         run(out, "fsdp_resumed", "--parallel.mode=fsdp", "--checkpoint.resume=auto")
         run(out, "ddp", "--parallel.mode=ddp")
+        # LoRA: frozen base and trainable adapters in the same FSDP units
+        run(out, "fsdp_lora", "--parallel.mode=fsdp", *LORA)
         # 2 samples over 2 ranks: rank 0 gets a text-to-image sample (no ViT, no CE tokens), rank 1 an
         # image-QA one (no VAE image): every parameter must still take part on both ranks.
         run(out, "fsdp_sparse", "--parallel.mode=fsdp", "--data.samples_per_batch=2", "--train.steps=3")

@@ -38,6 +38,26 @@ def single_process(tmp_path_factory):
     return Trainer(cfg).run().history
 
 
+@pytest.fixture(scope="module")
+def single_process_lora(tmp_path_factory):
+    from bagel.train.config import load_config
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import FAST, RECIPE
+    from dist_worker import COMMON, LORA
+
+    out = tmp_path_factory.mktemp("single_lora")
+    return Trainer(load_config(RECIPE, [f"--run_dir={out}", *FAST, *COMMON, *LORA])).run().history
+
+
+def test_lora_two_ranks_match_one_process(two_rank_runs, single_process_lora):
+    for key in ("loss_ce", "loss_mse", "grad_norm"):
+        diff = _max_diff(two_rank_runs["fsdp_lora"], single_process_lora, key)
+        print(f"fsdp lora {key}: max |diff| vs one process = {diff:.2e}")
+        assert diff < 1e-4, key
+    assert single_process_lora[-1]["grad_norm"] > 0  # adapters did train
+
+
 def _max_diff(a, b, key):
     assert len(a) == len(b)
     return max(abs(x[key] - y[key]) for x, y in zip(a, b))
