@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test demo parity gpu-check clean
+.PHONY: venv test demo lora-demo parity gpu-check clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ test: venv
 # (runs/digits/report.md). 9-11 minutes on 2 CPU cores after the install (README, Digits demo).
 demo: venv
 	$(PY) scripts/digits_demo.py
+
+# LoRA on the demo model: a new edit (gen expert) and a new question (und expert), with the
+# forgetting, trainable share, time and memory of each (runs/digits_lora/report.md). Needs `make demo`.
+lora-demo: venv
+	$(PY) scripts/lora_demo.py
 
 parity: venv
 	$(VENV)/bin/bagel-parity tests/assets/bagel_official_tiny

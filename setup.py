@@ -39,6 +39,7 @@ setup(
             "bagel-chat=bagel.cli.chat:main",
             "bagel-train=bagel.cli.train:main",
             "bagel-app=bagel.cli.app:main",
+            "bagel-lora=bagel.cli.lora:main",
         ]
     },
 )

@@ -316,6 +316,14 @@ class BagelConfig:
 
     # Presets ----------------------------------------------------------------------------------
     @classmethod
+    def bagel_7b_mot(cls, **overrides) -> "BagelConfig":
+        """The released BAGEL-7B-MoT's shapes (Qwen2.5-7B with two experts per layer, SigLIP
+        so400m minus its last layer, FLUX VAE): the defaults, named. For sizing without weights
+        (bagel.inference.memory_plan); a real model is read from its directory."""
+        cfg = cls()
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+    @classmethod
     def tiny(cls, **overrides) -> "BagelConfig":
         """A few-hundred-thousand-parameter model with the fixture's geometry, for tests."""
         cfg = cls(

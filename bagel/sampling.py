@@ -30,6 +30,24 @@ PRESETS: dict[str, dict] = {
 }
 
 
+AUTO_THRESHOLD = 0.2  # scripts/bench/step_cache.py: 1.8x fewer decoder layers on the digits model, accuracy within 0.3 points
+
+
+def cache_threshold(value) -> float | None:
+    """"off" / None -> None; "auto" -> AUTO_THRESHOLD; a number (or its text) >= 0 -> float."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO_THRESHOLD
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"cache={value!r}: expected off, auto or a threshold >= 0 (e.g. 0.1)") from None
+    if not threshold >= 0 or threshold == float("inf"):
+        raise ConfigError(f"cache={value!r}: the threshold must be a finite number >= 0")
+    return threshold
+
+
 @dataclass
 class ImageGenConfig:
     """Sampler settings; the defaults are the `text_to_image` preset."""
@@ -41,9 +59,12 @@ class ImageGenConfig:
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm_type: str = "global"
     cfg_renorm_min: float = 0.0
+    # step cache (bagel/inference/step_cache.py): "off", "auto" or a threshold >= 0 (0: never skips)
+    cache: str | float = "off"
 
     def __post_init__(self):
         self.cfg_interval = tuple(float(x) for x in self.cfg_interval)
+        cache_threshold(self.cache)
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise ConfigError(f"cfg_renorm_type={self.cfg_renorm_type!r}; expected one of {RENORM_TYPES}")
         if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int) or self.num_timesteps < 2:

@@ -6,6 +6,8 @@
 * vqa:   image through the ViT, "What digit is this?" -> "{word}" (CE on the answer)
 * edit:  image (clean VAE + ViT), "Change it to the next digit." -> an image of the next digit
          (nine -> zero), drawn from the same split
+* mirror, parity (EXTRA_TASKS, not in the default set; the LoRA recipes teach them): "Mirror
+         it." -> the image flipped left-right; "Is it even or odd?" -> "even" / "odd"
 * count: "Count up from {word}:" -> three images of {word}, {word}+1, {word}+2 (mod 10), each a
          target followed by its clean VAE + ViT copies; the prompt and each image learn what
          follows them (an image, or the end of the turn)
@@ -31,6 +33,9 @@ from bagel.transforms import ResizeSpec
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TASKS = ("t2i", "vqa", "edit", "count")
+# Skills the demo model was not trained on, for the LoRA recipes (configs/train/lora_*.yaml):
+# "Mirror it." -> the same image flipped left-right; "Is it even or odd?" -> "even" / "odd".
+EXTRA_TASKS = ("mirror", "parity")
 SPLITS = ("train", "test")
 
 # Tiny-model geometry: 64 px VAE images (4x4 latent tokens), 56 px ViT images (4x4 patches).
@@ -41,6 +46,12 @@ DIGITS_VIT = ResizeSpec(max_size=56, min_size=56, stride=14)
 # The task texts (the demo's prompts; eval/digits.py asks the model with the same ones).
 QUESTION = "What digit is this?"
 EDIT_INSTRUCTION = "Change it to the next digit."
+MIRROR_INSTRUCTION = "Mirror it."
+PARITY_QUESTION = "Is it even or odd?"
+
+
+def parity_word(digit: int) -> str:
+    return "even" if digit % 2 == 0 else "odd"
 
 
 def caption(digit: int) -> str:
@@ -93,9 +104,13 @@ def write_digits(out_dir: str | Path, *, size: int = 64, max_samples: int = 500,
     """
     from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
+    unknown = sorted(set(tasks) - set(TASKS) - set(EXTRA_TASKS))
+    if unknown:
+        raise ValueError(f"unknown digits task(s) {unknown}; expected some of {TASKS + EXTRA_TASKS}")
     digits = load_digits()
     images, labels = digits.images, digits.target.astype(int)
     pngs = [digit_png(im, size) for im in track(images, desc="render digits", unit="img", enabled=progress)]
+    mirrored = [digit_png(im[:, ::-1], size) for im in images] if "mirror" in tasks else []
     rng = np.random.default_rng(seed)
     info = estimate_info(DIGITS_VAE, DIGITS_VIT)
     manifests: dict[str, dict[str, Manifest]] = {}
@@ -115,6 +130,12 @@ def write_digits(out_dir: str | Path, *, size: int = 64, max_samples: int = 500,
                 elif task == "vqa":
                     doc = vqa_document([(QUESTION, WORDS[d])], ["0.png"],
                                        label=int(d), index=i)
+                    writer.write(key, doc, {"0.png": pngs[i]})
+                elif task == "mirror":
+                    doc = edit_document("0.png", MIRROR_INSTRUCTION, "1.png", label=int(d), index=i)
+                    writer.write(key, doc, {"0.png": pngs[i], "1.png": mirrored[i]})
+                elif task == "parity":
+                    doc = vqa_document([(PARITY_QUESTION, parity_word(d))], ["0.png"], label=int(d), index=i)
                     writer.write(key, doc, {"0.png": pngs[i]})
                 elif task == "edit":
                     j = int(rng.choice(by_label[(d + 1) % 10]))

@@ -29,8 +29,8 @@ from PIL import Image
 # The dataset owns the task texts, the split and the rendering; the benchmark asks with the same.
 from bagel.inference.pictures import grid, save_png, upscale
 from bagel.progress import track
-from data_pipelines.digits import (EDIT_INSTRUCTION, QUESTION, WORDS, caption, count_prompt,  # noqa: F401
-                                   digit_image, split_of)
+from data_pipelines.digits import (EDIT_INSTRUCTION, MIRROR_INSTRUCTION, PARITY_QUESTION, QUESTION,  # noqa: F401
+                                   WORDS, caption, count_prompt, digit_image, parity_word, split_of)
 
 TASK = "digits"
 EDIT = EDIT_INSTRUCTION
@@ -144,8 +144,42 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
     return metrics
 
 
-def _understand(engine, pil: list, batch_size: int) -> list[str]:
-    """Batched greedy answers to "What digit is this?" about each image."""
+SKILLS = ("mirror", "parity")  # taught by the LoRA recipes (data_pipelines.digits.EXTRA_TASKS)
+
+
+def evaluate_skills(engine, skills: tuple[str, ...] = SKILLS, cfg: DigitsEvalConfig = DigitsEvalConfig()) -> dict:
+    """The LoRA recipes' new skills on the held-out digits: `mirror` (edit "Mirror it.", the output
+    flipped back and judged as the input's digit) and `parity` ("Is it even or odd?", the answer's
+    first even/odd word against the label)."""
+    unknown = sorted(set(skills) - set(SKILLS))
+    if unknown:
+        raise ValueError(f"unknown skill(s) {unknown}; expected some of {SKILLS}")
+    judge = Judge()
+    images, labels = load_split("test")
+    if cfg.limit:
+        images, labels = images[: cfg.limit], labels[: cfg.limit]
+    pil = [digit_image(p, engine.vae_transform.max_size) for p in images]
+    out = {}
+    if "mirror" in skills:
+        given = {"num_timesteps": cfg.steps, "timestep_shift": cfg.timestep_shift, "cfg_text_scale": cfg.cfg_text}
+        edit_cfg = engine.defaults.edit.replace(**{k: v for k, v in given.items() if v is not None})
+        mirrored = _edit(engine, pil, edit_cfg, cfg, MIRROR_INSTRUCTION)
+        back = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in mirrored]
+        out["mirror_accuracy"] = float((judge(back) == labels).mean())
+    if "parity" in skills:
+        answers = _understand(engine, pil, cfg.batch_size, PARITY_QUESTION)
+        out["parity_accuracy"] = float(np.mean([parse_parity(a) == parity_word(y) for a, y in zip(answers, labels)]))
+    out["count"] = len(pil)
+    return out
+
+
+def parse_parity(text: str) -> str | None:
+    words = text.lower().replace(".", " ").split()
+    return next((w for w in words if w in ("even", "odd")), None)
+
+
+def _understand(engine, pil: list, batch_size: int, question: str = QUESTION) -> list[str]:
+    """Batched greedy answers to `question` about each image."""
     from bagel.sampling import SamplingConfig
 
     answers = []
@@ -153,7 +187,7 @@ def _understand(engine, pil: list, batch_size: int) -> list[str]:
         sessions = engine.new_sessions(len(idx))
         for s, i in zip(sessions, idx):
             engine.add_image([s], [pil[i]], vae=False, vit=True)
-        engine.add_text(sessions, [QUESTION] * len(idx))
+        engine.add_text(sessions, [question] * len(idx))
         answers += engine.generate_text(sessions, SamplingConfig(max_new_tokens=4))[0]
     return answers
 
@@ -167,11 +201,11 @@ def _generate(engine, digits: list[int], size, sampler, cfg: DigitsEvalConfig) -
     return out
 
 
-def _edit(engine, pil: list, sampler, cfg: DigitsEvalConfig) -> list:
-    """Each held-out image edited to the next digit."""
+def _edit(engine, pil: list, sampler, cfg: DigitsEvalConfig, instruction: str = EDIT) -> list:
+    """Each held-out image edited by `instruction` (the demo's: to the next digit)."""
     out = []
     for idx in _batches(len(pil), cfg.batch_size):
-        imgs, _ = engine.edit([pil[i] for i in idx], [EDIT] * len(idx), sampler, seed=cfg.seed + idx[0])
+        imgs, _ = engine.edit([pil[i] for i in idx], [instruction] * len(idx), sampler, seed=cfg.seed + idx[0])
         out += imgs
     return out
 

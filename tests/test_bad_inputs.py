@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bagel.cli import app, chat, data, eval as evaluate, generate, parity, train
+from bagel.cli import app, chat, data, eval as evaluate, generate, lora, parity, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "assets" / "bagel_official_tiny"
@@ -94,6 +94,11 @@ def cases(r: Path) -> list[tuple]:
         (train, [*t, "--train.ema=2"], "train.ema"),
         (train, [*t, "--data.num_batches=-1"], "data.num_batches"),
         (train, [*t, "--optim.lr=nan"], "optim.lr"),
+        (train, [*t, "--lora.rank=-1"], "lora.rank"),
+        (train, [*t, "--lora.rank=4", "--lora.alpha=0"], "lora.alpha"),
+        (train, [*t, "--lora.rank=4", "--lora.experts=vision"], "lora.experts"),
+        (train, [*t, "--lora.rank=4", "--lora.kinds=conv"], "lora.kinds"),
+        (train, [*t, "--lora.rank=4", "--lora.experts=und", "--lora.kinds=latent"], "matches no layer"),
         # bagel-generate
         (generate, ["--model", str(r / "truncated_model"), "--prompt", "x", "--out", "OUT/x.png"], "ema.safetensors"),
         (generate, ["--model", str(r / "random_model"), "--prompt", "x", "--out", "OUT/x.png"], "ema.safetensors"),
@@ -108,6 +113,15 @@ def cases(r: Path) -> list[tuple]:
         (generate, [*gen, "--prompt", "x", "--batch", "0"], "--batch"),
         (generate, [*model, "--prompt", "x", "--out", str(r / "a_file" / "x.png")], "a_file"),
         (generate, [*gen, "--prompt", "x", "--size", "60x48"], "multiples of 16"),
+        (generate, [*gen, "--prompt", "x", "--cache", "fast"], "expected off, auto or a threshold"),
+        (generate, [*gen, "--prompt", "x", "--cache", "-0.5"], "finite number >= 0"),
+        (generate, [*gen, "--prompt", "x", "--lora", str(r / "nope")], "missing adapter_config.json"),
+        (generate, [*gen, "--prompt", "x", "--lora-scale", "0.5"], "--lora-scale without --lora"),
+        # bagel-lora
+        (lora, ["merge", *model, "--lora", str(r / "nope"), "--out", "OUT/m"], "missing adapter_config.json"),
+        (lora, ["merge", *model, "--out", "OUT/m"], "--lora DIR"),
+        (lora, ["show", str(r / "nope")], "does not exist"),
+        (lora, ["select", *model, "--experts", "gen", "--kinds", "connector"], "matches no layer"),
         # bagel-chat
         (chat, [*model, "--image", str(r / "fifo.png"), "--question", "x"], "not a regular file"),
         (chat, [*model, "--image", str(r / "bomb.png"), "--question", "x"], "bomb.png"),

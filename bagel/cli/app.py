@@ -53,13 +53,13 @@ def max_image_px(engine) -> int:
 
 
 # Requests: plain functions of the engine (the UI adds the lock, progress and error display) ----
-def gen_config(steps, shift, cfg_text, cfg_img, interval_start, interval_end, renorm, renorm_min):
+def gen_config(steps, shift, cfg_text, cfg_img, interval_start, interval_end, renorm, renorm_min, cache="off"):
     """The sampler settings of a tab's controls (ImageGenConfig checks every value)."""
     from bagel.sampling import ImageGenConfig
 
     return ImageGenConfig(num_timesteps=int(steps), timestep_shift=float(shift), cfg_text_scale=float(cfg_text),
                           cfg_img_scale=float(cfg_img), cfg_interval=(float(interval_start), float(interval_end)),
-                          cfg_renorm_type=renorm, cfg_renorm_min=float(renorm_min))
+                          cfg_renorm_type=renorm, cfg_renorm_min=float(renorm_min), cache=str(cache or "off"))
 
 
 def chat(engine, image, turns: list[tuple[str, str]], question: str, think: bool, max_new_tokens: int,
@@ -124,12 +124,12 @@ def interleave(engine, prompt: str, image, seed: int, max_blocks: int, cfg, on_s
 def control_values(cfg) -> list:
     """Sampler settings as the values of the guidance controls, in gen_config's argument order."""
     return [cfg.num_timesteps, cfg.timestep_shift, cfg.cfg_text_scale, cfg.cfg_img_scale, *cfg.cfg_interval,
-            cfg.cfg_renorm_type, cfg.cfg_renorm_min]
+            cfg.cfg_renorm_type, cfg.cfg_renorm_min, str(cfg.cache)]
 
 
 def guidance_controls(gr, cfg, prefix: str) -> list:
     """Steps, timestep shift and the CFG settings, starting at `cfg`, in gen_config's order."""
-    steps, shift, text, img, start, end, renorm, renorm_min = control_values(cfg)
+    steps, shift, text, img, start, end, renorm, renorm_min, cache = control_values(cfg)
     steps = gr.Slider(2, 100, steps, step=1, label="Steps", elem_id=f"{prefix}-steps",
                       info="timestep grid points; the model runs steps - 1 times")
     with gr.Accordion("Guidance", open=False):
@@ -143,7 +143,10 @@ def guidance_controls(gr, cfg, prefix: str) -> list:
             end = gr.Slider(0.0, 1.0, end, step=0.05, label="CFG interval end")
             renorm = gr.Dropdown(list(RENORM_TYPES), value=renorm, label="CFG renorm type")
             renorm_min = gr.Slider(0.0, 1.0, renorm_min, step=0.05, label="CFG renorm min")
-    return [steps, shift, text, img, start, end, renorm, renorm_min]
+        cache = gr.Dropdown(["off", "auto", "0.05", "0.2"], value=cache, allow_custom_value=True, label="Step cache",
+                            info="skip most layers for a guidance branch that barely changed: off, auto (0.2) or a "
+                                 "threshold")
+    return [steps, shift, text, img, start, end, renorm, renorm_min, cache]
 
 
 def think_controls(gr, label: str) -> list:
@@ -203,30 +206,32 @@ class Requests:
     def generate(self, prompt: str, width: float, height: float, seed: float, think: bool, max_think_tokens: float,
                  steps: float, timestep_shift: float, cfg_text_scale: float, cfg_img_scale: float,
                  cfg_interval_start: float, cfg_interval_end: float, cfg_renorm_type: str, cfg_renorm_min: float,
-                 upscale: float = 0, progress=None):
+                 cache: str = "off", upscale: float = 0, progress=None):
         self.warn_unknown(prompt)
         cfg = self.call(lambda: gen_config(steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval_start,
-                                           cfg_interval_end, cfg_renorm_type, cfg_renorm_min))
+                                           cfg_interval_end, cfg_renorm_type, cfg_renorm_min, cache))
         image, plan = self.call(lambda: generate(self.engine, prompt, width, height, seed, think, max_think_tokens, cfg,
                                                  on_step=None if progress is None else self.stepper(progress, steps)))
         return shown(image, upscale), plan
 
     def edit(self, image, instruction: str, seed: float, think: bool, max_think_tokens: float, steps: float,
              timestep_shift: float, cfg_text_scale: float, cfg_img_scale: float, cfg_interval_start: float,
-             cfg_interval_end: float, cfg_renorm_type: str, cfg_renorm_min: float, upscale: float = 0, progress=None):
+             cfg_interval_end: float, cfg_renorm_type: str, cfg_renorm_min: float, cache: str = "off", upscale: float = 0,
+             progress=None):
         self.warn_unknown(instruction)
         cfg = self.call(lambda: gen_config(steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval_start,
-                                           cfg_interval_end, cfg_renorm_type, cfg_renorm_min))
+                                           cfg_interval_end, cfg_renorm_type, cfg_renorm_min, cache))
         edited, plan = self.call(lambda: edit(self.engine, image, instruction, seed, think, max_think_tokens, cfg,
                                               on_step=None if progress is None else self.stepper(progress, steps)))
         return shown(edited, upscale), plan
 
     def interleave(self, prompt: str, image, seed: float, max_blocks: float, steps: float, timestep_shift: float,
                    cfg_text_scale: float, cfg_img_scale: float, cfg_interval_start: float, cfg_interval_end: float,
-                   cfg_renorm_type: str, cfg_renorm_min: float, upscale: float = 0, progress=None):
+                   cfg_renorm_type: str, cfg_renorm_min: float, cache: str = "off", upscale: float = 0,
+                   progress=None):
         self.warn_unknown(prompt)
         cfg = self.call(lambda: gen_config(steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval_start,
-                                           cfg_interval_end, cfg_renorm_type, cfg_renorm_min))
+                                           cfg_interval_end, cfg_renorm_type, cfg_renorm_min, cache))
         images, texts = self.call(lambda: interleave(self.engine, prompt, image, seed, max_blocks, cfg,
                                                      on_step=None if progress is None else self.stepper(progress, steps)))
         if not images and not texts:

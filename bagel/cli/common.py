@@ -105,6 +105,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default: --device)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and settings give the same "
                    "output, byte for byte")
+    add_lora_args(p)
+
+
+def add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="DIR",
                    help="a LoRA adapter directory (peft's format, e.g. RUN_DIR/export_adapter) put on the model; "
                         "repeatable: adapters add up")

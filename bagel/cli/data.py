@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=64, help="stored image side in pixels")
     d.add_argument("--max-samples", type=int, default=500, help="samples per shard")
     d.add_argument("--seed", type=int, default=0, help="picks the partner images of edit/count")
+    d.add_argument("--tasks", default="t2i,vqa,edit,count",
+                   help="comma-separated: t2i, vqa, edit, count, and the LoRA recipes' mirror, parity")
     c = sub.add_parser("convert", help="convert another layout to shards")
     c.add_argument("format", choices=FORMATS, help="input layout (data_pipelines/README.md)")
     c.add_argument("input", type=Path, help="file or folder (the captions JSONL for the folder format)")
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "digits":
             from data_pipelines.digits import write_digits
 
-            out = write_digits(args.out, size=args.size, max_samples=args.max_samples, seed=args.seed)
+            out = write_digits(args.out, size=args.size, max_samples=args.max_samples, seed=args.seed,
+                               tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()))
             for split, tasks in out.items():
                 print(split, {t: m.num_samples for t, m in tasks.items()})
             return 0

@@ -42,13 +42,16 @@ def parse_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="bagel-generate", description=__doc__, progress=True)
     add_model_args(p)
-    p.add_argument("--prompt", required=True, help="what to draw; with --image, the edit instruction; with "
-                   "--interleave, the start of the turn")
+    p.add_argument("--prompt", help="what to draw; with --image, the edit instruction; with "
+                   "--interleave, the start of the turn (required unless --dry-run)")
     p.add_argument("--image", help="input image: edit it according to the prompt (or, with --interleave, "
                    "show it before the prompt)")
-    p.add_argument("--out", required=True, metavar="OUT.png",
+    p.add_argument("--dry-run", action="store_true",
+                   help="load nothing: print the model's parameter count, weight bytes, KV-cache bytes and a peak "
+                        "memory estimate for --size, --batch and --dtype (with --image: editing, 3 branches)")
+    p.add_argument("--out", metavar="OUT.png",
                    help="output PNG; with --batch N: OUT_0.png ... and OUT_grid.png; with --interleave: "
-                        "OUT_0.png ... in order, and the texts printed")
+                        "OUT_0.png ... in order, and the texts printed (required unless --dry-run)")
     p.add_argument("--interleave", action="store_true",
                    help="let the model continue the turn with text and images until it stops")
     p.add_argument("--max-blocks", type=int, default=8, help="--interleave: most outputs (texts + images)")
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the guided velocity's norm is capped (preset global, edits text_channel)")
     g.add_argument("--cfg-renorm-min", type=float, default=None, help="lower bound of the renorm ratio "
                    "(preset 0)")
+    g.add_argument("--cache", default=None, metavar="off|auto|T",
+                   help="step cache: skip most of the decoder for a guidance branch whose input barely changed "
+                        "since its last full step (auto = threshold 0.2; 0 never skips; preset off)")
     return p
 
 
@@ -86,7 +92,7 @@ def sampler_config(args, task: str):
     given = {"num_timesteps": args.steps, "timestep_shift": args.timestep_shift, "cfg_text_scale": args.cfg_text,
              "cfg_img_scale": args.cfg_img, "cfg_renorm_type": args.cfg_renorm_type,
              "cfg_renorm_min": args.cfg_renorm_min,
-             "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
+             "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None, "cache": args.cache}
     return base.replace(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -118,10 +124,36 @@ def check_inputs(args) -> None:
     check_writable_dir(Path(args.out).parent, "--out")
 
 
+def dry_run(args) -> None:
+    """--dry-run: the memory plan of this generation from the model's config (nothing loaded)."""
+    from bagel.checkpoint.pretrained import read_model_config
+    from bagel.inference.memory_plan import memory_plan
+    from bagel.packing import latent_grid
+    from bagel.transforms import load_model_transforms
+
+    cfg = read_model_config(args.model)
+    if args.size is None:
+        side = load_model_transforms(args.model)[0].max_size
+        args.size = (side, side)
+    latent_grid(cfg, args.size)  # the model's size rule
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: must be >= 1")
+    edit = args.image is not None
+    print(f"{args.model} (dry run: nothing loaded)")
+    print(memory_plan(cfg, args.size, args.batch, args.dtype, branches=3 if edit else 2).report())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [flag for flag, value in (("--prompt", args.prompt), ("--out", args.out)) if value is None]
+    if missing and not args.dry_run:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
 
     def go():
+        if args.dry_run:
+            resolve_model(args)
+            return dry_run(args)
         from bagel.cli.inputs import open_image
         from bagel.inference.pictures import generation_info, grid, save_png, square_rows, upscale
         from bagel.sampling import SamplingConfig

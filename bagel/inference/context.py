@@ -60,8 +60,9 @@ def vit_query(model, tokens: SpecialTokens, image: torch.Tensor, rope: int) -> Q
 
 
 @torch.no_grad()
-def latent_query(model, tokens: SpecialTokens, x: torch.Tensor, t: float, grid: tuple[int, int], rope: int) -> Query:
-    """Patchified latents x (h*w, p*p*C) at time t (0 = clean) -> a VAE image block."""
+def latent_embeds(model, x: torch.Tensor, t: float, grid: tuple[int, int]) -> torch.Tensor:
+    """Patchified latents x (h*w, p*p*C) at time t (0 = clean) -> their LLM embeddings (h*w, D)
+    (what every guidance branch of one image shares at a denoising step)."""
     cfg = model.cfg
     h, w = grid
     if max(h, w) > cfg.max_latent_size:
@@ -69,7 +70,12 @@ def latent_query(model, tokens: SpecialTokens, x: torch.Tensor, t: float, grid: 
                          f"(at most {cfg.max_latent_size * cfg.latent_downsample} px)")
     ids = grid_position_ids(h, w, cfg.max_latent_size).to(x.device)
     t_vec = torch.full((x.shape[0],), float(t), device=x.device)
-    return image_block(model, tokens, model.embed_latents(x, t_vec, ids), rope, gen=True)
+    return model.embed_latents(x, t_vec, ids)
+
+
+def latent_query(model, tokens: SpecialTokens, x: torch.Tensor, t: float, grid: tuple[int, int], rope: int) -> Query:
+    """Patchified latents x (h*w, p*p*C) at time t (0 = clean) -> a VAE image block."""
+    return image_block(model, tokens, latent_embeds(model, x, t, grid), rope, gen=True)
 
 
 # Prefill: add blocks to contexts (batched over contexts) ------------------------------------------

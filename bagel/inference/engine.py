@@ -65,6 +65,7 @@ class Engine:
         self.cache = KVCache.for_model(model)
         self.speculative = None  # (heads, SpecConfig): decode text with draft heads, same output
         self.model_dir: Path | None = None  # set by from_pretrained (adapters check it for merged copies)
+        self.cache_stats: dict = {}  # decoder layers run / a plain run's, of the last image generation with cfg.cache on
         self.loras: dict[str, tuple[str, float]] = {}  # adapter name -> (directory, scale)
 
     # LoRA adapters ----------------------------------------------------------------------------
@@ -232,7 +233,8 @@ class Engine:
             raise ValueError("no output size given and no input image to take it from")
         grid = latent_grid(self.model.cfg, size)
         latents = generate_latents(self.model, self.tokens, [s.branches() for s in sessions], grid, cfg,
-                                   noise=noise, generator=generator, on_step=on_step, progress=progress)
+                                   noise=noise, generator=generator, on_step=on_step, progress=progress,
+                                   stats=self.cache_stats)
         decoded = decode_latents(self.model, self.vae, latents, grid)
         images = [to_pil(d) for d in decoded]
         return (images, latents, decoded) if return_latents else images

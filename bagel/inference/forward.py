@@ -50,6 +50,7 @@ class DecoderStack:
     rope: Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
     final_norm: Callable[[torch.Tensor, Routing], torch.Tensor] | None
     backend: str
+    first_layer: int = 0  # the cache layer of layers[0]
 
 
 def llm_stack(model) -> DecoderStack:
@@ -72,60 +73,129 @@ def forward_queries(stack: DecoderStack, contexts: list[Context], queries: list[
                     commit: bool) -> list[torch.Tensor]:
     """Run `queries[b]` against `contexts[b]` for all b in one batch -> hidden states after the
     final norm, one (n_b, D) tensor per query."""
-    if len(contexts) != len(queries) or not contexts:
-        raise ValueError(f"need one query per context, got {len(queries)} queries for {len(contexts)} contexts")
-    cache = contexts[0].cache
-    if any(c.cache is not cache for c in contexts):
-        raise ValueError("all contexts of one forward must live in the same KVCache")
-    B, q_lens = len(contexts), [len(q) for q in queries]
-    q_max, d = max(q_lens), queries[0].embeds.shape[-1]
-    taken: set[int] = set()
-    for ctx, n in zip(contexts, q_lens):
-        cache.reserve(ctx, n, taken)
-        taken.add(ctx.row)
-    device = queries[0].embeds.device
-    lens, rows = [c.length for c in contexts], [c.row for c in contexts]
-
-    # Pad the blocks to (B * q_max) packed rows; padding rows use the und expert at position 0.
-    x = queries[0].embeds.new_zeros(B, q_max, d)
-    positions = torch.zeros(B, q_max, dtype=torch.long, device=device)
-    gen = torch.zeros(B, q_max, dtype=torch.bool, device=device)
-    valid = torch.zeros(B, q_max, dtype=torch.bool, device=device)
-    for b, q in enumerate(queries):
-        n = len(q)
-        x[b, :n], positions[b, :n], gen[b, :n], valid[b, :n] = q.embeds, q.positions, q.gen_rows, True
-    flat = torch.arange(B * q_max, device=device)
-    route = Routing(und=flat[~gen.flatten()], gen=flat[gen.flatten()])
-    # Where each valid query token's key/value goes in the cache.
-    b_idx, i_idx = valid.nonzero(as_tuple=True)
-    row_idx = torch.tensor(rows, device=device)[b_idx]
-    slot_idx = torch.tensor(lens, device=device)[b_idx] + i_idx
-    masks = [_block_mask(q, n, device) for q, n in zip(queries, lens)]
-    backend = resolve_cached_backend(stack.backend, device, x.dtype)
-
-    def attend(layer: int):
-        def fn(q, k, v):  # q: (B*q_max, Hq, hd), k/v: (B*q_max, Hkv, hd)
-            cache.keys[layer, row_idx, slot_idx] = k.reshape(B, q_max, *k.shape[1:])[b_idx, i_idx]
-            cache.values[layer, row_idx, slot_idx] = v.reshape(B, q_max, *v.shape[1:])[b_idx, i_idx]
-            q = q.reshape(B, q_max, *q.shape[1:])
-            outs = cached_attention([q[b, :n] for b, n in enumerate(q_lens)],
-                                    [cache.keys[layer, r, : l + n] for r, l, n in zip(rows, lens, q_lens)],
-                                    [cache.values[layer, r, : l + n] for r, l, n in zip(rows, lens, q_lens)],
-                                    masks, backend)
-            out = torch.zeros_like(q)
-            for b, (o, n) in enumerate(zip(outs, q_lens)):
-                out[b, :n] = o
-            return out.reshape(B * q_max, *out.shape[2:])
-        return fn
-
-    h = x.reshape(B * q_max, d)
-    cos, sin = stack.rope(positions.flatten(), h.dtype)
-    for i, layer in enumerate(stack.layers):
-        h = layer(h, cos, sin, route, attend(i))
-    if stack.final_norm is not None:
-        h = stack.final_norm(h, route)
-    h = h.reshape(B, q_max, d)
+    blocks = Blocks.prepare(stack, contexts, queries)
+    h = blocks.run(stack.layers, stack.first_layer, blocks.x, stack.final_norm)
     if commit:
-        for ctx, n in zip(contexts, q_lens):
+        for ctx, n in zip(contexts, blocks.q_lens):
             ctx.length += n
-    return [h[b, :n] for b, n in enumerate(q_lens)]
+    return blocks.unpad(h)
+
+
+@torch.no_grad()
+def forward_queries_early_exit(stack: DecoderStack, contexts: list[Context], queries: list[Query], k: int,
+                               go_on: Callable[[list[torch.Tensor]], list[bool]]) -> tuple[list, list]:
+    """The first `k` layers for every query, then the rest (and the final norm) only for the
+    queries `go_on(hidden after k layers)` keeps: returns (hidden after k layers, final hidden
+    or None) per query. Scratch only (nothing is committed); the step cache's forward."""
+    blocks = Blocks.prepare(stack, contexts, queries)
+    first = blocks.run(stack.layers[:k], stack.first_layer, blocks.x, None)
+    first_list = blocks.unpad(first)
+    keep = [b for b, more in enumerate(go_on(first_list)) if more]
+    final: list[torch.Tensor | None] = [None] * len(queries)
+    if keep:
+        sub = blocks if len(keep) == len(queries) else blocks.subset(keep)
+        h = sub.run(stack.layers[k:], stack.first_layer + k, first.reshape(blocks.B, blocks.q_max, -1)[keep],
+                    stack.final_norm)
+        for b, out in zip(keep, sub.unpad(h)):
+            final[b] = out
+    return first_list, final
+
+
+@dataclass
+class Blocks:
+    """Query blocks padded into one batch against their cache rows: the embeddings and
+    everything a decoder layer needs besides the hidden states (routing, RoPE tables, cache
+    slots, masks), built once per forward."""
+
+    cache: object
+    q_lens: list[int]
+    lens: list[int]  # cached length of each context
+    rows: list[int]  # cache row of each context
+    x: torch.Tensor  # (B, q_max, D) padded embeddings
+    positions: torch.Tensor  # (B, q_max)
+    gen: torch.Tensor  # (B, q_max) bool: generation-expert rows
+    valid: torch.Tensor  # (B, q_max) bool: real (not padding) rows
+    masks: list
+    backend: str
+    rope: Callable
+
+    @property
+    def B(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def q_max(self) -> int:
+        return self.x.shape[1]
+
+    @classmethod
+    def prepare(cls, stack: DecoderStack, contexts: list[Context], queries: list[Query]) -> "Blocks":
+        if len(contexts) != len(queries) or not contexts:
+            raise ValueError(f"need one query per context, got {len(queries)} queries for {len(contexts)} contexts")
+        cache = contexts[0].cache
+        if any(c.cache is not cache for c in contexts):
+            raise ValueError("all contexts of one forward must live in the same KVCache")
+        B, q_lens = len(contexts), [len(q) for q in queries]
+        q_max, d = max(q_lens), queries[0].embeds.shape[-1]
+        taken: set[int] = set()
+        for ctx, n in zip(contexts, q_lens):
+            cache.reserve(ctx, n, taken)
+            taken.add(ctx.row)
+        device = queries[0].embeds.device
+        lens, rows = [c.length for c in contexts], [c.row for c in contexts]
+        # Pad the blocks to (B * q_max) packed rows; padding rows use the und expert at position 0.
+        x = queries[0].embeds.new_zeros(B, q_max, d)
+        positions = torch.zeros(B, q_max, dtype=torch.long, device=device)
+        gen = torch.zeros(B, q_max, dtype=torch.bool, device=device)
+        valid = torch.zeros(B, q_max, dtype=torch.bool, device=device)
+        for b, q in enumerate(queries):
+            n = len(q)
+            x[b, :n], positions[b, :n], gen[b, :n], valid[b, :n] = q.embeds, q.positions, q.gen_rows, True
+        masks = [_block_mask(q, n, device) for q, n in zip(queries, lens)]
+        return cls(cache, q_lens, lens, rows, x, positions, gen, valid, masks,
+                   resolve_cached_backend(stack.backend, device, x.dtype), stack.rope)
+
+    def subset(self, keep: list[int]) -> "Blocks":
+        """The blocks `keep` alone (their padding unchanged)."""
+        return Blocks(self.cache, [self.q_lens[b] for b in keep], [self.lens[b] for b in keep],
+                      [self.rows[b] for b in keep], self.x[keep], self.positions[keep], self.gen[keep],
+                      self.valid[keep], [self.masks[b] for b in keep], self.backend, self.rope)
+
+    def unpad(self, h: torch.Tensor) -> list[torch.Tensor]:
+        h = h.reshape(self.B, self.q_max, -1)
+        return [h[b, :n] for b, n in enumerate(self.q_lens)]
+
+    def run(self, layers, first_layer: int, x: torch.Tensor, final_norm) -> torch.Tensor:
+        """`layers` (cache layers first_layer, first_layer + 1, ...) over x (B, q_max, D), then
+        `final_norm` if given -> (B * q_max, D)."""
+        B, q_max, d = self.B, self.q_max, x.shape[-1]
+        device, cache = x.device, self.cache
+        flat = torch.arange(B * q_max, device=device)
+        route = Routing(und=flat[~self.gen.flatten()], gen=flat[self.gen.flatten()])
+        # Where each valid query token's key/value goes in the cache.
+        b_idx, i_idx = self.valid.nonzero(as_tuple=True)
+        row_idx = torch.tensor(self.rows, device=device)[b_idx]
+        slot_idx = torch.tensor(self.lens, device=device)[b_idx] + i_idx
+        q_lens, rows, lens, masks, backend = self.q_lens, self.rows, self.lens, self.masks, self.backend
+
+        def attend(layer: int):
+            def fn(q, k, v):  # q: (B*q_max, Hq, hd), k/v: (B*q_max, Hkv, hd)
+                cache.keys[layer, row_idx, slot_idx] = k.reshape(B, q_max, *k.shape[1:])[b_idx, i_idx]
+                cache.values[layer, row_idx, slot_idx] = v.reshape(B, q_max, *v.shape[1:])[b_idx, i_idx]
+                q = q.reshape(B, q_max, *q.shape[1:])
+                outs = cached_attention([q[b, :n] for b, n in enumerate(q_lens)],
+                                        [cache.keys[layer, r, : l + n] for r, l, n in zip(rows, lens, q_lens)],
+                                        [cache.values[layer, r, : l + n] for r, l, n in zip(rows, lens, q_lens)],
+                                        masks, backend)
+                out = torch.zeros_like(q)
+                for b, (o, n) in enumerate(zip(outs, q_lens)):
+                    out[b, :n] = o
+                return out.reshape(B * q_max, *out.shape[2:])
+            return fn
+
+        h = x.reshape(B * q_max, d)
+        cos, sin = self.rope(self.positions.flatten(), h.dtype)
+        for i, layer in enumerate(layers, start=first_layer):
+            h = layer(h, cos, sin, route, attend(i))
+        if final_norm is not None:
+            h = final_norm(h, route)
+        return h

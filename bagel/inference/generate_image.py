@@ -9,6 +9,9 @@ The release runs the branches one after another; the numbers are the same.
 Branch rules (the release's): guidance is active at step i only if
 cfg_interval[0] < t_i <= cfg_interval[1]; text_uncond runs iff the text scale is > 1, img_uncond
 iff both scales are > 1 (with a text scale <= 1 the release applies no guidance at all).
+
+`cfg.cache` skips most of the decoder on steps where a branch's input barely changed, per
+branch (bagel/inference/step_cache.py); off by default.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from typing import Callable
 import torch
 
 from bagel import flow
-from bagel.inference.context import latent_query
-from bagel.inference.forward import forward_queries, llm_stack
+from bagel.inference.context import image_block, latent_embeds
+from bagel.inference.forward import Query, forward_queries, forward_queries_early_exit, llm_stack
 from bagel.inference.kv_cache import Context, KVCache
+from bagel.inference.step_cache import StepCache
 from bagel.packing import unpatchify
 from bagel.progress import track
-from bagel.sampling import ImageGenConfig
+from bagel.sampling import ImageGenConfig, cache_threshold
 from bagel.tokenizer import SpecialTokens
 
 
@@ -61,8 +65,10 @@ StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]  # (step
 def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], grid: tuple[int, int],
                      cfg: ImageGenConfig, noise: list[torch.Tensor] | None = None,
                      generator: torch.Generator | None = None, on_step: StepCallback | None = None,
-                     progress: bool = False) -> list[torch.Tensor]:
-    """Sample one image per `Branches` entry -> patchified latents, (h*w, p*p*C) each."""
+                     progress: bool = False, stats: dict | None = None) -> list[torch.Tensor]:
+    """Sample one image per `Branches` entry -> patchified latents, (h*w, p*p*C) each. With
+    `cfg.cache` on, `stats` (a dict, if given) receives the decoder-layer evaluations made and
+    those a plain run makes."""
     h, w = grid
     n_tok, dim = h * w, model.cfg.patch_latent_dim
     device, dtype = model.llm.embed_tokens.weight.device, model.llm.embed_tokens.weight.dtype
@@ -75,6 +81,10 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
             raise ValueError(f"initial noise has shape {tuple(n.shape)}, expected {(n_tok, dim)}")
 
     grid_t = flow.sampling_timesteps(cfg.num_timesteps, cfg.timestep_shift).tolist()
+    threshold = cache_threshold(cfg.cache)
+    cache = None if threshold is None else StepCache(threshold, len(model.llm.layers))
+    if stats is not None:
+        stats.clear()
     need_text = cfg.cfg_text_scale > 1 and any(cfg.scales_at(t)[0] > 1 for t in grid_t[:-1])
     need_img = need_text and cfg.cfg_img_scale > 1
     for b in branches:
@@ -94,8 +104,12 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
         s_text, s_img = cfg.scales_at(t)
         n_branches = 1 + (s_text > 1) + (s_text > 1 and s_img > 1)
         ctxs = ws[: n_branches * B]
-        queries = [latent_query(model, tokens, x[j % B].to(dtype), t, grid, c.rope) for j, c in enumerate(ctxs)]
-        hidden = forward_queries(llm_stack(model), ctxs, queries, commit=False)
+        inner = [latent_embeds(model, x[b].to(dtype), t, grid) for b in range(B)]  # shared by its branches
+        queries = [image_block(model, tokens, inner[j % B], c.rope, gen=True) for j, c in enumerate(ctxs)]
+        if cache is None:
+            hidden = forward_queries(llm_stack(model), ctxs, queries, commit=False)
+        else:
+            hidden = _cached_forward(model, cache, i, len(grid_t) - 2, ctxs, queries)
         v = [model.llm2vae(hid[1:-1]).float() for hid in hidden]  # latents sit between the markers
         for b in range(B):
             v_text = v[B + b] if n_branches > 1 else None
@@ -104,7 +118,27 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
             if on_step is not None:
                 on_step(i, t, x[b], guided)
             x[b] = flow.euler_step(x[b], guided, t, t_next)
+    if stats is not None and cache is not None:
+        stats.update(layer_evaluations=cache.layer_evaluations, full_layer_evaluations=cache.full_layer_evaluations)
     return x
+
+
+def _cached_forward(model, cache: StepCache, step: int, last_step: int, ctxs: list[Context],
+                    queries: list[Query]) -> list[torch.Tensor]:
+    """One denoising forward through the step cache: the first layer for every branch, the rest
+    only for the branches the cache says must run (bagel/inference/step_cache.py)."""
+    rows = list(range(len(ctxs)))
+    first, final = forward_queries_early_exit(
+        llm_stack(model), ctxs, queries, 1,
+        lambda hidden: cache.decide(step, last_step, rows, [h - q.embeds for h, q in zip(hidden, queries)]))
+    out = []
+    for j, (f, h) in enumerate(zip(first, final)):
+        if h is None:
+            out.append(cache.reuse(j, f))
+        else:
+            cache.remember(j, h - f)
+            out.append(h)
+    return out
 
 
 @torch.no_grad()

@@ -8,9 +8,16 @@ nothing.
     kind        layers                                         expert that owns them
     attn        q_proj, k_proj, v_proj, o_proj of each layer   und and/or gen (as selected)
     mlp         gate_proj, up_proj, down_proj of each layer    und and/or gen (as selected)
+    q_proj ... down_proj: one projection of attn / mlp          und and/or gen (as selected)
     connector   connector.fc1, connector.fc2 (ViT -> LLM)      und
     vit         the ViT's attention and MLP projections        und
     latent      vae2llm, llm2vae, time_embedder.fc1/fc2        gen
+
+`layers` narrows the LLM kinds to some decoder layers ("all", or indices such as "-1" for the last).
+Why it matters: the two experts share attention, so an und adapter changes the keys and values
+generation reads, except in the last layer's q_proj, o_proj and MLP, whose und outputs no
+generation token ever sees: `experts=und kinds=q_proj,o_proj,mlp layers=-1` teaches a new answer
+with every image the model draws bitwise unchanged (tested).
 
 Adapters are injected in place (`peft.inject_adapter_in_model`): the model stays a `Bagel`, each
 covered layer becomes a peft LoRA layer holding the frozen base (`<name>.base_layer`) and one
@@ -23,15 +30,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 EXPERTS = ("und", "gen")
-KINDS = ("attn", "mlp", "connector", "vit", "latent")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+KINDS = ("attn", "mlp", "connector", "vit", "latent", *PROJECTIONS)
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 
 _RULES = {  # kind -> (pattern over module names, owning expert or None for "as selected")
-    "attn": (r"llm\.layers\.\d+\.(und|gen)\.(q_proj|k_proj|v_proj|o_proj)", None),
-    "mlp": (r"llm\.layers\.\d+\.(und|gen)\.mlp\.(gate_proj|up_proj|down_proj)", None),
+    "attn": (r"llm\.layers\.(\d+)\.(und|gen)\.(q_proj|k_proj|v_proj|o_proj)", None),
+    "mlp": (r"llm\.layers\.(\d+)\.(und|gen)\.mlp\.(gate_proj|up_proj|down_proj)", None),
+    **{p: (rf"llm\.layers\.(\d+)\.(und|gen)\.(?:mlp\.)?({p})", None) for p in PROJECTIONS},
     "connector": (r"connector\.fc\d", "und"),
     "vit": (r"vit\.layers\.\d+\.(attn|mlp)\.\w+", "und"),
     "latent": (r"(vae2llm|llm2vae|time_embedder\.fc\d)", "gen"),
@@ -52,6 +62,7 @@ class LoraSpec:
     dropout: float = 0.0
     experts: tuple[str, ...] = ("und", "gen")
     kinds: tuple[str, ...] = ("attn", "mlp")
+    layers: str = "all"  # decoder layers the LLM kinds cover: "all" or indices, e.g. "-1" or "2,3"
     dora: bool = False
     rslora: bool = False
     modules: list[str] = field(default_factory=list)  # resolved names (select_modules fills it)
@@ -59,6 +70,12 @@ class LoraSpec:
     def __post_init__(self):
         self.experts = _names(self.experts, EXPERTS, "experts")
         self.kinds = _names(self.kinds, KINDS, "kinds")
+        self.layers = str(self.layers).strip()
+        if self.layers != "all":
+            try:
+                [int(v) for v in self.layers.split(",")]
+            except ValueError:
+                raise LoraError(f"lora.layers={self.layers!r}: expected all, or layer indices such as -1 or 2,3") from None
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise LoraError(f"lora.rank={self.rank!r}: must be an integer >= 1")
         if not self.alpha > 0:
@@ -98,6 +115,7 @@ def linear_names(model: nn.Module) -> list[str]:
 def select_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
     """The layers `spec` selects on `model`, in model order; fills `spec.modules`. A selection
     that matches nothing is a LoraError listing the kinds and experts this model has."""
+    layers = _layer_set(model, spec.layers)
     chosen = []
     for name in linear_names(model):
         for kind in spec.kinds:
@@ -105,10 +123,10 @@ def select_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
             match = re.fullmatch(pattern, name)
             if match is None:
                 continue
-            expert = owner or match.group(1)
-            if expert in spec.experts:
+            expert = owner or match.group(2)
+            if expert in spec.experts and (owner is not None or int(match.group(1)) in layers):
                 chosen.append(name)
-            break
+                break
     if not chosen:
         present = {f"{kind} ({owner or 'und/gen'})" for name in linear_names(model)
                    for kind, (pattern, owner) in _RULES.items() if re.fullmatch(pattern, name)}
@@ -116,6 +134,19 @@ def select_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
                         f"layer of this model; it has: {', '.join(sorted(present))}")
     spec.modules = chosen
     return chosen
+
+
+def _layer_set(model: nn.Module, layers: str) -> set[int]:
+    """The decoder layer indices `layers` names ("all", or indices; negatives count from the end)."""
+    n = len(model.llm.layers) if hasattr(model, "llm") else 0
+    if layers == "all":
+        return set(range(n))
+    out = set()
+    for v in (int(x) for x in layers.split(",")):
+        if not -n <= v < n:
+            raise LoraError(f"lora.layers: layer {v} does not exist (this model has {n} decoder layers)")
+        out.add(v % n)
+    return out
 
 
 def attach(model: nn.Module, spec: LoraSpec, name: str = "default") -> nn.Module:
@@ -217,7 +248,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def initial_adapter_tensor(name: str, shape: tuple[int, ...], seed: int, base_weight) -> "torch.Tensor":
+def initial_adapter_tensor(name: str, shape: tuple[int, ...], seed: int, base_weight) -> torch.Tensor:
     """An adapter parameter's starting value, from its name alone (every rank, and a resumed run,
     computes the same): A uniform in +-1/sqrt(fan_in) (peft's default, Kaiming-uniform with
     a = sqrt(5)), B zero (so training starts at the base model), a DoRA magnitude the row norms

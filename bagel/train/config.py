@@ -131,7 +131,8 @@ class LoraSection:
     alpha: float = 16.0
     dropout: float = 0.0
     experts: str = "und,gen"  # und, gen or both
-    kinds: str = "attn,mlp"  # attn, mlp, connector, vit, latent
+    kinds: str = "attn,mlp"  # attn, mlp, connector, vit, latent, or single projections (q_proj, ...)
+    layers: str = "all"  # decoder layers for the LLM kinds: all, or indices such as -1 (the last)
     dora: bool = False
     rslora: bool = False
 
@@ -143,7 +144,7 @@ class LoraSection:
 
         try:
             return LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, experts=self.experts,
-                            kinds=self.kinds, dora=self.dora, rslora=self.rslora)
+                            kinds=self.kinds, layers=self.layers, dora=self.dora, rslora=self.rslora)
         except LoraError as e:
             raise ConfigError(str(e)) from None
 

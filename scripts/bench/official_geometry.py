@@ -111,23 +111,29 @@ def training_rows(model, vae, batch, repeats, device) -> dict:
             "train_tflops": batch_flops(model.cfg, batch) / fwd_bwd / 1e12}
 
 
+def image_inputs(model, vae, side: int, edit: bool, g: torch.Generator, device) -> tuple[list, tuple, ImageGenConfig]:
+    """The inference inputs of the image rows: the guidance contexts of one image (a 24-token
+    prompt; editing: after a VAE then a ViT block of a random input image), its latent grid and
+    the sampler settings (10 steps, guidance at each)."""
+    cache = KVCache.for_model(model)
+    full, img_uncond = cache.new_context(), cache.new_context()
+    if edit:  # VAE block then ViT block, as an input image goes in
+        src = (torch.rand(3, side, side, generator=g) * 2 - 1).to(device)
+        C.add_vae_image(model, vae, TOKENS, [full], [src], generator=g)
+        C.add_vit_image(model, TOKENS, [full], [src])
+    text_uncond = full.fork()
+    prompt = torch.randint(0, 900, (24,), generator=g).tolist()
+    C.add_text(model, TOKENS, [full], [prompt])
+    C.add_text(model, TOKENS, [img_uncond], [prompt])
+    cfg = ImageGenConfig.preset("edit" if edit else "text_to_image", num_timesteps=11, cfg_interval=(0.0, 1.0))
+    return [Branches(full, text_uncond, img_uncond if edit else None)], (side // 16, side // 16), cfg
+
+
 def image_rows(model, vae, repeats, device) -> dict:
     g = torch.Generator().manual_seed(2)
     out = {}
     for name, side, edit in (("t2i_step_s", 256, False), ("edit_step_s", 224, True)):
-        cache = KVCache.for_model(model)
-        full, img_uncond = cache.new_context(), cache.new_context()
-        if edit:  # VAE block then ViT block, as an input image goes in
-            src = (torch.rand(3, side, side, generator=g) * 2 - 1).to(device)
-            C.add_vae_image(model, vae, TOKENS, [full], [src], generator=g)
-            C.add_vit_image(model, TOKENS, [full], [src])
-        text_uncond = full.fork()
-        prompt = torch.randint(0, 900, (24,), generator=g).tolist()
-        C.add_text(model, TOKENS, [full], [prompt])
-        C.add_text(model, TOKENS, [img_uncond], [prompt])
-        cfg = ImageGenConfig.preset("edit" if edit else "text_to_image", num_timesteps=11, cfg_interval=(0.0, 1.0))
-        branches = [Branches(full, text_uncond, img_uncond if edit else None)]
-        grid = (side // 16, side // 16)
+        branches, grid, cfg = image_inputs(model, vae, side, edit, g, device)
         total = median_time(lambda: generate_latents(model, TOKENS, branches, grid, cfg, generator=g), repeats, device)
         out[name] = total / 10  # 11 grid points: 10 steps, guidance at every one
     z = torch.randn(1, 16, 32, 32, generator=g).to(device)

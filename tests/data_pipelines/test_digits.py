@@ -80,3 +80,36 @@ def test_count_plan_teaches_what_follows_each_block(digits_dir, tokenizer):
     image = [("VaeImage", True, None), ("VaeImage", False, None)]
     assert labels == [*image, ("VitImage", None, 3), *image, ("VitImage", None, 3), *image, ("VitImage", None, 2)]
     assert all(isinstance(item, (VaeImage, VitImage)) for item in plan[1:])
+
+
+def test_extra_tasks_mirror_and_parity(tmp_path):
+    import numpy as np
+
+    from data_pipelines.digits import write_digits
+
+    out = write_digits(tmp_path, size=32, limit=6, max_samples=10, tasks=("mirror", "parity"), progress=False)
+    assert set(out["train"]) == {"mirror", "parity"}
+    for sample in _docs(tmp_path / "train" / "mirror").values():
+        doc = loads_document(sample["json"])
+        assert doc.segments[1].text == "Mirror it." and doc.segments[2].roles == ("target",)
+        src = np.asarray(Image.open(io.BytesIO(sample["0.png"])))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["1.png"]))), _flip_rendered(sample, src))
+    for sample in _docs(tmp_path / "train" / "parity").values():
+        doc = loads_document(sample["json"])
+        assert [s.text for s in doc.segments[1:]] == ["Is it even or odd?", "even" if doc.meta["label"] % 2 == 0 else "odd"]
+
+
+def _flip_rendered(sample, src):
+    """The target is the 8x8 digit flipped, then rendered: the same as flipping the render."""
+    import numpy as np
+
+    return np.asarray(Image.fromarray(src).transpose(Image.FLIP_LEFT_RIGHT))
+
+
+def test_unknown_digits_task_is_an_error(tmp_path):
+    import pytest
+
+    from data_pipelines.digits import write_digits
+
+    with pytest.raises(ValueError, match="unknown digits task"):
+        write_digits(tmp_path, tasks=("juggle",), progress=False)

@@ -46,3 +46,16 @@ def test_cli_uses_the_demo_settings_so_it_reproduces_the_report(monkeypatch):
     assert cli.main(["--task", "digits", "--model", "m", "--quiet", "--batch-size", "8", "--limit", "5"]) == 0
     assert (seen["s"].batch_size, seen["s"].limit) == (8, 5)
     assert cli.main(["--task", "digits", "--model", "m", "--batch-size", "0"]) == 2
+
+
+def test_new_skills_evaluate_end_to_end(official_dir):
+    engine = Engine.from_pretrained(official_dir, vae_transform=ResizeSpec(32, 32, 16), vit_transform=ResizeSpec(28, 28, 14))
+    out = digits.evaluate_skills(engine, ("mirror", "parity"), digits.DigitsEvalConfig(limit=3, steps=2, batch_size=4))
+    assert 0.0 <= out["mirror_accuracy"] <= 1.0 and 0.0 <= out["parity_accuracy"] <= 1.0 and out["count"] == 3
+    with pytest.raises(ValueError, match="unknown skill"):
+        digits.evaluate_skills(engine, ("juggle",))
+
+
+@pytest.mark.parametrize("text,want", [("even", "even"), ("It is odd.", "odd"), ("seven", None)])
+def test_parse_parity(text, want):
+    assert digits.parse_parity(text) == want

@@ -93,11 +93,11 @@ def test_named_endpoints_with_named_parameters(app, official_dir, capfd):
         assert not api["unnamed_endpoints"]
         names = {name: [p["parameter_name"] for p in ep["parameters"]] for name, ep in api["named_endpoints"].items()}
         guidance = ["steps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval_start",
-                    "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min", "upscale"]
+                    "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min", "cache", "upscale"]
         assert names["/generate"] == ["prompt", "width", "height", "seed", "think", "max_think_tokens", *guidance]
         assert names["/interleave"] == ["prompt", "image", "seed", "max_blocks", *guidance]
         assert names["/chat"][:3] == ["image", "question", "think"]
-        settings = dict(zip(guidance, [3, 3.0, 4.0, 1.0, 0.4, 1.0, "global", 0.0, 0]))
+        settings = dict(zip(guidance, [3, 3.0, 4.0, 1.0, 0.4, 1.0, "global", 0.0, "off", 0]))
         path, plan = client.predict(prompt="a red cube", width=64, height=48, seed=1, think=False, max_think_tokens=16,
                                     **settings, api_name="/generate")
         shown = Image.open(path)

@@ -115,6 +115,27 @@ def test_gen_only_adapter_leaves_understanding_bitwise_unchanged():
     assert not torch.equal(outputs(m, b)[1], outputs(model(), b)[1])  # while generation changes
 
 
+def test_und_adapter_on_the_last_layers_private_outputs_leaves_generation_bitwise_unchanged():
+    """The experts share attention: an und adapter that changes keys or values changes what
+    generation reads; one on the last layer's q_proj, o_proj and MLP cannot."""
+    m = model()
+    b = batch(m.cfg)
+    before = outputs(m, b)
+    spec = lora.LoraSpec(rank=4, experts="und", kinds="q_proj,o_proj,mlp", layers="-1")
+    assert lora.select_modules(m, spec) == [f"llm.layers.3.und.{p}" for p in
+                                             ("q_proj", "o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    lora.attach(m, spec)
+    train_adapter_randomly(m)
+    after = outputs(m, b)
+    assert torch.equal(after[1], before[1]) and not torch.equal(after[0], before[0])
+    leaky = model()
+    lora.attach(leaky, lora.LoraSpec(rank=4, experts="und", kinds="v_proj", layers="-1"))
+    train_adapter_randomly(leaky)
+    assert not torch.equal(outputs(leaky, b)[1], before[1])  # values are read by generation tokens
+    with pytest.raises(lora.LoraError, match="layer 4 does not exist"):
+        lora.select_modules(model(), lora.LoraSpec(rank=4, layers="4"))
+
+
 def test_peft_format_round_trip_and_hot_swap(tmp_path):
     from peft import PeftModel
 

@@ -1,0 +1,141 @@
+"""Step caching per guidance branch on the digits demo model: work saved, time, accuracy.
+
+    python scripts/bench/step_cache.py --model runs/digits/model [--thresholds auto 0.2 0.4] [--seeds 10] [--edits 359]
+    python scripts/bench/step_cache.py --official-geometry [--thresholds auto 0.2 0.4] [--repeats 3]
+
+For the plain sampler (cache off) and each threshold, all in one run: text-to-image of the 10
+digits x `--seeds` seeds and editing of `--edits` held-out digits ("Change it to the next
+digit."), with the model's own sampler settings (its generation.json) and the demo's batches
+and seeds; judged by the demo's judge (eval/digits.py). Printed per setting: decoder-layer
+evaluations and wall time per image against cache off (ratios: how many times less), and both
+accuracies with their change in points.
+
+--official-geometry: the random model of scripts/bench/official_geometry.py (the performance-target
+geometry) with its text-to-image (256 px, 2 branches) and editing (224 px, 3 branches) inputs,
+10 steps with guidance at each: time per step against cache off (median of --repeats, same noise)
+and the PSNR of the decoded image against the uncached one. Random weights: how often a branch
+may skip says little about a trained model; the time per skipped layer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def run(engine, sampler, prompts_or_images, edit: bool, batch: int = 32):
+    """Images in the eval's batches and seeds; returns (images, seconds, layers run, layers plain)."""
+    from eval.digits import EDIT
+
+    out, layers, plain = [], 0, 0
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts_or_images), batch):
+        chunk = prompts_or_images[start:start + batch]
+        if edit:
+            imgs, _ = engine.edit(chunk, [EDIT] * len(chunk), sampler, seed=start)
+        else:
+            imgs, _ = engine.text_to_image(chunk, None, sampler, seed=start)
+        out += imgs
+        layers += engine.cache_stats.get("layer_evaluations", 0)
+        plain += engine.cache_stats.get("full_layer_evaluations", 0)
+    return out, time.perf_counter() - t0, layers, plain
+
+
+def official_geometry(thresholds: list[str], repeats: int) -> None:
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from official_geometry import TOKENS, geometry, image_inputs, median_time
+
+    from bagel.cli.common import tune_allocator
+    from bagel.inference.generate_image import decode_latents, generate_latents
+    from bagel.model.bagel import Bagel
+    from bagel.model.vae import VAE
+
+    tune_allocator()
+    cfg = geometry(1)
+    model = Bagel(cfg)
+    model.init_weights(std=0.02, seed=0)
+    with torch.no_grad():  # the velocity head starts at zero: give it weights, or nothing moves
+        model.llm2vae.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    vae = VAE(cfg.vae).eval()
+    device = torch.device("cpu")
+    print(f"{'case':<28} {'cache':<6} {'layers':>7} {'s/step':>8} {'speed-up':>9} {'PSNR dB':>8}")
+    for name, side, edit in (("text-to-image 256px", 256, False), ("editing 224px", 224, True)):
+        g = torch.Generator().manual_seed(2)
+        branches, grid, base = image_inputs(model, vae, side, edit, g, device)
+        noise = [torch.randn(grid[0] * grid[1], cfg.patch_latent_dim, generator=g)]
+        ref_time, ref_image = None, None
+        for setting in ["off", *thresholds]:
+            sampler, stats = base.replace(cache=setting), {}
+            seconds = median_time(lambda: generate_latents(model, TOKENS, branches, grid, sampler, noise=noise,
+                                                           stats=stats), repeats, device) / 10
+            image = decode_latents(model, vae, generate_latents(model, TOKENS, branches, grid, sampler, noise=noise),
+                                   grid)[0].clamp(-1, 1)
+            if ref_time is None:
+                ref_time, ref_image = seconds, image
+            mse = float(((image - ref_image) / 2).pow(2).mean())
+            psnr = "inf" if mse == 0 else f"{10 * np.log10(1 / mse):.1f}"
+            saved = stats["full_layer_evaluations"] / stats["layer_evaluations"] if stats else 1.0
+            print(f"{name:<28} {setting:<6} {saved:>6.2f}x {seconds:>8.4f} {ref_time / seconds:>8.2f}x {psnr:>8}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="the digits demo model (runs/digits/model)")
+    p.add_argument("--official-geometry", action="store_true", help="time and PSNR on the performance-target geometry")
+    p.add_argument("--repeats", type=int, default=3, help="--official-geometry: timed runs per setting")
+    p.add_argument("--thresholds", nargs="+", default=["auto", "0.2", "0.4"])
+    p.add_argument("--seeds", type=int, default=10, help="generated images per digit")
+    p.add_argument("--edits", type=int, default=359, help="held-out images to edit")
+    args = p.parse_args()
+    if args.official_geometry:
+        return official_geometry(args.thresholds, args.repeats)
+    if not args.model:
+        p.error("--model is required (or --official-geometry)")
+
+    from bagel.inference.engine import Engine
+    from data_pipelines.digits import caption, digit_image
+    from eval.digits import Judge, load_split
+
+    engine = Engine.from_pretrained(args.model)
+    judge = Judge()
+    digits = [d for d in range(10) for _ in range(args.seeds)]
+    prompts = [caption(d) for d in digits]
+    images, labels = load_split("test")
+    side = engine.vae_transform.max_size
+    pil = [digit_image(x, side) for x in images[: args.edits]]
+    labels = labels[: args.edits]
+    rows = []
+    for setting in ["off", *args.thresholds]:
+        t2i = engine.defaults.text_to_image.replace(cache=setting)
+        ed = engine.defaults.edit.replace(cache=setting)
+        gen, gen_s, gen_layers, gen_plain = run(engine, t2i, prompts, edit=False)
+        edited, edit_s, edit_layers, edit_plain = run(engine, ed, pil, edit=True)
+        rows.append({"setting": setting, "gen_acc": float((judge(gen) == np.array(digits)).mean()),
+                     "edit_acc": float((judge(edited) == (labels + 1) % 10).mean()),
+                     "gen_s": gen_s / len(gen), "edit_s": edit_s / len(edited),
+                     "gen_layers": gen_plain / gen_layers if gen_layers else 1.0,
+                     "edit_layers": edit_plain / edit_layers if edit_layers else 1.0})
+        print(f"... {setting}: done", flush=True)
+    base = rows[0]
+    print(f"\n{len(digits)} generated images, {len(pil)} edits; ratios = how many times less than cache off\n")
+    print(f"{'cache':<8} {'gen layers':>10} {'gen time':>9} {'gen acc':>14} {'edit layers':>11} {'edit time':>9} "
+          f"{'edit acc':>14}")
+    for r in rows:
+        print(f"{r['setting']:<8} {r['gen_layers']:>9.2f}x {base['gen_s'] / r['gen_s']:>8.2f}x "
+              f"{100 * r['gen_acc']:>6.1f}% ({100 * (r['gen_acc'] - base['gen_acc']):+.1f}) "
+              f"{r['edit_layers']:>10.2f}x {base['edit_s'] / r['edit_s']:>8.2f}x "
+              f"{100 * r['edit_acc']:>6.1f}% ({100 * (r['edit_acc'] - base['edit_acc']):+.1f})")
+    print(f"\ncache off: {1000 * base['gen_s']:.1f} ms per generated image, {1000 * base['edit_s']:.1f} ms per edit "
+          f"(batches of 32)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Step caching per guidance branch (bagel/inference/step_cache.py)."""
+
+import pytest
+import torch
+
+from bagel.config import ConfigError
+from bagel.inference.generate_image import generate_latents
+from bagel.inference.step_cache import StepCache
+from bagel.sampling import AUTO_THRESHOLD, ImageGenConfig, cache_threshold
+from tests.inference.test_engine import engine, image  # noqa: F401  (the module-scoped engine fixture)
+
+EDIT = ImageGenConfig(num_timesteps=8, cfg_text_scale=3.0, cfg_img_scale=1.7, cfg_interval=(0.0, 1.0),
+                      cfg_renorm_type="text_channel")
+
+
+@pytest.fixture(scope="module")
+def sessions(engine):  # noqa: F811
+    """Two edit sessions, made once (adding an image samples the VAE posterior)."""
+    s = engine.new_sessions(2)
+    engine.add_image(s, [image(1, 48, 64), image(2, 48, 64)])
+    engine.add_text(s, ["Make it blue.", "Add a small red hat on top of it."])
+    return s
+
+
+def edit_run(engine, sessions, cache, stats=None):
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(12, engine.model.cfg.patch_latent_dim, generator=g) for _ in range(2)]
+    return generate_latents(engine.model, engine.tokens, [s.branches() for s in sessions], (3, 4),
+                            EDIT.replace(cache=cache), noise=noise, stats=stats)
+
+
+def test_threshold_zero_is_bitwise_no_cache(engine, sessions):  # noqa: F811
+    plain = edit_run(engine, sessions, "off")
+    stats = {}
+    zero = edit_run(engine, sessions, 0, stats)
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero))
+    assert stats["layer_evaluations"] == stats["full_layer_evaluations"] == 7 * 6 * len(engine.model.llm.layers)
+
+
+def test_a_large_threshold_skips_all_but_the_forced_steps(engine, sessions):  # noqa: F811
+    stats = {}
+    plain, cached = edit_run(engine, sessions, "off"), edit_run(engine, sessions, 1e9, stats)
+    layers, steps, branches = len(engine.model.llm.layers), 7, 6
+    # every branch runs in full on its first two steps and the last; the 4 others run one layer
+    assert stats["layer_evaluations"] == branches * (3 * layers + 4 * 1)
+    assert stats["full_layer_evaluations"] == branches * steps * layers
+    assert all(torch.isfinite(c).all() and not torch.equal(c, p) for c, p in zip(cached, plain))
+
+
+def test_decisions_are_per_branch():
+    """Two branches, one barely changing, one changing a lot: only the second runs in full."""
+    cache = StepCache(threshold=0.1, num_layers=4)
+    calm, busy = torch.ones(6), torch.ones(6)
+    runs = []
+    for step in range(6):
+        calm = calm * 1.01  # 1% change per step: 0.01 accumulates to < 0.1 by the last step
+        busy = busy * (-1.5)  # changes sign and grows: a large relative change every step
+        runs.append(cache.decide(step, last_step=5, rows=[0, 1], residuals=[calm, busy]))
+        for row, full in enumerate(runs[-1]):
+            if full:  # what the generation loop does after running the rest of the decoder
+                cache.remember(row, torch.zeros(6))
+    assert runs[0] == runs[1] == [True, True]  # first two steps: both in full
+    assert runs[2] == runs[3] == runs[4] == [False, True]  # the decision differs between branches
+    assert runs[5] == [True, True]  # the last step: in full
+    assert cache.layer_evaluations == 4 * 3 + 1 * 3 + 4 * 6
+    # a branch that sat out a step (guidance interval) runs in full when it comes back
+    assert cache.decide(7, last_step=9, rows=[0], residuals=[calm]) == [True]
+
+
+def test_real_branches_diverge(engine, sessions, monkeypatch):  # noqa: F811
+    """On the real edit run, a threshold between the branches' changes at step 2 makes them decide
+    differently there (one decision for all would have to pick one)."""
+    real_decide = StepCache.decide
+    changes, seen = {}, {}
+
+    def spy(self, step, last_step, rows, residuals):
+        if step == 2:
+            for row, r in zip(rows, residuals):
+                prev = self.branches[row].residual
+                changes.setdefault(row, float((r - prev).abs().mean() / prev.abs().mean()))
+        out = real_decide(self, step, last_step, rows, residuals)
+        if step == 2:
+            seen.update(zip(rows, out))
+        return out
+
+    monkeypatch.setattr(StepCache, "decide", spy)
+    edit_run(engine, sessions, 1e9)
+    low, high = min(changes.values()), max(changes.values())
+    assert low < high
+    threshold = (low + high) / 2
+    edit_run(engine, sessions, threshold)
+    assert set(seen.values()) == {True, False}
+    assert all(seen[row] == (changes[row] >= threshold) for row in seen)
+
+
+@pytest.mark.parametrize("value,want", [("off", None), (None, None), ("auto", AUTO_THRESHOLD), ("0", 0.0),
+                                        (0.25, 0.25), (" AUTO ", AUTO_THRESHOLD)])
+def test_setting_values(value, want):
+    assert cache_threshold(value) == want
+
+
+@pytest.mark.parametrize("value,match", [("fast", "expected off, auto or a threshold"), (-0.1, "finite number >= 0"),
+                                         ("nan", "finite number >= 0"), ("inf", "finite number >= 0")])
+def test_bad_settings(value, match):
+    with pytest.raises(ConfigError, match=match):
+        ImageGenConfig(cache=value)
