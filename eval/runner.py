@@ -57,22 +57,26 @@ class EnginePredictor:
         return [engine.tokenizer.decode(ids[: r.max_new_tokens]) for ids, r in zip(out.ids, requests)]
 
 
-def load_engine(model_dir: str, dtype: str = "fp32", device: str = "cpu", loras=()):
-    """The engine of a model directory, with LoRA adapters `loras` ((directory, scale) pairs) on it."""
+def load_engine(model_dir: str, dtype: str = "fp32", device: str = "cpu", loras=(), quantize: str = "none"):
+    """The engine of a model directory, with LoRA adapters `loras` ((directory, scale) pairs) on
+    it, or its experts quantized (`quantize`: int8, int8-dynamic)."""
     from bagel.config import parse_dtype
     from bagel.inference.engine import Engine
 
     engine = Engine.from_pretrained(model_dir, dtype=parse_dtype(dtype), device=device)
     engine.use_loras(list(loras))
+    if quantize != "none":
+        engine.quantize(quantize)
     return engine
 
 
-def load_predictor(model_dir: str, seed: int = 0, dtype: str = "fp32", device: str = "cpu", loras=()) -> Predictor:
+def load_predictor(model_dir: str, seed: int = 0, dtype: str = "fp32", device: str = "cpu", loras=(),
+                   quantize: str = "none") -> Predictor:
     """A predictor over a BAGEL checkpoint directory (our layout or the released one)."""
     import torch
 
     torch.manual_seed(seed)
-    return EnginePredictor(load_engine(model_dir, dtype, device, loras))
+    return EnginePredictor(load_engine(model_dir, dtype, device, loras, quantize))
 
 
 def get_task(name: str):

@@ -117,6 +117,9 @@ def cases(r: Path) -> list[tuple]:
         (generate, [*gen, "--prompt", "x", "--cache", "-0.5"], "finite number >= 0"),
         (generate, [*gen, "--prompt", "x", "--lora", str(r / "nope")], "missing adapter_config.json"),
         (generate, [*gen, "--prompt", "x", "--lora-scale", "0.5"], "--lora-scale without --lora"),
+        (generate, [*gen, "--prompt", "x", "--quantize", "int4"], "invalid choice"),
+        (generate, [*gen, "--prompt", "x", "--quantize", "int8", "--lora", str(r / "nope")], "merge the adapters"),
+        (chat, [*model, "--question", "x", "--quantize", "int8", "--lora", str(r / "nope")], "merge the adapters"),
         # bagel-lora
         (lora, ["merge", *model, "--lora", str(r / "nope"), "--out", "OUT/m"], "missing adapter_config.json"),
         (lora, ["merge", *model, "--out", "OUT/m"], "--lora DIR"),

@@ -106,6 +106,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and settings give the same "
                    "output, byte for byte")
     add_lora_args(p)
+    add_quantize_arg(p)
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=("none", "int8", "int8-dynamic"), default="none",
+                   help="int8 weights for the LLM experts (a quarter of their fp32 bytes); int8-dynamic also "
+                        "multiplies in int8 (faster on CPU at large sizes, a little less exact)")
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -172,6 +179,8 @@ def load_engine(args):
     engine = Engine.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=args.device,
                                     vae_device=args.vae_device, vit_device=args.vit_device)
     engine.use_loras(adapters)
+    if getattr(args, "quantize", "none") != "none":
+        engine.quantize(args.quantize)
     return engine
 
 
@@ -180,6 +189,9 @@ def lora_args(args) -> list[tuple[str, float]]:
     from pathlib import Path
 
     paths, scales = getattr(args, "lora", []), getattr(args, "lora_scale", [])
+    if paths and getattr(args, "quantize", "none") != "none":
+        raise ValueError("--quantize with --lora: merge the adapters into the model first (bagel-lora merge), "
+                         "then quantize the merged model")
     if scales and not paths:
         raise ValueError("--lora-scale without --lora")
     if len(scales) not in (0, 1, len(paths)):

@@ -24,7 +24,7 @@ import importlib.util
 import os
 import sys
 
-from bagel.cli.common import Parser, USER_ERRORS, add_lora_args, check_device, lora_args
+from bagel.cli.common import Parser, USER_ERRORS, add_lora_args, add_quantize_arg, check_device, lora_args
 from bagel.config import DTYPE_NAMES
 from bagel.sampling import RENORM_TYPES
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="model weights (bf16 on GPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     add_lora_args(p)
+    add_quantize_arg(p)
     p.add_argument("--image-dir", default=None, help="POPE / VQA: folder of COCO images if not under --data")
     p.add_argument("--out", metavar="DIR", default=None, help="results folder (default runs/eval/...)")
     p.add_argument("--allow-missing", action="store_true",
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("bagel-eval: --model needs --task and --data", file=sys.stderr)
                 return 2
             predictor = runner.load_predictor(args.model, seed=args.seed, dtype=args.dtype, device=args.device,
-                                              loras=lora_args(args))
+                                              loras=lora_args(args), quantize=args.quantize)
             manifest = runner.run(args.task, args.data, predictor, protocol=args.protocol,
                                   limit=args.limit, batch_size=args.batch_size or 1, out_dir=args.out,
                                   model=args.model, seed=args.seed, max_new_tokens=args.max_new_tokens,
@@ -160,7 +161,7 @@ def run_geneval(args) -> dict:
     geneval.check_new_out_dir(args.out)
     latent_grid(read_model_config(args.model), (settings.height, settings.width))  # the model's size rule
     scorer = load_scorer(args.scorer) if args.scorer else None
-    engine = runner.load_engine(args.model, args.dtype, args.device, lora_args(args))  # checks are done: loading takes minutes
+    engine = runner.load_engine(args.model, args.dtype, args.device, lora_args(args), args.quantize)  # checks are done: loading takes minutes
     return geneval.run(args.data, engine, args.out, settings, limit=args.limit, batch_size=batch_size,
                        scorer=scorer, scorer_name=args.scorer, model=args.model, protocol=args.protocol,
                        progress=True)
@@ -178,7 +179,8 @@ def _run_digits(args) -> int:
     for field, value in (("steps", args.steps), ("cfg_text", args.cfg_text), ("timestep_shift", args.timestep_shift)):
         if value is not None:
             setattr(settings, field, value)
-    engine = runner.load_engine(args.model, dtype=args.dtype, device=args.device, loras=lora_args(args))
+    engine = runner.load_engine(args.model, dtype=args.dtype, device=args.device, loras=lora_args(args),
+                                quantize=args.quantize)
     metrics = digits.evaluate(engine, settings, out_dir=args.out, progress=True)
     for key, value in metrics.items():
         if isinstance(value, float):

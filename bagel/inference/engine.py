@@ -67,6 +67,7 @@ class Engine:
         self.model_dir: Path | None = None  # set by from_pretrained (adapters check it for merged copies)
         self.cache_stats: dict = {}  # decoder layers run / a plain run's, of the last image generation with cfg.cache on
         self.loras: dict[str, tuple[str, float]] = {}  # adapter name -> (directory, scale)
+        self.quantized: str | None = None  # "int8" / "int8-dynamic" once Engine.quantize ran
 
     # LoRA adapters ----------------------------------------------------------------------------
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
@@ -74,6 +75,9 @@ class Engine:
         returns its name. Several adapters add up; the base weights are never touched."""
         from bagel.checkpoint.adapters import load_adapter
 
+        if self.quantized:
+            raise ValueError(f"the model is quantized ({self.quantized}): put adapters on before quantizing, "
+                             "or merge them into the weights (bagel-lora merge)")
         name = name or f"lora{len(self.loras)}"
         if name in self.loras:
             raise ValueError(f"an adapter named {name!r} is already loaded ({self.loras[name][0]})")
@@ -100,6 +104,16 @@ class Engine:
         for name in list(self.loras):
             self.unload_lora(name)
         return [self.load_lora(path, scale) for path, scale in adapters]
+
+    def quantize(self, mode: str) -> dict[str, int]:
+        """int8 weights for the LLM experts (bagel/model/quant.py: "int8" or "int8-dynamic"), in
+        place; returns the layer count and their bytes before and after. Adapters must be merged
+        first (bagel-lora merge)."""
+        from bagel.model.quant import quantize_experts
+
+        report = quantize_experts(self.model, mode)
+        self.quantized = mode
+        return report
 
     def use_speculative(self, heads=None) -> None:
         """Decode text speculatively with draft heads (the model's own, or `heads`). Greedy output

@@ -7,8 +7,8 @@
 The model is built on the meta device (shapes only), so the parameter counts are exact. The rest
 are estimates from the geometry, each with its formula:
 
-- weights: parameters x bytes of the dtype (the VAE counted in float32 unless the dtype is
-  smaller: the engine keeps it in the LLM's dtype);
+- weights: parameters x bytes of the dtype (the VAE too: the engine keeps it in the LLM's
+  dtype); with int8 experts (`--quantize`), one byte per expert weight;
 - KV cache: 2 (keys, values) x layers x kv_heads x head_dim x bytes per context token; an image
   in the context costs its VAE latent tokens + its ViT tokens + 4 markers;
 - one denoising step: the rows of all guidance branches of the batch through one decoder layer
@@ -82,9 +82,12 @@ class MemoryPlan:
         """Parameters one token goes through: one expert of every layer (the other is idle)."""
         return self.parameters - max(self.groups.get("LLM und expert", 0), self.groups.get("LLM gen expert", 0))
 
-    def weight_bytes(self, dtype: str | None = None) -> int:
+    def weight_bytes(self, dtype: str | None = None, int8_experts: bool = False) -> int:
+        """Weights in `dtype`; with `int8_experts`, the expert layers at one byte per weight (their
+        per-channel scales and the norms, under 0.1%, are left out: bagel/model/quant.py)."""
         b = BYTES[dtype or self.dtype]
-        return self.parameters * b + self.vae_params * b
+        experts = self.groups.get("LLM und expert", 0) + self.groups.get("LLM gen expert", 0) if int8_experts else 0
+        return (self.parameters - experts) * b + experts + self.vae_params * b
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -142,7 +145,8 @@ class MemoryPlan:
         lines = [f"parameters: {self.parameters:,} ({_b(self.parameters)}), active per token {self.active_parameters:,}; "
                  f"VAE {self.vae_params:,}"]
         lines += [f"  {name:<24} {n:>15,}" for name, n in sorted(self.groups.items(), key=lambda kv: -kv[1])]
-        lines.append("weights: " + ", ".join(f"{d} {_gib(self.weight_bytes(d))}" for d in ("fp32", "bf16")))
+        lines.append("weights: " + ", ".join(f"{d} {_gib(self.weight_bytes(d))}" for d in ("fp32", "bf16"))
+                     + f", bf16 with int8 experts (--quantize) about {_gib(self.weight_bytes('bf16', True))}")
         lines.append(f"KV cache ({self.dtype}): {self.kv_bytes_per_token:,} bytes per context token; an input image "
                      f"of {w}x{h} = {self.image_context_tokens:,} tokens ({self.latent_tokens():,} VAE + "
                      f"{self.vit_tokens():,} ViT + {CONTEXT_MARKERS}) = {_gib(self.image_context_tokens * self.kv_bytes_per_token)}")

@@ -164,3 +164,25 @@ def test_parity_on_cuda_fp32():
     report("bagel-parity on CUDA fp32: comparisons passed", f"{len(results) - len(failed)}/{len(results)}")
     report("bagel-parity on CUDA fp32: worst max |diff|", worst)
     assert not failed, failed
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_int8_experts_on_cuda_match_cpu(dynamic):
+    """Int8Linear on CUDA (bf16 activations) against the same layer on the CPU in float32."""
+    from bagel.model.quant import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(256, 1024)
+    x = torch.randn(40, 256, generator=g)
+    cpu = Int8Linear(lin, dynamic)
+    try:
+        gpu = Int8Linear(lin, dynamic).cuda().to(torch.bfloat16)
+        with torch.no_grad():
+            got = gpu(x.cuda().to(torch.bfloat16)).float().cpu()
+    except RuntimeError as e:  # torch._int_mm needs compute capability >= 7.5
+        pytest.skip(f"int8 matmul not available on this GPU: {str(e).splitlines()[0][:100]}")
+    with torch.no_grad():
+        want = cpu(x)
+    rel = float((got - want).norm() / want.norm())
+    print(f"int8{'-dynamic' if dynamic else ''} CUDA bf16 vs CPU fp32: relative difference {rel:.2e}")
+    assert rel < 0.02
