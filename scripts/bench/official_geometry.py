@@ -111,6 +111,17 @@ def training_rows(model, vae, batch, repeats, device) -> dict:
             "train_tflops": batch_flops(model.cfg, batch) / fwd_bwd / 1e12}
 
 
+def drawing_model() -> tuple[Bagel, VAE]:
+    """The random model of this geometry, in eval mode, with a velocity head that moves the
+    latents (it starts at zero, and then every image is its noise) and its VAE."""
+    model = Bagel(geometry(1))
+    model.init_weights(std=0.02, seed=0)
+    with torch.no_grad():
+        model.llm2vae.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)  # the VAE's initialisation draws from the global generator
+    return model.eval(), VAE(model.cfg.vae).eval()
+
+
 def image_inputs(model, vae, side: int, edit: bool, g: torch.Generator, device) -> tuple[list, tuple, ImageGenConfig]:
     """The inference inputs of the image rows: the guidance contexts of one image (a 24-token
     prompt; editing: after a VAE then a ViT block of a random input image), its latent grid and

@@ -26,13 +26,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from official_geometry import TOKENS, geometry, image_inputs, median_time
+    from official_geometry import TOKENS, drawing_model, image_inputs, median_time
 
     from bagel.cli.common import tune_allocator
     from bagel.inference.generate_image import decode_latents, generate_latents
-    from bagel.model.bagel import Bagel
     from bagel.model.quant import MODES, Int8Linear, quantize_experts
-    from bagel.model.vae import VAE
 
     tune_allocator()
     device = torch.device("cpu")
@@ -49,15 +47,9 @@ def main() -> None:
             t = median_time(lambda: q(x), args.repeats, device)
             err = float((q(x) - ref).norm() / ref.norm())
             print(f"{mode:<28} {1000 * t:>8.1f} {base / t:>8.2f}x {err:>11.2e}")
-    del lin, x, ref
 
-    cfg = geometry(1)
-    model = Bagel(cfg)
-    model.init_weights(std=0.02, seed=0)
-    with torch.no_grad():  # the velocity head starts at zero: give it weights, or nothing moves
-        model.llm2vae.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
-    model.eval()
-    vae = VAE(cfg.vae).eval()
+    model, vae = drawing_model()
+    cfg = model.cfg
     models = {"fp32": model}
     for mode in MODES:
         models[mode] = copy.deepcopy(model)

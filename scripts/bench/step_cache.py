@@ -50,21 +50,14 @@ def official_geometry(thresholds: list[str], repeats: int) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from official_geometry import TOKENS, geometry, image_inputs, median_time
+    from official_geometry import TOKENS, drawing_model, image_inputs, median_time
 
     from bagel.cli.common import tune_allocator
     from bagel.inference.generate_image import decode_latents, generate_latents
-    from bagel.model.bagel import Bagel
-    from bagel.model.vae import VAE
 
     tune_allocator()
-    cfg = geometry(1)
-    model = Bagel(cfg)
-    model.init_weights(std=0.02, seed=0)
-    with torch.no_grad():  # the velocity head starts at zero: give it weights, or nothing moves
-        model.llm2vae.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
-    model.eval()
-    vae = VAE(cfg.vae).eval()
+    model, vae = drawing_model()
+    cfg = model.cfg
     device = torch.device("cpu")
     print(f"{'case':<28} {'cache':<6} {'layers':>7} {'s/step':>8} {'speed-up':>9} {'PSNR dB':>8}")
     for name, side, edit in (("text-to-image 256px", 256, False), ("editing 224px", 224, True)):
