@@ -46,6 +46,7 @@ if __name__ == "__main__":
         run(out, "ddp", "--parallel.mode=ddp")
         # LoRA: frozen base and trainable adapters in the same FSDP units
         run(out, "fsdp_lora", "--parallel.mode=fsdp", *LORA)
+        run(out, "ddp_lora", "--parallel.mode=ddp", *LORA)
         # 2 samples over 2 ranks: rank 0 gets a text-to-image sample (no ViT, no CE tokens), rank 1 an
         # image-QA one (no VAE image): every parameter must still take part on both ranks.
         run(out, "fsdp_sparse", "--parallel.mode=fsdp", "--data.samples_per_batch=2", "--train.steps=3")

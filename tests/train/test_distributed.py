@@ -50,10 +50,11 @@ def single_process_lora(tmp_path_factory):
     return Trainer(load_config(RECIPE, [f"--run_dir={out}", *FAST, *COMMON, *LORA])).run().history
 
 
-def test_lora_two_ranks_match_one_process(two_rank_runs, single_process_lora):
+@pytest.mark.parametrize("mode", ["fsdp_lora", "ddp_lora"])
+def test_lora_two_ranks_match_one_process(two_rank_runs, single_process_lora, mode):
     for key in ("loss_ce", "loss_mse", "grad_norm"):
-        diff = _max_diff(two_rank_runs["fsdp_lora"], single_process_lora, key)
-        print(f"fsdp lora {key}: max |diff| vs one process = {diff:.2e}")
+        diff = _max_diff(two_rank_runs[mode], single_process_lora, key)
+        print(f"{mode} {key}: max |diff| vs one process = {diff:.2e}")
         assert diff < 1e-4, key
     assert single_process_lora[-1]["grad_norm"] > 0  # adapters did train
 

@@ -110,3 +110,28 @@ def test_bad_lora_settings_fail_at_config_time(make_cfg, override, match):
 def test_a_selection_that_matches_nothing_is_an_error(make_cfg):
     with pytest.raises(lora.LoraError, match="matches no layer"):
         Trainer(make_cfg("none", "--lora.rank=4", "--lora.experts=und", "--lora.kinds=latent"))
+
+
+@pytest.mark.parametrize("layout", ["released", "ours"])
+def test_lora_from_a_pretrained_directory_of_either_layout(make_cfg, tmp_path, layout):
+    """Adapters on a model read from a directory (the released layout, or ours): the base keeps the
+    directory's weights exactly, the adapters train, the export loads back onto that base."""
+    from bagel.checkpoint import adapters
+    from bagel.checkpoint.pretrained import from_pretrained, save_pretrained
+
+    tiny = Path(__file__).resolve().parents[1] / "assets" / "bagel_official_tiny"
+    source = tiny
+    if layout == "ours":
+        source = tmp_path / "ours"
+        save_pretrained(from_pretrained(tiny), source)
+    want = from_pretrained(source).state_dict()
+    trainer = Trainer(make_cfg(f"lora_{layout}", *LORA, "--model.preset=pretrained", f"--model.path={source}",
+                               "--train.steps=2", "--checkpoint.export=true", "--train.ema=0"))
+    trainer.run()
+    got = {lora.base_name(n): p for n, p in trainer.model.state_dict().items() if not lora.is_adapter_param(n)}
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if ".lora_B." in n)
+    base = from_pretrained(source)
+    adapters.load_adapter(base, Path(trainer.cfg.run_dir) / "export_adapter", "trained")
+    assert json.loads((Path(trainer.cfg.run_dir) / "export_adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(source)
