@@ -170,7 +170,7 @@ class Blocks:
         B, q_max, d = self.B, self.q_max, x.shape[-1]
         device, cache = x.device, self.cache
         flat = torch.arange(B * q_max, device=device)
-        route = Routing(und=flat[~self.gen.flatten()], gen=flat[self.gen.flatten()])
+        route = Routing(und=flat[~self.gen.flatten()], gen=flat[self.gen.flatten()], skip_empty=True)
         # Where each valid query token's key/value goes in the cache.
         b_idx, i_idx = self.valid.nonzero(as_tuple=True)
         row_idx = torch.tensor(self.rows, device=device)[b_idx]

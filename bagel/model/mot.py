@@ -9,8 +9,10 @@ Design notes:
   the same layer serves packed training (bagel.model.attention) and KV-cached inference.
 - Order inside a layer (Qwen2 + QK-norm): norm -> q,k,v -> per-head RMSNorm(q), RMSNorm(k) ->
   RoPE -> GQA attention (scale 1/sqrt(head_dim)) -> o_proj -> residual -> norm -> MLP -> residual.
-- Both experts run on every call, even on zero rows, so every parameter takes part in every step
-  (FSDP2 / DDP hang or fail when an expert sees no tokens on one rank).
+- In training both experts run on every call, even on zero rows, so every parameter takes part
+  in every step (FSDP2 / DDP hang or fail when an expert sees no tokens on one rank). Inference
+  (`Routing(skip_empty=True)`) calls only the experts that own rows, and one that owns them all
+  on the hidden state as it is (no gather, no scatter): text decoding runs one expert per layer.
 """
 
 from __future__ import annotations
@@ -33,9 +35,16 @@ class Routing:
 
     und: torch.Tensor  # (N_und,) long
     gen: torch.Tensor  # (N_gen,) long
+    skip_empty: bool = False  # inference: leave out an expert without rows (see the module notes)
 
-    def experts(self, layer_or_norms) -> tuple:
-        return ((layer_or_norms.und, self.und), (layer_or_norms.gen, self.gen))
+    def experts(self, layer_or_norms) -> list:
+        """(expert module, its row indexes) pairs; with skip_empty, an expert that owns every row
+        comes alone with None for "all rows"."""
+        pairs = [(layer_or_norms.und, self.und), (layer_or_norms.gen, self.gen)]
+        if not self.skip_empty:
+            return pairs
+        live = [(module, idx) for module, idx in pairs if idx.numel()]
+        return [(live[0][0], None)] if len(live) == 1 else live
 
 
 class Expert(nn.Module):
@@ -79,6 +88,8 @@ class MoTLayer(nn.Module):
         k = x.new_empty(n, self.num_kv_heads, self.head_dim)
         v = x.new_empty(n, self.num_kv_heads, self.head_dim)
         for expert, idx in route.experts(self):
+            if idx is None:  # one expert owns every row
+                return expert.qkv(expert.input_norm(x), cos, sin)
             q_e, k_e, v_e = expert.qkv(expert.input_norm(x[idx]), cos[idx], sin[idx])
             q = q.index_copy(0, idx, q_e)
             k = k.index_copy(0, idx, k_e)
@@ -90,6 +101,9 @@ class MoTLayer(nn.Module):
         attn = attn.flatten(1)  # (N, Hq*hd)
         out = torch.empty_like(x)
         for expert, idx in route.experts(self):
+            if idx is None:
+                h = x + expert.o_proj(attn)
+                return h + expert.mlp(expert.post_attn_norm(h))
             h = x[idx] + expert.o_proj(attn[idx])
             h = h + expert.mlp(expert.post_attn_norm(h))
             out = out.index_copy(0, idx, h)
@@ -111,6 +125,8 @@ class ExpertNorms(nn.Module):
     def forward(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
         out = torch.empty_like(x)
         for norm, idx in route.experts(self):
+            if idx is None:
+                return norm(x)
             out = out.index_copy(0, idx, norm(x[idx]))
         return out
 

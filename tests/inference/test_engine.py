@@ -287,3 +287,19 @@ def test_interleave_from_text_alone_draws_at_the_native_size(engine, monkeypatch
     assert len(out) == 1 and out[0].size == engine.native_size[::-1]
     with pytest.raises(ValueError, match="at least one input"):
         engine.interleave([])
+
+
+def test_text_decoding_runs_only_the_understanding_expert(engine):
+    """Inference leaves out an expert that owns no rows: decoding text never calls the gen expert
+    (training still runs both: every parameter must take part on every rank)."""
+    calls = {"und": 0, "gen": 0}
+    hooks = [getattr(layer, name).q_proj.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+             for layer in engine.model.llm.layers for name in ("und", "gen")]
+    try:
+        s = engine.new_sessions(1)
+        engine.add_text(s, ["Hello there."])
+        engine.generate_text(s, SamplingConfig(max_new_tokens=4))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls["gen"] == 0 and calls["und"] >= 2 * len(engine.model.llm.layers)
