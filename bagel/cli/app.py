@@ -144,7 +144,7 @@ def guidance_controls(gr, cfg, prefix: str) -> list:
             renorm = gr.Dropdown(list(RENORM_TYPES), value=renorm, label="CFG renorm type")
             renorm_min = gr.Slider(0.0, 1.0, renorm_min, step=0.05, label="CFG renorm min")
         cache = gr.Dropdown(["off", "auto", "0.05", "0.2"], value=cache, allow_custom_value=True, label="Step cache",
-                            info="skip most layers for a guidance branch that barely changed: off, auto (0.2) or a "
+                            info="skip most layers for a guidance branch that barely changed: off, auto (0.3) or a "
                                  "threshold")
     return [steps, shift, text, img, start, end, renorm, renorm_min, cache]
 

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(preset 0)")
     g.add_argument("--cache", default=None, metavar="off|auto|T",
                    help="step cache: skip most of the decoder for a guidance branch whose input barely changed "
-                        "since its last full step (auto = threshold 0.2; 0 never skips; preset off)")
+                        "since its last full step (auto = threshold 0.3; 0 never skips; preset off)")
     return p
 
 

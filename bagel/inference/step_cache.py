@@ -1,14 +1,15 @@
 """Step caching for image generation: skip most of the decoder on steps where a branch's input
 barely changed, decided for each guidance branch of each image on its own.
 
-The rule (first-block residual with TeaCache's accumulation): every step, every active branch
-runs the first decoder layer. Its residual r = (layer-1 output) - (input embeddings) is compared
-with the same branch's residual at the previous step, as a relative L1 change
-|r - r_prev|_1 / |r_prev|_1, and the changes are summed since the branch last ran in full. While
-the sum stays below the threshold, the branch reuses what the other layers added last time it ran
-them (h_final = h_1 + (h_final - h_1) of that step); when it reaches the threshold, the branch
-runs in full and the sum restarts at 0. A branch always runs in full on its first two steps, on
-the last step, and on a step after one where it was not active (guidance interval).
+The rule (a first-block-residual cache): every step, every active branch runs the first decoder
+layer. Its residual r = (layer-1 output) - (input embeddings) is compared with the residual the
+same branch had at its last full step, as a relative L1 change |r - r_full|_1 / |r_full|_1.
+While the change stays below the threshold, the branch reuses what the other layers added at
+that step (h_final = h_1 + (h_final - h_1) of that step); when it reaches the threshold, the
+branch runs in full and that step becomes the new reference. A branch always runs in full on its
+first two steps, on the last step, and on a step after one where it was not active (guidance
+interval). (Summing the step-to-step changes instead, TeaCache's accumulation, skipped less for
+the same accuracy on the digits model: 1.8x fewer layers at -0.3 points against 2.05x at +0.8.)
 
 Per branch matters: with classifier-free guidance the conditional and unconditional branches
 change at different rates, and one decision for all of them would reuse a stale unconditional
@@ -28,8 +29,8 @@ import torch
 @dataclass
 class BranchState:
     residual: torch.Tensor | None = None  # first-layer residual at the last step this branch was active
+    anchor: torch.Tensor | None = None  # first-layer residual at its last full step
     tail: torch.Tensor | None = None  # what layers 2..L (and the final norm) added when it last ran in full
-    accumulated: float = 0.0
     last_step: int = -2  # the last step this branch was active
     full_steps: int = 0  # steps this branch ran in full so far
 
@@ -51,12 +52,13 @@ class StepCache:
         for row, r in zip(rows, residuals):
             s = self.branches.setdefault(row, BranchState())
             fresh = s.residual is None or s.last_step != step - 1 or s.tail is None or s.full_steps < 2
+            change = 0.0
             if not fresh and step != last_step:
-                s.accumulated += float((r - s.residual).abs().mean() / s.residual.abs().mean().clamp_min(1e-12))
-            full = fresh or step == last_step or s.accumulated >= self.threshold
+                change = float((r - s.anchor).abs().mean() / s.anchor.abs().mean().clamp_min(1e-12))
+            full = fresh or step == last_step or change >= self.threshold
             if full:
-                s.accumulated = 0.0
                 s.full_steps += 1
+                s.anchor = r
             s.residual, s.last_step = r, step
             run_full.append(full)
             self.layer_evaluations += self.num_layers if full else 1

@@ -53,7 +53,7 @@ def test_decisions_are_per_branch():
     calm, busy = torch.ones(6), torch.ones(6)
     runs = []
     for step in range(6):
-        calm = calm * 1.01  # 1% change per step: 0.01 accumulates to < 0.1 by the last step
+        calm = calm * 1.01  # 1% per step: 3% from its last full step by step 4, under 0.1
         busy = busy * (-1.5)  # changes sign and grows: a large relative change every step
         runs.append(cache.decide(step, last_step=5, rows=[0, 1], residuals=[calm, busy]))
         for row, full in enumerate(runs[-1]):
