@@ -252,7 +252,7 @@ def _build(cls, data: dict[str, Any], where: str):
 
 
 def _coerce(value, hint, key: str):
-    """Light type checking: ints are accepted for floats; everything else must match."""
+    """Light type checking: ints are accepted for floats and strings; everything else must match."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if value is None and type(None) in args:
@@ -263,6 +263,8 @@ def _coerce(value, hint, key: str):
         base = typing.get_origin(base) or base
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is str and isinstance(value, int) and not isinstance(value, bool):  # --lora.layers=-1 reads as a number
+        return str(value)
     if base is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
         try:
             return float(value)

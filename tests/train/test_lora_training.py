@@ -135,3 +135,9 @@ def test_lora_from_a_pretrained_directory_of_either_layout(make_cfg, tmp_path, l
     adapters.load_adapter(base, Path(trainer.cfg.run_dir) / "export_adapter", "trained")
     assert json.loads((Path(trainer.cfg.run_dir) / "export_adapter" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == str(source)
+
+
+def test_layer_indexes_on_the_command_line(make_cfg):
+    """--lora.layers=-1 arrives as a number from the command line: read as the text it stands for."""
+    assert make_cfg("idx", "--lora.rank=4", "--lora.layers=-1").lora.layers == "-1"
+    assert make_cfg("idx2", "--lora.rank=4", "--lora.layers=2,3").lora.layers == "2,3"
