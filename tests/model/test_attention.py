@@ -362,3 +362,23 @@ def test_call_errors():
     with pytest.raises(ValueError, match="Hq must be a multiple of Hkv"):
         packed_attention(q, k[:, :1].expand(10, 3, D), v[:, :1].expand(10, 3, D), prepare_attention(
             AttentionLayout([10], [10], ["full"]), "sdpa"))
+
+
+def test_cached_blocks_grouped_equal_block_by_block():
+    """SDPA over groups of equal-shape blocks (the CFG branches and images of a batch) gives the
+    numbers of one call per block, bit for bit; blocks of other shapes and tensor masks run alone."""
+    from bagel.model.attention.cached import CAUSAL, FULL, _sdpa_block, cached_attention
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(18, 40, FULL), (18, 40, FULL), (18, 33, FULL), (18, 40, FULL), (5, 40, CAUSAL), (5, 40, CAUSAL),
+              (1, 12, CAUSAL), (4, 9, "tensor")]
+    qs, ks, vs, masks = [], [], [], []
+    for n, s, m in shapes:
+        qs.append(torch.randn(n, 4, 16, generator=g))
+        ks.append(torch.randn(s, 2, 16, generator=g))
+        vs.append(torch.randn(s, 2, 16, generator=g))
+        masks.append(torch.rand(n, s, generator=g) > 0.3 if m == "tensor" else m)
+    masks[-1][:, 0] = True  # every query sees a key
+    grouped = cached_attention(qs, ks, vs, masks, "sdpa")
+    for out, q, k, v, m in zip(grouped, qs, ks, vs, masks):
+        assert torch.equal(out, _sdpa_block(q, k, v, m))

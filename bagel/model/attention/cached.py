@@ -60,7 +60,30 @@ def cached_attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[to
         return [kernels.dense_attention(q, k, v, _explicit(m, q, k)) for q, k, v, m in zip(qs, ks, vs, masks)]
     if backend == "flash":
         return _flash_blocks(qs, ks, vs, masks)
-    return [_sdpa_block(q, k, v, m) for q, k, v, m in zip(qs, ks, vs, masks)]
+    return _sdpa_blocks(qs, ks, vs, masks)
+
+
+def _sdpa_blocks(qs, ks, vs, masks) -> list:
+    """SDPA per group of blocks that share query length, key length and mask kind (FULL or
+    CAUSAL): one call over the stacked group instead of one per block (the CFG branches and images
+    of a batch; the same numbers, bit for bit, as block by block). Tensor masks run alone."""
+    groups: dict[tuple, list[int]] = {}
+    for b, (q, k, m) in enumerate(zip(qs, ks, masks)):
+        kind = "tensor" if isinstance(m, torch.Tensor) else (FULL if m == FULL or q.shape[0] == 1 else CAUSAL)
+        groups.setdefault((kind, q.shape[0], k.shape[0]) if kind != "tensor" else ("tensor", b), []).append(b)
+    outs: list = [None] * len(qs)
+    for key, members in groups.items():
+        if len(members) == 1 or key[0] == "tensor" or key[1] == 0:
+            for b in members:
+                outs[b] = _sdpa_block(qs[b], ks[b], vs[b], masks[b])
+            continue
+        kind, n, s = key
+        q, k, v = (torch.stack([t[b] for b in members]).transpose(1, 2) for t in (qs, ks, vs))  # (G, H, n|S, D)
+        mask = None if kind == FULL else bottom_right_causal_mask(n, s, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)  # (G, n, H, D)
+        for i, b in enumerate(members):
+            outs[b] = out[i]
+    return outs
 
 
 def _explicit(m: Mask, q, k) -> torch.Tensor:
