@@ -141,3 +141,14 @@ def test_layer_indexes_on_the_command_line(make_cfg):
     """--lora.layers=-1 arrives as a number from the command line: read as the text it stands for."""
     assert make_cfg("idx", "--lora.rank=4", "--lora.layers=-1").lora.layers == "-1"
     assert make_cfg("idx2", "--lora.rank=4", "--lora.layers=2,3").lora.layers == "2,3"
+
+
+def test_activation_checkpointing_gives_the_same_lora_steps(make_cfg):
+    """Adapters inside checkpoint-wrapped layers: the same losses and gradient norms, and an export."""
+    runs = {}
+    for ac in ("false", "true"):
+        cfg = make_cfg(f"ac_{ac}", *LORA, f"--parallel.activation_checkpointing={ac}", "--train.steps=2",
+                       "--checkpoint.export=true")
+        runs[ac] = [(h["loss_mse"], h["grad_norm"]) for h in Trainer(cfg).run().history]
+        assert (Path(cfg.run_dir) / "export_adapter" / "adapter_model.safetensors").is_file()
+    assert runs["true"] == runs["false"] and runs["true"][0][1] > 0
