@@ -193,14 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         mode = "interleave" if args.interleave else task
         for i, (im, path) in enumerate(zip(images, numbered(out, len(images)))):
             info = generation_info(args.prompt, args.seed, cfg, args.model, task=mode, index=i, upscale=args.upscale,
-                                   image=args.image, lora=_loras(engine))
+                                   image=args.image, lora=_loras(engine), quantize=engine.quantized)
             save_png(upscale(im, args.upscale), path, info)
             print(f"wrote {path} ({im.width * args.upscale}x{im.height * args.upscale})")
         if len(images) > 1:
             path = out.with_name(f"{out.stem}_grid{out.suffix}")
             rows = [images] if args.interleave else square_rows(images)
             save_png(upscale(grid(rows), args.upscale),
-                     path, generation_info(args.prompt, args.seed, cfg, args.model, task=mode, upscale=args.upscale))
+                     path, generation_info(args.prompt, args.seed, cfg, args.model, task=mode, upscale=args.upscale,
+                                           lora=_loras(engine), quantize=engine.quantized))
             print(f"wrote {path}")
         if images and args.upscale == 1 and min(images[0].size) < 128:
             side = min(images[0].size)

@@ -234,3 +234,20 @@ def test_bad_lora_arguments(official_dir, tmp_path, capsys, extra, match):
     argv = ["--model", str(official_dir), "--prompt", "x", "--out", str(tmp_path / "x.png"), *extra]
     assert generate.main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_generate_with_cache_and_quantize_records_them(official_dir, tmp_path):
+    """--cache 0 gives the plain pixels; --quantize changes them a little and is written in the PNG."""
+    import json
+
+    from bagel.inference.pictures import read_png_info
+
+    common = ["--model", str(official_dir), "--prompt", "A cat", "--size", "32x32", "--steps", "4", "--seed", "2"]
+    assert generate.main([*common, "--out", str(tmp_path / "base.png")]) == 0
+    assert generate.main([*common, "--cache", "0", "--out", str(tmp_path / "zero.png")]) == 0
+    assert generate.main([*common, "--quantize", "int8", "--out", str(tmp_path / "q.png")]) == 0
+    base, zero = (Image.open(tmp_path / f"{n}.png").tobytes() for n in ("base", "zero"))
+    assert zero == base
+    assert json.loads(read_png_info(tmp_path / "zero.png")["settings"])["cache"] == "0"
+    info = read_png_info(tmp_path / "q.png")
+    assert info["quantize"] == "int8" and "quantize" not in read_png_info(tmp_path / "base.png")
