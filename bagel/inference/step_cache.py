@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 @dataclass
 class BranchState:
-    residual: torch.Tensor | None = None  # first-layer residual at the last step this branch was active
     anchor: torch.Tensor | None = None  # first-layer residual at its last full step
     tail: torch.Tensor | None = None  # what layers 2..L (and the final norm) added when it last ran in full
     last_step: int = -2  # the last step this branch was active
@@ -51,7 +51,7 @@ class StepCache:
         run_full = []
         for row, r in zip(rows, residuals):
             s = self.branches.setdefault(row, BranchState())
-            fresh = s.residual is None or s.last_step != step - 1 or s.tail is None or s.full_steps < 2
+            fresh = s.anchor is None or s.last_step != step - 1 or s.tail is None or s.full_steps < 2
             change = 0.0
             if not fresh and step != last_step:
                 change = float((r - s.anchor).abs().mean() / s.anchor.abs().mean().clamp_min(1e-12))
@@ -59,7 +59,7 @@ class StepCache:
             if full:
                 s.full_steps += 1
                 s.anchor = r
-            s.residual, s.last_step = r, step
+            s.last_step = step
             run_full.append(full)
             self.layer_evaluations += self.num_layers if full else 1
             self.full_layer_evaluations += self.num_layers
@@ -70,8 +70,3 @@ class StepCache:
 
     def reuse(self, row: int, first: torch.Tensor) -> torch.Tensor:
         return first + self.branches[row].tail
-
-    @property
-    def saved(self) -> float:
-        """How many times fewer decoder layers ran than without the cache."""
-        return self.full_layer_evaluations / max(self.layer_evaluations, 1)
