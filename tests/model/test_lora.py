@@ -186,3 +186,35 @@ def test_adapter_for_another_base_names_the_key_and_shapes(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing adapter_model.safetensors"):
         (tmp_path / "a" / "adapter_model.safetensors").unlink()
         adapters.load_adapter(model(), tmp_path / "a", "x")
+
+
+@pytest.mark.parametrize("variant", [{"dora": True}, {"rslora": True}])
+def test_dora_and_rslora_round_trip_switch_off_and_merge(tmp_path, variant):
+    """peft's variants through the same paths: files (peft loads them too), scale 0, merge."""
+    from peft import PeftModel
+
+    m = model()
+    b = batch(m.cfg)
+    base = outputs(m, b)
+    spec = lora.LoraSpec(rank=4, alpha=8, experts="gen", kinds="attn,mlp", **variant)
+    lora.attach(m, spec, "v")
+    train_adapter_randomly(m, "v")
+    adapted = outputs(m, b)
+    assert not torch.equal(adapted[1], base[1])
+    adapters.save_adapter(m, "v", spec, tmp_path / "v")
+    again = model()
+    loaded = adapters.load_adapter(again, tmp_path / "v", "w")
+    assert (loaded.dora, loaded.rslora) == (spec.dora, spec.rslora)
+    assert torch.equal(outputs(again, b)[1], adapted[1])
+    peft_model = PeftModel.from_pretrained(model(), str(tmp_path / "v")).eval()
+    with torch.no_grad():
+        from bagel.train import losses
+        noised = losses.flow_inputs(m.cfg, b, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(peft_model(b, noised.x_t, noised.t).velocity, adapted[1], atol=1e-6, rtol=0)
+    lora.set_scales(m, {"v": 0.0})
+    off = outputs(m, b)
+    assert torch.equal(off[0], base[0]) and torch.equal(off[1], base[1])
+    lora.set_scales(m, {"v": 1.0})
+    lora.merge_all(m)
+    merged = outputs(m, b)
+    assert (merged[1] - adapted[1]).abs().max() < 1e-5
