@@ -60,22 +60,24 @@ def vit_query(model, tokens: SpecialTokens, image: torch.Tensor, rope: int) -> Q
 
 
 @torch.no_grad()
-def latent_embeds(model, x: torch.Tensor, t: float, grid: tuple[int, int]) -> torch.Tensor:
-    """Patchified latents x (h*w, p*p*C) at time t (0 = clean) -> their LLM embeddings (h*w, D)
-    (what every guidance branch of one image shares at a denoising step)."""
+def latent_embeds(model, xs: list[torch.Tensor], t: float, grid: tuple[int, int]) -> list[torch.Tensor]:
+    """Patchified latents of several images, each (h*w, p*p*C), at time t (0 = clean) -> their LLM
+    embeddings, each (h*w, D), in one call (what every guidance branch of an image shares at a
+    denoising step)."""
     cfg = model.cfg
     h, w = grid
     if max(h, w) > cfg.max_latent_size:
         raise ValueError(f"latent grid {h}x{w} exceeds max_latent_size={cfg.max_latent_size} tokens per side "
                          f"(at most {cfg.max_latent_size * cfg.latent_downsample} px)")
-    ids = grid_position_ids(h, w, cfg.max_latent_size).to(x.device)
+    x = torch.cat(xs) if len(xs) > 1 else xs[0]
+    ids = grid_position_ids(h, w, cfg.max_latent_size).to(x.device).repeat(len(xs))
     t_vec = torch.full((x.shape[0],), float(t), device=x.device)
-    return model.embed_latents(x, t_vec, ids)
+    return list(model.embed_latents(x, t_vec, ids).split(h * w))
 
 
 def latent_query(model, tokens: SpecialTokens, x: torch.Tensor, t: float, grid: tuple[int, int], rope: int) -> Query:
     """Patchified latents x (h*w, p*p*C) at time t (0 = clean) -> a VAE image block."""
-    return image_block(model, tokens, latent_embeds(model, x, t, grid), rope, gen=True)
+    return image_block(model, tokens, latent_embeds(model, [x], t, grid)[0], rope, gen=True)
 
 
 # Prefill: add blocks to contexts (batched over contexts) ------------------------------------------

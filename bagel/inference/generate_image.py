@@ -104,7 +104,7 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
         s_text, s_img = cfg.scales_at(t)
         n_branches = 1 + (s_text > 1) + (s_text > 1 and s_img > 1)
         ctxs = ws[: n_branches * B]
-        inner = [latent_embeds(model, x[b].to(dtype), t, grid) for b in range(B)]  # shared by its branches
+        inner = latent_embeds(model, [xb.to(dtype) for xb in x], t, grid)  # each image's, shared by its branches
         queries = [image_block(model, tokens, inner[j % B], c.rope, gen=True) for j, c in enumerate(ctxs)]
         if cache is None:
             hidden = forward_queries(llm_stack(model), ctxs, queries, commit=False)
