@@ -63,11 +63,7 @@ def load_engine(model_dir: str, dtype: str = "fp32", device: str = "cpu", loras=
     from bagel.config import parse_dtype
     from bagel.inference.engine import Engine
 
-    engine = Engine.from_pretrained(model_dir, dtype=parse_dtype(dtype), device=device)
-    engine.use_loras(list(loras))
-    if quantize != "none":
-        engine.quantize(quantize)
-    return engine
+    return Engine.from_pretrained(model_dir, dtype=parse_dtype(dtype), device=device, loras=loras, quantize=quantize)
 
 
 def load_predictor(model_dir: str, seed: int = 0, dtype: str = "fp32", device: str = "cpu", loras=(),

@@ -83,9 +83,7 @@ def evaluate(base: Path, adapter: Path | None, skills: tuple[str, ...], old: boo
     from bagel.inference.engine import Engine
     from eval.digits import DigitsEvalConfig, evaluate, evaluate_skills
 
-    engine = Engine.from_pretrained(base / "model")
-    if adapter is not None:
-        engine.use_loras([(adapter, 1.0)])
+    engine = Engine.from_pretrained(base / "model", loras=[(adapter, 1.0)] if adapter is not None else [])
     out = evaluate_skills(engine, skills)
     if old:
         four = evaluate(engine, DigitsEvalConfig(), progress=True)

@@ -138,11 +138,14 @@ def load_adapter(model: torch.nn.Module, path: str | Path, name: str, scale: flo
     return spec
 
 
-def merged_fingerprints(model_dir: str | Path) -> set[str]:
+def merged_records(model_dir: str | Path) -> list[dict]:
+    """The adapters a model directory's weights already contain (its merged_adapters.json)."""
     path = Path(model_dir) / MERGED_NAME
-    if not path.is_file():
-        return set()
-    return {entry["fingerprint"] for entry in json.loads(path.read_text()).get("adapters", [])}
+    return list(json.loads(path.read_text()).get("adapters", [])) if path.is_file() else []
+
+
+def merged_fingerprints(model_dir: str | Path) -> set[str]:
+    return {entry["fingerprint"] for entry in merged_records(model_dir)}
 
 
 def write_merged_record(model_dir: str | Path, entries: list[dict]) -> None:

@@ -12,15 +12,14 @@ included), so loading one of them again onto the merged model is refused.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from bagel.checkpoint.adapters import MERGED_NAME, adapter_state, fingerprint, load_adapter, write_merged_record
-from bagel.checkpoint.files import atomic_write, save_safetensors
-from bagel.checkpoint.pretrained import OFFICIAL_WEIGHTS_NAME, TOKENIZER_FILES, VAE_NAME, from_pretrained, save_pretrained
+from bagel.checkpoint.adapters import adapter_state, fingerprint, load_adapter, merged_records, write_merged_record
+from bagel.checkpoint.files import atomic_write
+from bagel.checkpoint.pretrained import TOKENIZER_FILES, VAE_NAME, from_pretrained, save_pretrained, save_released
 from bagel.model import lora
 
 # files that travel with the weights unchanged (what the engine reads besides the weights)
@@ -41,7 +40,7 @@ def merge_adapters(model_dir: str | Path, adapters: list[tuple[str | Path, float
         if target is not None and Path(target).exists() and any(Path(target).iterdir()):
             raise FileExistsError(f"{target} is not empty: the merged model goes to a new (or empty) directory")
     model = from_pretrained(model_dir, dtype=torch.float32)
-    records = _previous_records(model_dir)
+    records = merged_records(model_dir)
     for i, (path, scale) in enumerate(adapters):
         name = f"merge{i}"
         load_adapter(model, path, name, scale, model_dir=model_dir)
@@ -53,18 +52,10 @@ def merge_adapters(model_dir: str | Path, adapters: list[tuple[str | Path, float
         _write_companions(model_dir, Path(out_dir))
         write_merged_record(out_dir, records)
     if official_dir is not None:
-        from bagel.checkpoint.official import export_official_state_dict, write_official_configs
-
-        write_official_configs(model.cfg, official_dir)
-        save_safetensors(export_official_state_dict(model), Path(official_dir) / OFFICIAL_WEIGHTS_NAME)
+        save_released(model, official_dir)
         _write_companions(model_dir, Path(official_dir))
         write_merged_record(official_dir, records)
     return records
-
-
-def _previous_records(model_dir: Path) -> list[dict]:
-    path = model_dir / MERGED_NAME
-    return list(json.loads(path.read_text()).get("adapters", [])) if path.is_file() else []
 
 
 def _write_companions(src: Path, dst: Path) -> None:

@@ -20,7 +20,8 @@ import torch
 
 from bagel.checkpoint.files import SafetensorsFile, atomic_write, save_safetensors, write_text
 from bagel.checkpoint.hub import resolve_model_dir
-from bagel.checkpoint.official import check_state_dict, load_official_model
+from bagel.checkpoint.official import (check_state_dict, export_official_state_dict, load_official_model,
+                                      write_official_configs)
 from bagel.config import BagelConfig
 
 CONFIG_NAME = "config.json"
@@ -45,6 +46,19 @@ def save_pretrained(model, path: str | Path, vae=None, tokenizer_dir: str | Path
             src = Path(tokenizer_dir) / name
             if src.is_file() and src.resolve() != (path / name).resolve():
                 atomic_write(path / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+
+
+def save_released(model, path: str | Path, vae=None) -> None:
+    """Write `model` (a Bagel) in the released layout: `ema.safetensors` under the official names
+    and the configs `BagelConfig.from_official_dir` reads; optionally the VAE (`ae.safetensors`).
+    Draft heads have no place there (save them with save_draft_heads)."""
+    from bagel.checkpoint.vae import save_vae
+
+    path = Path(path)
+    write_official_configs(model.cfg, path)
+    save_safetensors(export_official_state_dict(model), path / OFFICIAL_WEIGHTS_NAME)
+    if vae is not None:
+        save_vae(vae, path / VAE_NAME)
 
 
 def read_model_config(path: str | Path, **overrides) -> BagelConfig:

@@ -89,9 +89,6 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
         return False
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
-
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR_OR_HUB_ID",
@@ -176,12 +173,9 @@ def load_engine(args):
         check_device(name)
     resolve_model(args)
     adapters = lora_args(args)
-    engine = Engine.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=args.device,
-                                    vae_device=args.vae_device, vit_device=args.vit_device)
-    engine.use_loras(adapters)
-    if getattr(args, "quantize", "none") != "none":
-        engine.quantize(args.quantize)
-    return engine
+    return Engine.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=args.device,
+                                  vae_device=args.vae_device, vit_device=args.vit_device, loras=adapters,
+                                  quantize=getattr(args, "quantize", None))
 
 
 def lora_args(args) -> list[tuple[str, float]]:

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def show(args) -> None:
-    from bagel.checkpoint.adapters import read_adapter
+    from bagel.checkpoint.adapters import CONFIG_NAME, read_adapter
 
     spec, state = read_adapter(args.adapter)
     size = sum(t.numel() for t in state.values())
@@ -51,7 +51,7 @@ def show(args) -> None:
     print(f"{args.adapter}: rank {spec.rank}, alpha {spec.alpha:g} (scaling {spec.scaling:g}), dropout {spec.dropout:g}"
           f"{', DoRA' if spec.dora else ''}{', rsLoRA' if spec.rslora else ''}; {len(spec.modules)} layers"
           f"{' of the ' + '/'.join(experts) + ' expert' if experts else ''}; {size:,} parameters")
-    base = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = json.loads((Path(args.adapter) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
     if base:
         print(f"trained on: {base}")
     if args.modules:

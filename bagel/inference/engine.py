@@ -129,13 +129,16 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        vae_device: str | None = None, vit_device: str | None = None, **kwargs) -> "Engine":
+                        vae_device: str | None = None, vit_device: str | None = None,
+                        loras: list[tuple[str | Path, float]] = (), quantize: str | None = None,
+                        **kwargs) -> "Engine":
         """Load model, VAE and tokenizer from our layout or the released one: a directory, or a
         Hugging Face Hub id such as "ByteDance-Seed/BAGEL-7B-MoT" (fetched into the Hub cache once;
         HF_HUB_OFFLINE=1 reads the cache only).
 
         `vae_device` / `vit_device` let the VAE and the ViT live elsewhere (e.g. on CPU next to a
-        GPU LLM) to save accelerator memory."""
+        GPU LLM) to save accelerator memory. `loras`: (adapter directory, scale) pairs put on the
+        model (Engine.use_loras); `quantize`: "int8" or "int8-dynamic" experts (Engine.quantize)."""
         from bagel.checkpoint.hub import resolve_model_dir
         from bagel.checkpoint.pretrained import VAE_NAME, from_pretrained
         from bagel.checkpoint.vae import load_vae
@@ -153,6 +156,9 @@ class Engine:
         kwargs.setdefault("defaults", GenerationDefaults.from_model_dir(path))
         engine = cls(model, vae, load_tokenizer(path), **kwargs)
         engine.model_dir = path
+        engine.use_loras(list(loras))
+        if quantize not in (None, "none"):
+            engine.quantize(quantize)
         return engine
 
     @property

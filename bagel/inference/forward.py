@@ -73,8 +73,8 @@ def forward_queries(stack: DecoderStack, contexts: list[Context], queries: list[
                     commit: bool) -> list[torch.Tensor]:
     """Run `queries[b]` against `contexts[b]` for all b in one batch -> hidden states after the
     final norm, one (n_b, D) tensor per query."""
-    blocks = Blocks.prepare(stack, contexts, queries)
-    h = blocks.run(stack.layers, stack.first_layer, blocks.x, stack.final_norm)
+    blocks, x = Blocks.prepare(stack, contexts, queries)
+    h = blocks.run(stack.layers, stack.first_layer, x, stack.final_norm)
     if commit:
         for ctx, n in zip(contexts, blocks.q_lens):
             ctx.length += n
@@ -87,8 +87,8 @@ def forward_queries_early_exit(stack: DecoderStack, contexts: list[Context], que
     """The first `k` layers for every query, then the rest (and the final norm) only for the
     queries `go_on(hidden after k layers)` keeps: returns (hidden after k layers, final hidden
     or None) per query. Scratch only (nothing is committed); the step cache's forward."""
-    blocks = Blocks.prepare(stack, contexts, queries)
-    first = blocks.run(stack.layers[:k], stack.first_layer, blocks.x, None)
+    blocks, x = Blocks.prepare(stack, contexts, queries)
+    first = blocks.run(stack.layers[:k], stack.first_layer, x, None)
     first_list = blocks.unpad(first)
     keep = [b for b, more in enumerate(go_on(first_list)) if more]
     final: list[torch.Tensor | None] = [None] * len(queries)
@@ -103,15 +103,15 @@ def forward_queries_early_exit(stack: DecoderStack, contexts: list[Context], que
 
 @dataclass
 class Blocks:
-    """Query blocks padded into one batch against their cache rows: the embeddings and
-    everything a decoder layer needs besides the hidden states (routing, RoPE tables, cache
-    slots, masks), built once per forward."""
+    """Query blocks padded into one batch against their cache rows: everything a decoder layer
+    needs besides the hidden states (routing, RoPE positions, cache slots, masks), built once per
+    forward."""
 
     cache: object
     q_lens: list[int]
+    q_max: int  # the padded block length
     lens: list[int]  # cached length of each context
     rows: list[int]  # cache row of each context
-    x: torch.Tensor  # (B, q_max, D) padded embeddings
     positions: torch.Tensor  # (B, q_max)
     gen: torch.Tensor  # (B, q_max) bool: generation-expert rows
     valid: torch.Tensor  # (B, q_max) bool: real (not padding) rows
@@ -123,12 +123,9 @@ class Blocks:
     def B(self) -> int:
         return len(self.q_lens)
 
-    @property
-    def q_max(self) -> int:
-        return self.x.shape[1]
-
     @classmethod
-    def prepare(cls, stack: DecoderStack, contexts: list[Context], queries: list[Query]) -> "Blocks":
+    def prepare(cls, stack: DecoderStack, contexts: list[Context], queries: list[Query]) -> tuple["Blocks", torch.Tensor]:
+        """The blocks of `queries` against `contexts`, and their padded embeddings (B, q_max, D)."""
         if len(contexts) != len(queries) or not contexts:
             raise ValueError(f"need one query per context, got {len(queries)} queries for {len(contexts)} contexts")
         cache = contexts[0].cache
@@ -151,14 +148,14 @@ class Blocks:
             n = len(q)
             x[b, :n], positions[b, :n], gen[b, :n], valid[b, :n] = q.embeds, q.positions, q.gen_rows, True
         masks = [_block_mask(q, n, device) for q, n in zip(queries, lens)]
-        return cls(cache, q_lens, lens, rows, x, positions, gen, valid, masks,
-                   resolve_cached_backend(stack.backend, device, x.dtype), stack.rope)
+        return cls(cache, q_lens, q_max, lens, rows, positions, gen, valid, masks,
+                   resolve_cached_backend(stack.backend, device, x.dtype), stack.rope), x
 
     def subset(self, keep: list[int]) -> "Blocks":
         """The blocks `keep` alone (their padding unchanged)."""
-        return Blocks(self.cache, [self.q_lens[b] for b in keep], [self.lens[b] for b in keep],
-                      [self.rows[b] for b in keep], self.x[keep], self.positions[keep], self.gen[keep],
-                      self.valid[keep], [self.masks[b] for b in keep], self.backend, self.rope)
+        return Blocks(self.cache, [self.q_lens[b] for b in keep], self.q_max, [self.lens[b] for b in keep],
+                      [self.rows[b] for b in keep], self.positions[keep], self.gen[keep], self.valid[keep],
+                      [self.masks[b] for b in keep], self.backend, self.rope)
 
     def unpad(self, h: torch.Tensor) -> list[torch.Tensor]:
         h = h.reshape(self.B, self.q_max, -1)

@@ -33,14 +33,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from bagel.model.mot import ATTN_PROJECTIONS, MLP_PROJECTIONS
+
 EXPERTS = ("und", "gen")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = (*ATTN_PROJECTIONS, *MLP_PROJECTIONS)
 KINDS = ("attn", "mlp", "connector", "vit", "latent", *PROJECTIONS)
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 
 _RULES = {  # kind -> (pattern over module names, owning expert or None for "as selected")
-    "attn": (r"llm\.layers\.(\d+)\.(und|gen)\.(q_proj|k_proj|v_proj|o_proj)", None),
-    "mlp": (r"llm\.layers\.(\d+)\.(und|gen)\.mlp\.(gate_proj|up_proj|down_proj)", None),
+    "attn": (rf"llm\.layers\.(\d+)\.(und|gen)\.({'|'.join(ATTN_PROJECTIONS)})", None),
+    "mlp": (rf"llm\.layers\.(\d+)\.(und|gen)\.mlp\.({'|'.join(MLP_PROJECTIONS)})", None),
     **{p: (rf"llm\.layers\.(\d+)\.(und|gen)\.(?:mlp\.)?({p})", None) for p in PROJECTIONS},
     "connector": (r"connector\.fc\d", "und"),
     "vit": (r"vit\.layers\.\d+\.(attn|mlp)\.\w+", "und"),

@@ -27,6 +27,9 @@ from bagel.config import LLMConfig
 from bagel.model.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# An expert's linear layers, by attribute: on the expert, and on its MLP (adapters and int8 select them)
+ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -63,6 +66,10 @@ class Expert(nn.Module):
         self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.mlp = SwiGLU(d, cfg.intermediate_size)
         self.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, hd)
+
+    def linears(self) -> list[tuple[nn.Module, str]]:
+        """(parent module, attribute) of each linear layer of this expert."""
+        return [(self, a) for a in ATTN_PROJECTIONS] + [(self.mlp, a) for a in MLP_PROJECTIONS]
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Normalised (n, D) rows -> q (n, Hq, hd), k (n, Hkv, hd) after per-head RMSNorm and RoPE,

@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bagel.model.lora import is_adapter_param
+
 MODES = ("int8", "int8-dynamic")
-_EXPERT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class QuantizeError(ValueError):
@@ -75,7 +76,7 @@ def quantize_experts(model: nn.Module, mode: str) -> dict[str, int]:
     {"layers", "bytes_before", "bytes_after"} for those projections (weights, scales, biases)."""
     if mode not in MODES:
         raise QuantizeError(f"quantize={mode!r}: expected one of {', '.join(MODES)}")
-    if any(".lora_A." in name for name, _ in model.named_parameters()):
+    if any(is_adapter_param(name) for name, _ in model.named_parameters()):
         raise QuantizeError("this model carries LoRA adapters: merge them first (bagel-lora merge), then quantize")
     dynamic = mode == "int8-dynamic"
     if dynamic:
@@ -83,7 +84,7 @@ def quantize_experts(model: nn.Module, mode: str) -> dict[str, int]:
     before = after = count = 0
     for layer in model.llm.layers:
         for expert in (layer.und, layer.gen):
-            for parent, attr in _expert_linears(expert):
+            for parent, attr in expert.linears():
                 linear = getattr(parent, attr)
                 if isinstance(linear, Int8Linear):
                     raise QuantizeError("the model is already quantized")
@@ -93,13 +94,6 @@ def quantize_experts(model: nn.Module, mode: str) -> dict[str, int]:
                 setattr(parent, attr, q)
                 count += 1
     return {"layers": count, "bytes_before": before, "bytes_after": after}
-
-
-def _expert_linears(expert: nn.Module):
-    for attr in _EXPERT_LINEARS[:4]:
-        yield expert, attr
-    for attr in _EXPERT_LINEARS[4:]:
-        yield expert.mlp, attr
 
 
 def _check_int_mm(device: torch.device) -> None:

@@ -74,13 +74,11 @@ def export(model: nn.Module, cfg: BagelConfig, out_dir: str | Path, official_dir
     as their generation.json. A LoRA run (`lora_spec`) also writes its adapter alone, in peft's
     format, to `adapter_dir`, and the two model layouts hold the base with the adapter merged in
     (and say so in merged_adapters.json)."""
-    from bagel.checkpoint.files import save_safetensors, write_text
-    from bagel.sampling import GENERATION_FILE
+    from bagel.checkpoint.files import write_text
     from bagel.checkpoint.heads import save_draft_heads
-    from bagel.checkpoint.official import export_official_state_dict, write_official_configs
-    from bagel.checkpoint.pretrained import VAE_NAME, save_pretrained
-    from bagel.checkpoint.vae import save_vae
+    from bagel.checkpoint.pretrained import save_pretrained, save_released
     from bagel.model.bagel import Bagel
+    from bagel.sampling import GENERATION_FILE
 
     state = full_state_dict(model, overrides)  # collective: all ranks
     if not is_main:
@@ -99,10 +97,7 @@ def export(model: nn.Module, cfg: BagelConfig, out_dir: str | Path, official_dir
     if plain.draft_heads is not None:
         save_draft_heads(plain.draft_heads, Path(out_dir) / "draft_heads")
     if official_dir is not None:
-        write_official_configs(cfg, official_dir)
-        save_safetensors(export_official_state_dict(plain), Path(official_dir) / "ema.safetensors")
-        if vae is not None:
-            save_vae(vae, Path(official_dir) / VAE_NAME)
+        save_released(plain, official_dir, vae=vae)
     if merged:
         from bagel.checkpoint.adapters import write_merged_record
 
