@@ -17,6 +17,8 @@ setup(
         "diffusers>=0.30",
         "safetensors>=0.4",
         "webdataset>=0.2.90",
+        "fsspec>=2023.1",  # shards and manifests by URL (data_pipelines/remote.py)
+        "aiohttp",  # fsspec's http(s):// backend
         "numpy",
         "pillow",
         "pyyaml",
@@ -26,7 +28,9 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "data": ["pyarrow"],  # parquet converters
-        "dev": ["pytest>=7", "scikit-learn", "pyarrow", "selenium>=4.11"],
+        "s3": ["s3fs"],  # s3:// shards
+        "gcs": ["gcsfs"],  # gs:// shards
+        "dev": ["pytest>=7", "scikit-learn", "pyarrow", "selenium>=4.11", "s3fs", "moto[server]"],
         "app": ["gradio>=6,<7"],
         "train": ["tensorboard", "matplotlib", "peft>=0.17"],  # logging, loss plots, LoRA adapters
     },

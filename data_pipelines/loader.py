@@ -9,8 +9,8 @@ The order of packs is fixed by us, not by DataLoader scheduling: round-robin ove
 this rank, skipping those that have finished (a worker sends an explicit end marker, so the end is
 seen in-stream). `PackLoader.state_dict()` = per-worker slot states + the round-robin cursor; a
 loader restored from it yields exactly the packs the uninterrupted one would have yielded next,
-with any number of workers (the worker count and world size must stay the same: slots own
-different shards).
+with any number of workers. A state saved with another world size or worker count resumes
+elastically (data_pipelines/elastic.py): 0 samples lost or repeated within the epoch.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bagel.packing import CfgDropout
 from bagel.tokenizer import SpecialTokens, load_tokenizer
 from data_pipelines.decode import SampleDecoder
+from data_pipelines.elastic import reshard_slots
 from data_pipelines.mixing import DataConfig, Mixer
 from data_pipelines.packer import Pack, PackBuilder, TokenBudgetPacker
 from data_pipelines.shards import DataError, Manifest
@@ -159,16 +160,36 @@ class PackLoader:
                 "done": sorted(self._done), "slots": dict(self._states)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("version", "rank", "world_size", "workers", "seed"):
-            mine = STATE_VERSION if key == "version" else getattr(self, key, None)
-            if key == "seed":
-                mine = self.config.seed
-            if state.get(key) != mine:
-                raise DataError(f"loader state has {key}={state.get(key)!r} but this loader has "
-                                f"{mine!r}; a data state only resumes with the same {key}")
-        self._states = dict(state["slots"])
-        self._done = set(state["done"])
-        self._cursor = state["cursor"]
+        """Restore this rank's state, or `{"ranks": [every rank's state]}` when the world size
+        changed. Another worker count or world size is an elastic resume (data_pipelines/elastic.py):
+        what the old slots still owed is dealt to the new ones, each sample still once per epoch."""
+        states = state["ranks"] if "ranks" in state else [state]
+        for st in states:
+            for key, mine in (("version", STATE_VERSION), ("seed", self.config.seed)):
+                if st.get(key) != mine:
+                    raise DataError(f"loader state has {key}={st.get(key)!r} but this loader has {mine!r}; "
+                                    f"a data state only resumes with the same {key}")
+        old_world, old_workers = states[0]["world_size"], states[0]["workers"]
+        if len(states) == 1 and (old_world, old_workers, states[0]["rank"]) == (
+                self.world_size, self.workers, self.rank):
+            self._states = dict(states[0]["slots"])
+            self._done = set(states[0]["done"])
+            self._cursor = states[0]["cursor"]
+            return
+        ranks = sorted(st["rank"] for st in states)
+        if old_world != self.world_size and ranks != list(range(old_world)):
+            raise DataError(f"the data state was saved by {old_world} ranks; resuming on {self.world_size} "
+                            f"needs all {old_world} ranks' states, got ranks {ranks}")
+        if old_world == self.world_size:  # another worker count: this rank deals its own slots
+            states = [st for st in states if st["rank"] == self.rank]
+        old = {st["rank"] * old_workers + w: st["slots"].get(w) for st in states for w in range(old_workers)}
+        mine = [self.rank * self.workers + w for w in range(self.workers)]
+        # what is owed is dealt over all new slots, or over this rank's when only workers changed
+        group = mine if old_world == self.world_size else list(range(self.world_size * self.workers))
+        new = reshard_slots(old, old_world * old_workers, group, self.world_size * self.workers,
+                            config=self.config, manifests=self.manifests)
+        self._states = {w: new[slot] for w, slot in enumerate(mine)}
+        self._done, self._cursor = set(), 0
 
     @property
     def stats(self) -> Counter:
@@ -189,7 +210,7 @@ class PackLoader:
                                 prefetch_factor=self.prefetch_factor, collate_fn=_identity)
             source = loader_iter = iter(loader)
         pending: dict[int, list] = {w: [] for w in range(self.workers)}
-        fresh, yielded, skipped = not self._done, 0, Counter()
+        fresh, yielded, skipped = not self._done and not self._states, 0, Counter()
         try:
             while len(self._done) < self.workers:
                 w = self._cursor

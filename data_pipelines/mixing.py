@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from data_pipelines.remote import StorageConfig, is_url
 from data_pipelines.decode import DecodedSample, SampleDecoder, SkipSample
 from data_pipelines.shards import DataError, Manifest, SampleRef, ShardStream, count_skip, load_manifest, stable_seed
 from bagel.transforms import ResizeSpec
@@ -96,6 +97,7 @@ class DataConfig:
     data_root: str | None = None
     transforms: dict[str, ResizeSpec] = field(default_factory=dict)
     packing: PackingConfig = field(default_factory=PackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)  # remote reading (data_pipelines/remote.py)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "data config") -> "DataConfig":
@@ -105,6 +107,10 @@ class DataConfig:
         data["sources"] = [_build(SourceConfig, s, f"{where}: sources[{i}]")
                            for i, s in enumerate(data["sources"])]
         data["packing"] = _build(PackingConfig, data.get("packing", {}), f"{where}: packing")
+        try:
+            data["storage"] = _build(StorageConfig, data.get("storage", {}), f"{where}: storage")
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from e
         transforms = data.get("transforms", {})
         unknown = sorted(set(transforms) - {"vae", "vit"})
         if unknown:
@@ -133,11 +139,14 @@ class DataConfig:
         return cls.from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
 
     def resolve(self, path: str) -> str:
-        return path if os.path.isabs(path) else os.path.join(self.data_root or ".", path)
+        if is_url(path) or os.path.isabs(path):
+            return path
+        root = self.data_root or "."
+        return root.rstrip("/") + "/" + path if is_url(root) else os.path.join(root, path)
 
     def load_manifests(self) -> dict[str, Manifest]:
         """Read every source's manifest now, so a wrong path fails at start, not in a worker."""
-        return {s.name: load_manifest(self.resolve(s.manifest)) for s in self.sources}
+        return {s.name: load_manifest(self.resolve(s.manifest), self.storage) for s in self.sources}
 
     @property
     def finite(self) -> bool:
@@ -165,7 +174,10 @@ class Mixer:
                 "streams": {n: s.state_dict() for n, s in self.streams.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
+        if state["rng"] is None:  # dealt by an elastic resume (data_pipelines/elastic.py)
+            self.rng = np.random.default_rng(state["seed"])
+        else:
+            self.rng.bit_generator.state = state["rng"]
         self.active = list(state["active"])
         for name, stream in self.streams.items():
             stream.load_state_dict(state["streams"][name])

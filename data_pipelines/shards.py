@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from data_pipelines.remote import (DEFAULT_STORAGE, RemoteUnavailable, StorageConfig, is_url, join,
+                                   open_binary, parent, read_bytes, redact)
 from data_pipelines.schema import Document
 
 log = logging.getLogger(__name__)
@@ -79,10 +81,11 @@ class ShardInfo:
 @dataclass
 class Manifest:
     name: str
-    root: str  # folder of manifest.json (not stored)
+    root: str  # folder (or URL prefix) of manifest.json (not stored)
     shards: list[ShardInfo]
     token_estimate: dict[str, Any]
     tasks: dict[str, int]
+    storage: StorageConfig = DEFAULT_STORAGE  # how remote shards are read (not stored)
 
     @property
     def num_samples(self) -> int:
@@ -93,7 +96,7 @@ class Manifest:
         return sum(s.num_tokens for s in self.shards)
 
     def shard_path(self, index: int) -> str:
-        return os.path.join(self.root, self.shards[index].path)
+        return join(self.root, self.shards[index].path)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "name": self.name,
@@ -101,24 +104,36 @@ class Manifest:
                 "token_estimate": self.token_estimate, "shards": [asdict(s) for s in self.shards]}
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read `manifest.json` (or a folder holding one); errors name the file and key."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"manifest {path} does not exist (make shards with `bagel-data`)")
+def load_manifest(path: str | Path, storage: StorageConfig = DEFAULT_STORAGE) -> Manifest:
+    """Read `manifest.json` (or a folder or URL prefix holding one); errors name the file and key."""
+    path = str(path)
+    if is_url(path):
+        if not path.endswith(".json"):
+            path = path.rstrip("/") + "/manifest.json"
+        try:
+            text = read_bytes(path, storage).decode()
+        except (OSError, UnicodeDecodeError) as e:
+            detail = str(e) if isinstance(e, RemoteUnavailable) else f"{redact(path)}: {e}"
+            raise DataError(f"manifest {detail}") from None
+    else:
+        if os.path.isdir(path):
+            path = os.path.join(path, "manifest.json")
+        if not os.path.isfile(path):
+            raise DataError(f"manifest {path} does not exist (make shards with `bagel-data`)")
+        text = Path(path).read_text()
+    where = redact(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
         if data.get("format") != MANIFEST_FORMAT:
-            raise DataError(f"{path}: 'format' is {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+            raise DataError(f"{where}: 'format' is {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
         shards = [ShardInfo(**s) for s in data["shards"]]
-        manifest = Manifest(name=data["name"], root=str(path.parent), shards=shards,
-                            token_estimate=data.get("token_estimate", {}), tasks=data.get("tasks", {}))
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
+        manifest = Manifest(name=data["name"], root=parent(path), shards=shards,
+                            token_estimate=data.get("token_estimate", {}), tasks=data.get("tasks", {}),
+                            storage=storage)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
     if not shards:
-        raise DataError(f"{path}: the manifest lists no shards")
+        raise DataError(f"{where}: the manifest lists no shards")
     return manifest
 
 
@@ -220,6 +235,16 @@ def _image_size(data: bytes) -> tuple[int, int]:
 
 # Reading ------------------------------------------------------------------------------------------
 
+def epoch_shards(seed: int, name: str, epoch: int, num_shards: int, slot: int, num_slots: int,
+                 resampled: bool = False) -> list[int]:
+    """The default layout: the shards slot `slot` of `num_slots` reads in `epoch` (or, resampled,
+    the one shard of draw `epoch`)."""
+    if resampled:  # one draw per "epoch"; stateless, so resuming needs no RNG state
+        return [int(np.random.default_rng(stable_seed(seed, name, slot, epoch)).integers(num_shards))]
+    order = np.random.default_rng(stable_seed(seed, name, "epoch", epoch)).permutation(num_shards)
+    return [int(i) for i in order[slot::num_slots]]
+
+
 class SampleRef(NamedTuple):
     """Where a raw sample lives; `visit` is the epoch (or the resampling draw) that read it."""
 
@@ -230,40 +255,58 @@ class SampleRef(NamedTuple):
 
 
 def iter_tar(path: str, stats: Counter, start: int = 0, wanted: set[int] | None = None,
-             ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """Yield (offset, key, {extension: bytes}) for the samples of one tar, from sample `start`.
-
-    Member data is read only for yielded samples, so skipping to an offset costs header reads.
+             storage: StorageConfig = DEFAULT_STORAGE) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Yield (offset, key, {extension: bytes}) for the samples of one tar (a path, URL or `pipe:`),
+    from sample `start`. Member data is read only for yielded samples, so skipping to an offset
+    costs header reads (remote objects seek past the rest; a pipe reads through it).
     """
+    stream = None
     try:
-        tar = tarfile.open(path, "r:", ignore_zeros=True)  # ignore_zeros: resync past bad headers
+        if is_url(path):
+            stream = open_binary(path, storage)
+            mode = "r|" if path.startswith("pipe:") else "r:"
+            tar = tarfile.open(fileobj=stream, mode=mode, ignore_zeros=True)
+        else:
+            tar = tarfile.open(path, "r:", ignore_zeros=True)  # ignore_zeros: resync past bad headers
     except (tarfile.TarError, OSError) as e:
-        count_skip(stats, "unreadable_shard", f"{path}: {e}")
+        if stream is not None:
+            stream.close()
+        where = "" if isinstance(e, RemoteUnavailable) else f"{redact(path)}: "  # it names the URL
+        count_skip(stats, "unreadable_shard", f"{where}{e}")
         return
+    try:
+        yield from _tar_samples(tar, redact(path), stats, start, wanted)
+    finally:
+        tar.close()
+        if stream is not None:
+            stream.close()
+
+
+def _tar_samples(tar: tarfile.TarFile, path: str, stats: Counter, start: int, wanted: set[int] | None,
+                 ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     offset, key, members, expected_next = -1, None, {}, 0
     seen_member = False
     try:
-        with tar:
-            for member in tar:
-                seen_member = True
-                if member.offset != expected_next:
-                    count_skip(stats, "corrupt_tar_member", f"{path}: bad bytes at {expected_next}")
-                expected_next = member.offset_data + (member.size + 511) // 512 * 512
-                if not member.isfile():
-                    continue
-                match = _MEMBER_RE.match(member.name)
-                if match is None:
-                    count_skip(stats, "bad_member_name", f"{path}: {member.name!r}")
-                    continue
-                member_key, ext = match.groups()
-                if member_key != key:
-                    if key is not None and offset >= start and (wanted is None or offset in wanted):
-                        yield offset, key, members
-                    offset, key, members = offset + 1, member_key, {}
-                if offset >= start and (wanted is None or offset in wanted):
-                    members[ext] = tar.extractfile(member).read()
-            if key is not None and offset >= start and (wanted is None or offset in wanted):
-                yield offset, key, members
+        for member in tar:
+            seen_member = True
+            if member.offset != expected_next:
+                count_skip(stats, "corrupt_tar_member", f"{path}: bad bytes at {expected_next}")
+            expected_next = member.offset_data + (member.size + 511) // 512 * 512
+            if not member.isfile():
+                continue
+            match = _MEMBER_RE.match(member.name)
+            if match is None:
+                count_skip(stats, "bad_member_name", f"{path}: {member.name!r}")
+                continue
+            member_key, ext = match.groups()
+            if member_key != key:
+                if key is not None and offset >= start and (wanted is None or offset in wanted):
+                    yield offset, key, members
+                offset, key, members = offset + 1, member_key, {}
+            if offset >= start and (wanted is None or offset in wanted):
+                members[ext] = tar.extractfile(member).read()
+        if key is not None and offset >= start and (wanted is None or offset in wanted):
+            yield offset, key, members
     except (tarfile.TarError, OSError, EOFError) as e:
         if seen_member:
             count_skip(stats, "truncated_shard", f"{path}: {e}")
@@ -295,32 +338,36 @@ class ShardStream:
         self.load_state_dict(None)
 
     # position bookkeeping --------------------------------------------------------------------
-    def _shards_of_epoch(self, epoch: int) -> list[int]:
-        n = len(self.manifest.shards)
-        if self.resampled:  # one draw per "epoch"; stateless, so resuming needs no RNG state
-            return [int(np.random.default_rng(stable_seed(self.seed, self.name, self.slot, epoch))
-                        .integers(n))]
+    def _items_of_epoch(self, epoch: int) -> list[tuple[int, int]]:
+        """(shard, first sample) pairs this slot reads in `epoch`: the elastic plan if a resume
+        with another slot count left one for this epoch, else the default layout."""
+        if epoch in self.plan:
+            return self.plan[epoch]
         if self._shard_cache is None or self._shard_cache[0] != epoch:
-            order = np.random.default_rng(stable_seed(self.seed, self.name, "epoch", epoch)).permutation(n)
-            self._shard_cache = (epoch, [int(i) for i in order[self.slot::self.num_slots]])
+            shards = epoch_shards(self.seed, self.name, epoch, len(self.manifest.shards), self.slot,
+                                  self.num_slots, self.resampled)
+            self._shard_cache = (epoch, [(s, 0) for s in shards])
         return self._shard_cache[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset,
                 "exhausted": self.exhausted, "failed_shards": self.failed_shards,
                 "buffer": [tuple(s["__ref__"]) for s in self.buffer],
-                "rng": self.rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state,
+                "plan": {e: [list(i) for i in items] for e, items in self.plan.items()}}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         self._tar_iter: Iterator | None = None
         self.rng = np.random.default_rng(stable_seed(self.seed, self.name, "buffer", self.slot))
         if state is None:
             self.epoch = self.cursor = self.offset = self.failed_shards = 0
-            self.exhausted, self.buffer = False, []
+            self.exhausted, self.buffer, self.plan = False, [], {}
             return
         self.epoch, self.cursor, self.offset = state["epoch"], state["cursor"], state["offset"]
         self.exhausted, self.failed_shards = state["exhausted"], state["failed_shards"]
-        self.rng.bit_generator.state = state["rng"]
+        self.plan = {int(e): [tuple(i) for i in items] for e, items in state.get("plan", {}).items()}
+        if state["rng"] is not None:  # None: an elastic resume dealt this state (fresh seed)
+            self.rng.bit_generator.state = state["rng"]
         self.buffer = self.read_refs([SampleRef(*r) for r in state["buffer"]])
 
     def read_refs(self, refs: list[SampleRef]) -> list[dict[str, Any]]:
@@ -332,7 +379,8 @@ class ShardStream:
         scratch: Counter = Counter()  # these samples were counted when first read
         for shard, offsets in by_shard.items():
             for offset, key, members in iter_tar(self.manifest.shard_path(shard), scratch,
-                                                 start=min(offsets), wanted=offsets):
+                                                 start=min(offsets), wanted=offsets,
+                                                 storage=self.manifest.storage):
                 found[shard, offset] = key, members
         out = []
         for ref in refs:
@@ -348,23 +396,26 @@ class ShardStream:
         """The next raw sample in shard order, or None when this slot has no more."""
         while not self.exhausted:
             if self._tar_iter is None:
-                shards = self._shards_of_epoch(self.epoch)
-                if not shards:
+                if self.epochs is not None and self.epoch >= self.epochs:
+                    self.exhausted = True
+                    break
+                items = self._items_of_epoch(self.epoch)
+                if not items and self.epoch not in self.plan:
                     count_skip(self.stats, "empty_shard_list",
                                f"{self.name}: slot {self.slot} of {self.num_slots} gets no shard of "
                                f"{len(self.manifest.shards)}; it yields nothing")
                     self.exhausted = True
                     break
-                if self.cursor >= len(shards):
+                if self.cursor >= len(items):
+                    self.plan.pop(self.epoch, None)
                     self.epoch, self.cursor, self.offset = self.epoch + 1, 0, 0
-                    if self.epochs is not None and self.epoch >= self.epochs:
-                        self.exhausted = True
                     continue
-                self._shard = shards[self.cursor]
+                self._shard, first = items[self.cursor]
+                self.offset = max(self.offset, first)
                 self._read_in_shard = 0
                 self._unreadable_before = self.stats["unreadable_shard"]
                 self._tar_iter = iter_tar(self.manifest.shard_path(self._shard), self.stats,
-                                          start=self.offset)
+                                          start=self.offset, storage=self.manifest.storage)
             item = next(self._tar_iter, None)
             if item is None:
                 self._finish_shard()

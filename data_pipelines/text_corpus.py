@@ -106,7 +106,8 @@ class CorpusBatches:
         return {"next_batch": self.next_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next_batch = int(state["next_batch"])
+        # {"ranks": [...]}: saved on another world size; the batch index is global, so it carries over
+        self.next_batch = max(int(s["next_batch"]) for s in state.get("ranks", [state]))
 
     def make(self, index: int) -> CorpusBatch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)

@@ -56,7 +56,8 @@ class SyntheticSource:
         return {"next_batch": self.next_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next_batch = int(state["next_batch"])
+        # {"ranks": [...]}: saved on another world size; the batch index is global, so it carries over
+        self.next_batch = max(int(s["next_batch"]) for s in state.get("ranks", [state]))
 
     def sample(self, index: int):
         """(plan, per-sample flow noise, per-image VAE eps) of sample `index`."""

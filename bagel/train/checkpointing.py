@@ -2,7 +2,8 @@
 
     RUN_DIR/checkpoints/step_00001000/
         .metadata, __<rank>_0.distcp   model, optimizer and EMA shards (DCP; reshardable)
-        rank_00000.pt ...              per rank: data-loader state, RNG states (weights_only)
+        rank_00000.pt ...              per rank: data-loader state, RNG states (weights_only);
+                                       on another world size all of them go to the loader
         trainer.json                   step, loss scaler, counters, world size
         config.yaml                    the resolved TrainConfig
         manifest.json                  size and sha256 of every file above, written last
@@ -214,20 +215,29 @@ def load(path: str | Path, model, optimizer, ema_state: dict[str, torch.Tensor] 
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is damaged or incomplete: {problem}")
     trainer_state = json.loads((path / "trainer.json").read_text())
-    rank_file = path / f"rank_{dist.rank:05d}.pt"
-    if not rank_file.is_file():
-        raise CheckpointError(
-            f"{rank_file} is missing: the checkpoint was written by {trainer_state.get('world_size')} "
-            f"ranks and this run has {dist.world_size}; the data-loader state only resumes on the same "
-            "world size (weights alone can be reloaded with model.preset=pretrained after an export)")
+    saved_world = int(trainer_state.get("world_size", dist.world_size))
+    rank_files = [path / f"rank_{r:05d}.pt" for r in range(saved_world)]
+    missing = [f.name for f in rank_files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} was written by {saved_world} ranks but lacks {missing}")
     state = _sharded_state(model, optimizer, ema_state, trainable_only)
     check_fits(path, state)  # our own message, before DCP fails with tracebacks in its logs
     with _quiet():
         dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(trainable_only))
-    rank_state = torch.load(rank_file, weights_only=True)  # tensors and plain containers: no unpickling
-    return trainer_state, rank_state
+    return trainer_state, _rank_state(rank_files, dist)
+
+
+def _rank_state(rank_files: list[Path], dist: DistInfo) -> dict[str, Any]:
+    """This rank's data position and RNG states. On another world size (an elastic resume) the
+    data state is every saved rank's, `{"ranks": [...]}`, for the loader to redistribute, and the
+    RNG states are those of saved rank `rank % saved_world`."""
+    load = lambda f: torch.load(f, weights_only=True)  # noqa: E731 - tensors and plain containers only
+    if len(rank_files) == dist.world_size:
+        return load(rank_files[dist.rank])
+    saved = [load(f) for f in rank_files]
+    return {**saved[dist.rank % len(saved)], "data": {"ranks": [s["data"] for s in saved]}}
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Run under torchrun by test_distributed.py: several short trainings in one launch (each launch
 costs ~5 s of start-up on this CPU). Writes OUT/<scenario>.json from rank 0.
 
-    torchrun --standalone --nproc_per_node 2 tests/train/dist_worker.py OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/train/dist_worker.py OUT_DIR [ONE_PROCESS_RUN_DIR]
 """
 
 import json
@@ -43,6 +43,12 @@ if __name__ == "__main__":
             shutil.copytree(src, out / "fsdp_resumed" / "checkpoints" / src.name)
         barrier()
         run(out, "fsdp_resumed", "--parallel.mode=fsdp", "--checkpoint.resume=auto")
+        if len(sys.argv) > 2:  # elastic: the one-process run's step-3 checkpoint continued on 2 ranks
+            if DIST.is_main:
+                src = Path(sys.argv[2]) / "checkpoints" / "step_00000003"
+                shutil.copytree(src, out / "elastic_1to2" / "checkpoints" / src.name)
+            barrier()
+            run(out, "elastic_1to2", "--parallel.mode=fsdp", "--checkpoint.resume=auto")
         run(out, "ddp", "--parallel.mode=ddp")
         # LoRA: frozen base and trainable adapters in the same FSDP units
         run(out, "fsdp_lora", "--parallel.mode=fsdp", *LORA)

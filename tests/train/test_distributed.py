@@ -15,18 +15,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory):
+def two_rank_runs(tmp_path_factory, single_process_run):
     out = tmp_path_factory.mktemp("dist")
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "tests/train/dist_worker.py"), str(out)]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "tests/train/dist_worker.py"), str(out),
+           str(single_process_run[1])]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    runs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    runs["dir"] = out
+    return runs
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
+def single_process_run(tmp_path_factory):
+    """(history, run directory) of the one-process reference; it checkpoints at step 3."""
     from bagel.train.config import load_config
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -34,8 +38,13 @@ def single_process(tmp_path_factory):
     from dist_worker import COMMON
 
     out = tmp_path_factory.mktemp("single")
-    cfg = load_config(RECIPE, [f"--run_dir={out}", *FAST, *COMMON])
-    return Trainer(cfg).run().history
+    cfg = load_config(RECIPE, [f"--run_dir={out}", *FAST, *COMMON, "--checkpoint.every=3"])
+    return Trainer(cfg).run().history, out
+
+
+@pytest.fixture(scope="module")
+def single_process(single_process_run):
+    return single_process_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +108,29 @@ def test_exact_resume_with_two_ranks(two_rank_runs):
         diff = _max_diff(full[3:], resumed, key)
         print(f"2-rank resume {key}: max |diff| = {diff:.2e}")
         assert diff <= 1e-6, key
+
+
+def test_elastic_resume_one_rank_to_two(two_rank_runs, single_process):
+    # the one-process step-3 checkpoint continued on 2 FSDP ranks (DCP reshards the weights and
+    # the optimizer, the data position carries over): steps 4-6 as in the uninterrupted run
+    resumed = two_rank_runs["elastic_1to2"]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    _assert_matches(resumed, single_process[3:], "1 -> 2 ranks")
+
+
+def test_elastic_resume_two_ranks_to_one(two_rank_runs, tmp_path):
+    from bagel.train.config import load_config
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import FAST, RECIPE
+    from dist_worker import COMMON
+
+    src = two_rank_runs["dir"] / "fsdp" / "checkpoints" / "step_00000003"
+    shutil.copytree(src, tmp_path / "checkpoints" / src.name)
+    cfg = load_config(RECIPE, [f"--run_dir={tmp_path}", *FAST, *COMMON, "--checkpoint.resume=auto"])
+    resumed = Trainer(cfg).run().history
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    _assert_matches(resumed, two_rank_runs["fsdp"][3:], "2 -> 1 rank")
 
 
 def test_fsdp_bf16_with_activation_checkpointing(two_rank_runs, single_process):
