@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from bagel.batch import PackedBatch
@@ -276,11 +277,14 @@ def _add_vae(out: _Lists, item: VaeImage, cfg, tokens, at: int, rope: int, gener
     return rope  # the counter stays: a clean copy may reuse the id
 
 
-def pack_samples(samples: list[Sample], cfg, tokens, generator: torch.Generator | None = None) -> PackedBatch:
+def pack_samples(samples: list[Sample], cfg, tokens, generator: torch.Generator | None = None,
+                 shared_memory: bool = False) -> PackedBatch:
     """Pack `samples` into one PackedBatch (see the module docstring for the layout).
 
     `cfg` is a BagelConfig (geometry), `tokens` a SpecialTokens. `generator` draws the timestep
-    logits of noisy targets that carry none.
+    logits of noisy targets that carry none. `shared_memory`: stack the images straight into
+    shared memory (a DataLoader worker: sending the pack then copies nothing, as torch's
+    default_collate does).
     """
     out = _Lists()
     at = 0
@@ -304,11 +308,29 @@ def pack_samples(samples: list[Sample], cfg, tokens, generator: torch.Generator 
         if at == start:
             raise ValueError(f"sample {sample_no}: every item was dropped, nothing left to pack")
         out.sample_lens.append(at - start)
-    return _to_batch(out, at)
+    return _to_batch(out, at, shared_memory)
 
 
-def _to_batch(out: _Lists, length: int) -> PackedBatch:
-    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+def _stack_images(images: list[torch.Tensor], shared_memory: bool) -> torch.Tensor:
+    """(I, 3, Hmax, Wmax): the images, zero-padded at the bottom/right when their sizes differ."""
+    h_max = max(im.shape[1] for im in images)
+    w_max = max(im.shape[2] for im in images)
+    shape = (len(images), 3, h_max, w_max)
+    if shared_memory:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * images[0].element_size())
+        padded = images[0].new_empty(0).set_(storage).view(shape)
+    else:
+        padded = images[0].new_empty(shape)
+    if any(im.shape[1:] != (h_max, w_max) for im in images):
+        padded.zero_()
+    for i, im in enumerate(images):
+        padded[i, :, : im.shape[1], : im.shape[2]] = im
+    return padded
+
+
+def _to_batch(out: _Lists, length: int, shared_memory: bool = False) -> PackedBatch:
+    # through numpy: 3x faster than torch.tensor on long Python int lists (same values)
+    long = lambda xs: torch.from_numpy(np.array(xs, dtype=np.int64))  # noqa: E731
     batch = dict(
         sequence_length=length, sample_lens=out.sample_lens, split_lens=out.split_lens, attn_modes=out.attn_modes,
         position_ids=long(out.pos_ids), text_ids=long(out.text_ids), text_indexes=long(out.text_idx),
@@ -319,13 +341,8 @@ def _to_batch(out: _Lists, length: int) -> PackedBatch:
             vit_token_indexes=long(out.vit_idx), vit_token_seqlens=torch.tensor(out.vit_lens, dtype=torch.int32),
         )
     if out.vae_images:
-        h_max = max(im.shape[1] for im in out.vae_images)
-        w_max = max(im.shape[2] for im in out.vae_images)
-        padded = out.vae_images[0].new_zeros(len(out.vae_images), 3, h_max, w_max)  # (I, 3, Hmax, Wmax)
-        for i, im in enumerate(out.vae_images):
-            padded[i, :, : im.shape[1], : im.shape[2]] = im
         batch.update(
-            vae_images=padded, vae_latent_shapes=out.vae_shapes, latent_position_ids=torch.cat(out.lat_pos),
+            vae_images=_stack_images(out.vae_images, shared_memory), vae_latent_shapes=out.vae_shapes, latent_position_ids=torch.cat(out.lat_pos),
             vae_token_indexes=long(out.vae_idx), timestep_logits=torch.tensor(out.logits, dtype=torch.float32),
             mse_loss_indexes=long(out.mse_idx),
         )

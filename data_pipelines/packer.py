@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils.data import get_worker_info
 
 from bagel.batch import PackedBatch
 from bagel.packing import pack_samples
@@ -122,7 +123,8 @@ class PackBuilder:
             raise StopIteration
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "pack", self.slot, self.index))
         # CFG dropout was decided at decode time (SampleDecoder), so num_tokens are real tokens.
-        batch = pack_samples([s.plan for s in group], self.model_cfg, self.tokens, generator=generator)
+        batch = pack_samples([s.plan for s in group], self.model_cfg, self.tokens, generator=generator,
+                             shared_memory=get_worker_info() is not None)
         pack = Pack(batch=batch, keys=[s.key for s in group],
                     num_tokens=sum(s.num_tokens for s in group),
                     max_tokens=self.packer.config.max_tokens, slot=self.slot, index=self.index)

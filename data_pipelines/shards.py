@@ -171,14 +171,17 @@ class DatasetWriter:
 
     def _open(self) -> None:
         path = f"{self.name}-{len(self.shards):06d}.tar"
-        self._tar = tarfile.open(self.out_dir / path, "w", format=tarfile.USTAR_FORMAT)
+        # written as .tmp and renamed when complete: a killed conversion leaves no half shard
+        self._tar = tarfile.open(self.out_dir / (path + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
         self.shards.append(ShardInfo(path, 0, 0, 0))
 
     def _close_shard(self) -> None:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-            self.shards[-1].num_bytes = (self.out_dir / self.shards[-1].path).stat().st_size
+            final = self.out_dir / self.shards[-1].path
+            Path(str(final) + ".tmp").replace(final)
+            self.shards[-1].num_bytes = final.stat().st_size
 
     def write(self, key: str, doc: Document, images: dict[str, bytes]) -> None:
         if not key or "." in key or "/" in key:
@@ -207,13 +210,15 @@ class DatasetWriter:
                 self.max_bytes is not None and shard.num_bytes >= self.max_bytes):
             self._close_shard()
 
-    def close(self) -> Manifest:
+    def finish(self) -> Manifest:
+        """Close the last shard; the manifest is returned, not written (a part of a parallel run)."""
         self._close_shard()
-        manifest = Manifest(self.name, str(self.out_dir), self.shards, self.token_estimate_info,
-                            dict(self.tasks))
-        tmp = self.out_dir / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
-        tmp.replace(self.out_dir / "manifest.json")  # atomic: a reader never sees half a manifest
+        return Manifest(self.name, str(self.out_dir), self.shards, self.token_estimate_info,
+                        dict(self.tasks))
+
+    def close(self) -> Manifest:
+        manifest = self.finish()
+        write_manifest(manifest)
         return manifest
 
     def __enter__(self) -> "DatasetWriter":
@@ -224,6 +229,14 @@ class DatasetWriter:
             self.close()
         else:
             self._close_shard()
+
+
+def write_manifest(manifest: Manifest) -> None:
+    """`manifest.json` in the manifest's folder, atomically: a reader never sees half of one."""
+    out = Path(manifest.root)
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+    tmp.replace(out / "manifest.json")
 
 
 def _image_size(data: bytes) -> tuple[int, int]:

@@ -6,11 +6,14 @@
     bagel-data convert vlm-jsonl FILE.jsonl --images DIR --out OUT
     bagel-data convert edit-parquet DIR_OR_FILE --out OUT
     bagel-data convert obelics DIR_OR_FILE [--images DIR] --out OUT
-    bagel-data inspect OUT                                   # manifest summary
+    bagel-data inspect OUT_OR_URL                            # verify every shard against the manifest
 
-Shards hold --max-samples samples or --max-bytes bytes; --on-error skip (default) counts and
-logs each bad record with its file and line, --on-error stop stops at the first one.
-Exit status: 0 done, 2 bad arguments, input or nothing converted.
+Inputs (and --images) may be fsspec URLs (s3://, gs://, https://). Shards hold --max-samples
+samples or --max-bytes bytes; --on-error skip (default) counts and logs each bad record with its
+file and line, --on-error stop stops at the first one. --workers N converts N parts at once;
+a killed conversion resumes when the same command is run again (finished parts are kept).
+Exit status: 0 done (inspect: no problem found), 1 inspect found problems, 2 bad arguments,
+input or nothing converted.
 """
 
 from __future__ import annotations
@@ -39,16 +42,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated: t2i, vqa, edit, count, and the LoRA recipes' mirror, parity")
     c = sub.add_parser("convert", help="convert another layout to shards")
     c.add_argument("format", choices=FORMATS, help="input layout (data_pipelines/README.md)")
-    c.add_argument("input", type=Path, help="file or folder (the captions JSONL for the folder format)")
+    c.add_argument("input", help="file or folder, or an fsspec URL (the captions JSONL for the folder format)")
     c.add_argument("--out", required=True, type=Path, help="output folder (shards + manifest.json)")
-    c.add_argument("--images", type=Path, default=None, help="root of relative image paths")
+    c.add_argument("--images", default=None, help="root of relative image paths (a folder or URL)")
     c.add_argument("--name", default=None, help="shard name prefix (default: the output folder's name)")
     c.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
     c.add_argument("--max-bytes", type=int, default=None, help="bytes per shard (default: no limit)")
     c.add_argument("--on-error", choices=("skip", "stop"), default="skip",
                    help="skip: count and log each bad record and go on; stop: fail at the first")
-    i = sub.add_parser("inspect", help="print a manifest summary")
-    i.add_argument("manifest", type=Path, help="a dataset folder or its manifest.json")
+    c.add_argument("--workers", type=int, default=1, help="parallel processes")
+    c.add_argument("--parts", type=int, default=None,
+                   help="the input is converted in this many parts, each resumable on its own "
+                        "(default: 1 with one worker, else 4 per worker)")
+    i = sub.add_parser("inspect", help="verify a dataset: counts vs manifest, tar structure, documents, "
+                                       "images, token estimates, per shard")
+    i.add_argument("manifest", help="a dataset folder, its manifest.json, or a URL")
+    i.add_argument("--workers", type=int, default=1, help="parallel processes")
+    i.add_argument("--no-decode", action="store_true", help="read image headers only (faster)")
+    i.add_argument("--summary", action="store_true", help="print the manifest summary only, verify nothing")
     return p
 
 
@@ -75,6 +86,8 @@ def _log_to_stderr(logger: logging.Logger) -> None:
 
 def _check(args) -> None:
     """Values argparse lets through but the command cannot use, and an output folder it cannot write."""
+    if getattr(args, "workers", 1) < 1:
+        raise ValueError(f"--workers {args.workers}: must be >= 1")
     if args.command == "inspect":
         return
     if args.command == "digits" and args.size < 8:
@@ -83,7 +96,39 @@ def _check(args) -> None:
         raise ValueError(f"--max-samples {args.max_samples}: must be >= 1")
     if getattr(args, "max_bytes", None) is not None and args.max_bytes < 1:
         raise ValueError(f"--max-bytes {args.max_bytes}: must be >= 1")
+    if getattr(args, "parts", None) is not None and args.parts < 1:
+        raise ValueError(f"--parts {args.parts}: must be >= 1")
     check_writable_dir(args.out, "--out")
+
+
+def _inspect(args) -> int:
+    from data_pipelines.shards import load_manifest
+    from data_pipelines.verify import verify_dataset
+
+    m = load_manifest(args.manifest)
+    print(json.dumps({k: v for k, v in m.to_json().items() if k != "shards"}, indent=1))
+    print(f"{len(m.shards)} shards")
+    if args.summary:
+        return 0
+    reports = verify_dataset(m, workers=args.workers, decode=not args.no_decode)
+    bad = [r for r in reports if not r.ok]
+    for r in reports:
+        print(r.line())
+        for example in r.examples:
+            print(f"    {example}")
+    samples = sum(r.samples for r in reports)
+    print(f"{samples} of {m.num_samples} samples read; {len(bad)} of {len(reports)} shards with problems")
+    return 1 if bad else 0
+
+
+def _planned_parts(args) -> int:
+    """--parts, or what an unfinished conversion in --out was started with, or the default."""
+    from data_pipelines.converters.parallel import PARTS_DIR
+
+    plan = args.out / PARTS_DIR / "plan.json"
+    if args.parts is None and plan.is_file():
+        return int(json.loads(plan.read_text()).get("parts", 1))
+    return args.parts or (1 if args.workers == 1 else 4 * args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,29 +147,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(split, {t: m.num_samples for t, m in tasks.items()})
             return 0
         if args.command == "inspect":
-            from data_pipelines.shards import load_manifest
+            return _inspect(args)
+        from data_pipelines.converters.parallel import ConvertJob, convert_dataset
 
-            m = load_manifest(args.manifest)
-            print(json.dumps({k: v for k, v in m.to_json().items() if k != "shards"}, indent=1))
-            print(f"{len(m.shards)} shards")
-            return 0
-        from data_pipelines.converters import convert
-        from data_pipelines.converters.common import ErrorPolicy
-
-        policy = ErrorPolicy(args.on_error)
-        records = {
-            "folder": lambda: convert.from_folder(args.input, args.images or Path("."), policy),
-            "t2i-parquet": lambda: convert.from_t2i_parquet(args.input, policy),
-            "vlm-jsonl": lambda: convert.from_vlm_jsonl(args.input, args.images, policy),
-            "edit-parquet": lambda: convert.from_edit_parquet(args.input, policy),
-            "obelics": lambda: convert.from_obelics(args.input, args.images, policy),
-        }[args.format]()
-        manifest = convert.write_dataset(records, args.out, args.name or args.out.name,
-                                         max_samples=args.max_samples, max_bytes=args.max_bytes)
+        job = ConvertJob(args.format, str(args.input), str(args.out), args.name or args.out.name,
+                         images=args.images, max_samples=args.max_samples, max_bytes=args.max_bytes,
+                         on_error=args.on_error, parts=_planned_parts(args))
+        result = convert_dataset(job, workers=args.workers)
+        manifest, skipped = result.manifest, dict(sorted(result.skipped.items()))
         print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.out}; "
-              f"skipped {dict(policy.skipped) or 'none'}")
+              f"skipped {skipped or 'none'}")
         if manifest.num_samples == 0:
-            raise ValueError(f"nothing was converted (skipped {dict(policy.skipped)})")
+            raise ValueError(f"nothing was converted (skipped {skipped})")
         return 0
     except USER_ERRORS as e:  # ConvertError, DataError and SchemaError are ValueErrors
         if fresh and out.exists():

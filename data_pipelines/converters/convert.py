@@ -15,7 +15,7 @@
   `{"bytes": ...}`, `{"path": ...}` or a path relative to --images; one that cannot be read
   (e.g. a URL: nothing is downloaded) is dropped from the document and counted.
 
-Every converter yields (key, Document, images) and `write_dataset` shards them. Bad records go
+Every converter yields (key, Document, images); `parallel.convert_dataset` shards them. Bad records go
 through `ErrorPolicy` (`--on-error skip|stop`), which names the file and line or row.
 
 Image paths in the input are confined to their root (--images, or the folder of the file that names
@@ -29,12 +29,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from bagel.progress import track
-
-from data_pipelines.converters.common import (ErrorPolicy, estimate_info, estimate_tokens,
-                                              image_member, iter_jsonl, read_parquet)
+from data_pipelines.converters.common import ErrorPolicy, image_member, iter_jsonl, read_parquet
+from data_pipelines.converters.inputs import confined
 from data_pipelines.schema import Document, ImageSegment, Segment, TextSegment, t2i_document
-from data_pipelines.shards import DatasetWriter, Manifest
 
 Record = tuple[str, Document, dict[str, bytes]]
 
@@ -63,17 +60,9 @@ def _read_image(ref: Any, root: Path, index: int) -> tuple[str, bytes]:
     raise TypeError(f"cannot read an image from {type(ref).__name__}")
 
 
-def confined(root: Path, ref: str) -> Path:
-    """`root / ref`, refused if it resolves outside `root` (absolute paths, `..`, symlinks out)."""
-    base = root.resolve()
-    path = (base / ref).resolve()
-    if not path.is_relative_to(base):
-        raise PermissionError(f"{ref} points outside the input root {root}")
-    return path
-
-
 def from_folder(captions: Path, images: Path, policy: ErrorPolicy) -> Iterator[Record]:
-    if not images.is_dir():
+    # a URL prefix cannot be listed over HTTP: a missing remote image is reported per record
+    if isinstance(images, Path) and not images.is_dir():
         policy.bad("no_input", str(images), "image folder does not exist")
         return
     for file in _files(captions, ".jsonl", policy):
@@ -94,7 +83,7 @@ def from_folder(captions: Path, images: Path, policy: ErrorPolicy) -> Iterator[R
 
 def from_t2i_parquet(path: Path, policy: ErrorPolicy) -> Iterator[Record]:
     for n_file, file in enumerate(_files(path, ".parquet", policy)):
-        for n, (where, row) in enumerate(read_parquet(file, policy, ["image", "captions"])):
+        for n, where, row in read_parquet(file, policy, ["image", "captions"]):
             try:
                 captions = json.loads(row["captions"]) if isinstance(row["captions"], str) else row["captions"]
                 texts = [c for c in (captions.values() if isinstance(captions, dict) else captions)
@@ -157,7 +146,7 @@ def _vlm_segments(turns: list[dict], names: list[str]) -> list[Segment]:
 
 def from_edit_parquet(path: Path, policy: ErrorPolicy) -> Iterator[Record]:
     for n_file, file in enumerate(_files(path, ".parquet", policy)):
-        for n, (where, row) in enumerate(read_parquet(file, policy, ["image_list", "instruction_list"])):
+        for n, where, row in read_parquet(file, policy, ["image_list", "instruction_list"]):
             try:
                 images, instructions = row["image_list"], row["instruction_list"]
                 if len(images) < 2 or len(instructions) != len(images) - 1:
@@ -186,8 +175,8 @@ def from_obelics(path: Path, images: Path | None, policy: ErrorPolicy) -> Iterat
         files = _files(path, ".parquet", policy)
     for n_file, file in enumerate(files):
         rows = (read_parquet(file, policy, ["texts", "images"]) if file.suffix == ".parquet"
-                else ((f"{file}:{ln}", rec) for ln, rec in iter_jsonl(file, policy)))
-        for n, (where, rec) in enumerate(rows):
+                else ((ln, f"{file}:{ln}", rec) for ln, rec in iter_jsonl(file, policy)))
+        for n, where, rec in rows:
             texts, imgs = rec.get("texts"), rec.get("images")
             if not isinstance(texts, list) or not isinstance(imgs, list) or len(texts) != len(imgs):
                 policy.bad("missing_key", where, "needs 'texts' and 'images' lists of equal length")
@@ -211,12 +200,3 @@ def from_obelics(path: Path, images: Path | None, policy: ErrorPolicy) -> Iterat
             if isinstance(segments[-1], ImageSegment):  # nothing attends to a final image
                 segments[-1] = ImageSegment(segments[-1].image, ("target",))
             yield f"f{n_file:05d}-{n:09d}", Document(segments, task="interleaved"), members
-
-
-def write_dataset(records: Iterator[Record], out: Path, name: str, *, max_samples: int = 1000,
-                  max_bytes: int | None = None, progress: bool = True) -> Manifest:
-    writer = DatasetWriter(out, name, max_samples=max_samples, max_bytes=max_bytes,
-                           estimate_tokens=estimate_tokens, token_estimate_info=estimate_info())
-    for key, doc, images in track(records, desc=f"convert {name}", unit="doc", enabled=progress):
-        writer.write(key, doc, images)
-    return writer.close()

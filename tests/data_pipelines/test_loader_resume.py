@@ -74,3 +74,21 @@ def test_ranks_and_workers_split_an_epoch(digits_dir, tokenizer, make_config):
                             rank=rank, world_size=2)
         keys += [k for p in loader for k in p.keys]
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 40
+
+
+def test_a_worker_process_packs_what_the_main_process_packs(digits_dir, tokenizer, make_config):
+    # one slot either way; the worker stacks images straight into shared memory
+    import dataclasses
+
+    import torch
+
+    config = make_config(_sources(digits_dir, False))
+    packs = [list(PackLoader(config, BagelConfig.tiny(), tokenizer=tokenizer, num_workers=n,
+                             prefetch_factor=2 if n else None)) for n in (0, 1)]
+    assert len(packs[0]) == len(packs[1]) > 0
+    for a, b in zip(*packs):
+        assert a.keys == b.keys
+        for f in dataclasses.fields(a.batch):
+            x, y = getattr(a.batch, f.name), getattr(b.batch, f.name)
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
+    assert packs[1][0].batch.vae_images.is_shared()
