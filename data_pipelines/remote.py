@@ -97,7 +97,7 @@ def parent(path: str) -> str:
     return os.path.dirname(path)
 
 
-def _filesystem(url: str, storage: StorageConfig):
+def filesystem(url: str, storage: StorageConfig):
     import fsspec
 
     protocol = protocol_of(url)
@@ -157,7 +157,7 @@ class ResilientReader(io.RawIOBase):
         self.url, self.storage = url, storage
         self.pos = 0
         self.retried = 0  # reconnections so far (tests and logs)
-        self._fs, self._path = _filesystem(url, storage)
+        self._fs, self._path = filesystem(url, storage)
         self._file = None
         self.size = self._with_retries(lambda: self._fs.size(self._path), "size")
 
@@ -285,7 +285,7 @@ def read_bytes(path: str, storage: StorageConfig = DEFAULT_STORAGE) -> bytes:
 def exists(path: str, storage: StorageConfig = DEFAULT_STORAGE) -> bool:
     if not is_url(path) or protocol_of(path) == "file":
         return os.path.exists(path[len("file://"):] if path.startswith("file://") else path)
-    fs, inner = _filesystem(path, storage)
+    fs, inner = filesystem(path, storage)
     try:
         return fs.exists(inner)
     except Exception as e:  # noqa: BLE001

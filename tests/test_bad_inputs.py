@@ -55,6 +55,11 @@ def inputs(tmp_path_factory):
     ref.write_bytes(ref.read_bytes()[:1000])
     (root / "data.yaml").write_text(json.dumps({"tokenizer": str(TINY), "sources": [
         {"name": "x", "manifest": str(root / "no_such_manifest")}]}))
+    for name, manifest, storage in (("gcs_data.yaml", "gs://bucket/t2i", {}),
+                                    ("refused_data.yaml", "http://127.0.0.1:9/t2i", {"retries": 1, "backoff": 0.01}),
+                                    ("bad_storage.yaml", str(root / "x"), {"timeout": 0})):
+        (root / name).write_text(json.dumps({"tokenizer": str(TINY), "storage": storage,
+                                             "sources": [{"name": "x", "manifest": manifest}]}))
     (root / "scalar.jsonl").write_text('{"id": "1", "prediction": "A"}\n3\n')
     (root / "empty.jsonl").write_text("")
     for task, extra in (("mmmu", {}), ("mmbench", {})):
@@ -145,6 +150,15 @@ def cases(r: Path) -> list[tuple]:
         (data, ["digits", "--out", str(r / "a_file" / "d")], "a_file"),
         (data, ["convert", "folder", str(r / "none.jsonl"), "--images", str(r / "nope"), "--out", "OUT/c"],
          "does not exist"),
+        (data, ["convert", "folder", str(r / "none.jsonl"), "--out", "OUT/c", "--workers", "0"], "--workers"),
+        (data, ["convert", "folder", str(r / "none.jsonl"), "--out", "OUT/c", "--parts", "0"], "--parts"),
+        (data, ["convert", "folder", "gs://bucket/caps.jsonl", "--out", "OUT/c"], "gcsfs"),
+        (data, ["inspect", str(r / "no_such_manifest")], "does not exist"),
+        (data, ["inspect", "gs://bucket/data"], "needs the package gcsfs"),
+        (train, [*t, "--data.kind=pipeline", f"--data.config={r / 'gcs_data.yaml'}"], "pip install 'bagel[gcs]'"),
+        (train, [*t, "--data.kind=pipeline", f"--data.config={r / 'refused_data.yaml'}"],
+         "http://127.0.0.1:9/t2i/manifest.json"),
+        (train, [*t, "--data.kind=pipeline", f"--data.config={r / 'bad_storage.yaml'}"], "timeout > 0"),
         # bagel-parity
         (parity, [str(r / "truncated_reference")], "reference.safetensors"),
         (parity, [str(TINY), "--threads", "-1"], "--threads"),

@@ -12,7 +12,8 @@ import io
 import posixpath
 from pathlib import Path, PurePosixPath
 
-from data_pipelines.remote import DEFAULT_STORAGE, RemoteUnavailable, is_url, open_binary, read_bytes, redact
+from data_pipelines.remote import (DEFAULT_STORAGE, RemoteUnavailable, filesystem, is_url, open_binary, read_bytes,
+                                   redact)
 
 
 class RemotePath:
@@ -51,9 +52,7 @@ class RemotePath:
         return RemotePath(self.url.rsplit("/", 1)[0])
 
     def _fs(self):
-        from data_pipelines.remote import _filesystem
-
-        return _filesystem(self.url, DEFAULT_STORAGE)
+        return filesystem(self.url, DEFAULT_STORAGE)
 
     def is_dir(self) -> bool:
         fs, path = self._fs()
