@@ -11,6 +11,7 @@ i.e. t = 0. `noise_latents` is the whole training-side recipe in one call.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,50 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, t: float | torch.Tensor,
                t_next: float | torch.Tensor) -> torch.Tensor:
     """One Euler step from t to t_next < t along the predicted velocity."""
     return x - velocity * (t - t_next)
+
+
+# The stochastic sampler (Flow-GRPO's SDE) ---------------------------------------------------------
+#
+# The reverse-time SDE with the same marginals as the flow ODE dx = v dt, for x_t = (1 - t) x0 + t eps:
+#     dx = [v + sigma_t^2 / (2 t) * (x + (1 - t) v)] dt + sigma_t dW,   sigma_t = a * sqrt(t / (1 - t)),
+# integrated from t = 1 down with Euler-Maruyama (dt = t_next - t < 0). `a` is the noise level;
+# a = 0 is the ODE (euler_step). At t = 1, sigma is taken at the grid's second point (1 - t = 0).
+
+@dataclass
+class SdeStep:
+    mean: torch.Tensor  # the Gaussian transition's mean, like x
+    std: float  # its standard deviation (one value for the whole step)
+
+
+def sde_transition(x: torch.Tensor, velocity: torch.Tensor, t: float, t_next: float, noise_level: float,
+                   t_cap: float) -> SdeStep:
+    """The Gaussian x_next ~ N(mean, std^2) of one SDE step from t to t_next < t. `t_cap` < 1 stands
+    in for t in sigma_t where t = 1 (usually the grid's second point)."""
+    dt = t_next - t
+    sigma = noise_level * math.sqrt(min(t, t_cap) / (1 - min(t, t_cap))) if noise_level > 0 else 0.0
+    drift = velocity + sigma ** 2 / (2 * t) * (x + (1 - t) * velocity)
+    return SdeStep(mean=x + drift * dt, std=sigma * math.sqrt(-dt))
+
+
+def sde_sample(step: SdeStep, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
+    """A draw from the transition (std 0: its mean, the ODE step)."""
+    if step.std == 0:
+        return step.mean
+    if eps is None:
+        eps = torch.randn(step.mean.shape, generator=generator, dtype=torch.float32).to(step.mean.device)
+    return step.mean + step.std * eps
+
+
+def transition_logprob(x_next: torch.Tensor, step: SdeStep) -> torch.Tensor:
+    """log N(x_next; mean, std^2), averaged over every dimension but the first (one value per
+    image, a per-element average as Flow-GRPO keeps it, so the ratio does not scale with the image
+    size). x_next, step.mean: (B, ...) -> (B,)."""
+    if step.std <= 0:
+        raise ValueError("the log-probability of a deterministic step (noise level 0) is undefined")
+    z = (x_next - step.mean).float() / step.std
+    per_element = -0.5 * z ** 2 - math.log(step.std) - 0.5 * math.log(2 * math.pi)
+    return per_element.flatten(1).mean(1)
 
 
 

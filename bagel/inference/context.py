@@ -64,6 +64,11 @@ def latent_embeds(model, xs: list[torch.Tensor], t: float, grid: tuple[int, int]
     """Patchified latents of several images, each (h*w, p*p*C), at time t (0 = clean) -> their LLM
     embeddings, each (h*w, D), in one call (what every guidance branch of an image shares at a
     denoising step)."""
+    return embed_latents(model, xs, t, grid)
+
+
+def embed_latents(model, xs: list[torch.Tensor], t: float, grid: tuple[int, int]) -> list[torch.Tensor]:
+    """`latent_embeds` with autograd as the caller has it."""
     cfg = model.cfg
     h, w = grid
     if max(h, w) > cfg.max_latent_size:

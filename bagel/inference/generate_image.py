@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 from bagel import flow
-from bagel.inference.context import image_block, latent_embeds
-from bagel.inference.forward import Query, forward_queries, forward_queries_early_exit, llm_stack
+from bagel.inference.context import embed_latents, image_block
+from bagel.inference.forward import Query, forward_queries_early_exit, llm_stack, run_queries
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.inference.step_cache import StepCache
 from bagel.packing import unpatchify
@@ -58,20 +58,40 @@ def _workspace(contexts: list[Context], extra: int) -> list[Context]:
     return out
 
 
+def guidance_workspace(branches: list[Branches], cfg: ImageGenConfig, n_tok: int) -> list[Context]:
+    """The contexts every denoising step of `cfg` attends to, copied into one fresh cache. Row
+    order: all full contexts, then text_uncond, then img_uncond, so each step's active branches
+    are a prefix of the rows."""
+    grid_t = flow.sampling_timesteps(cfg.num_timesteps, cfg.timestep_shift).tolist()
+    need_text = cfg.cfg_text_scale > 1 and any(cfg.scales_at(t)[0] > 1 for t in grid_t[:-1])
+    need_img = need_text and cfg.cfg_img_scale > 1
+    for b in branches:
+        if need_text and b.text_uncond is None:
+            raise ValueError("cfg_text_scale > 1 needs a text-unconditional context for every image")
+        if need_img and b.img_uncond is None:
+            raise ValueError("cfg_img_scale > 1 needs an image-unconditional context for every image")
+    ordered = [b.full for b in branches]
+    ordered += [b.text_uncond for b in branches] if need_text else []
+    ordered += [b.img_uncond for b in branches] if need_img else []
+    return _workspace(ordered, n_tok + 2)
+
+
 StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]  # (step, t, x_t, guided v)
+StepFunction = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step, image, x_t, guided v) -> x_next
 
 
 @torch.no_grad()
 def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], grid: tuple[int, int],
                      cfg: ImageGenConfig, noise: list[torch.Tensor] | None = None,
                      generator: torch.Generator | None = None, on_step: StepCallback | None = None,
-                     progress: bool = False, stats: dict | None = None) -> list[torch.Tensor]:
+                     progress: bool = False, stats: dict | None = None,
+                     step_fn: StepFunction | None = None) -> list[torch.Tensor]:
     """Sample one image per `Branches` entry -> patchified latents, (h*w, p*p*C) each. With
     `cfg.cache` on, `stats` (a dict, if given) receives the decoder-layer evaluations made and
-    those a plain run makes."""
+    those a plain run makes. `step_fn` replaces the Euler step (the SDE sampler of RL rollouts)."""
     h, w = grid
     n_tok, dim = h * w, model.cfg.patch_latent_dim
-    device, dtype = model.llm.embed_tokens.weight.device, model.llm.embed_tokens.weight.dtype
+    device = model.llm.embed_tokens.weight.device
     B = len(branches)
     if noise is None:
         noise = [torch.randn(n_tok, dim, generator=generator) for _ in range(B)]
@@ -85,42 +105,44 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
     cache = None if threshold is None else StepCache(threshold, len(model.llm.layers))
     if stats is not None:
         stats.clear()
-    need_text = cfg.cfg_text_scale > 1 and any(cfg.scales_at(t)[0] > 1 for t in grid_t[:-1])
-    need_img = need_text and cfg.cfg_img_scale > 1
-    for b in branches:
-        if need_text and b.text_uncond is None:
-            raise ValueError("cfg_text_scale > 1 needs a text-unconditional context for every image")
-        if need_img and b.img_uncond is None:
-            raise ValueError("cfg_img_scale > 1 needs an image-unconditional context for every image")
-    # Row order: all full contexts, then text_uncond, then img_uncond, so each step's active
-    # branches are a prefix of the workspace rows.
-    ordered = [b.full for b in branches]
-    ordered += [b.text_uncond for b in branches] if need_text else []
-    ordered += [b.img_uncond for b in branches] if need_img else []
-    ws = _workspace(ordered, n_tok + 2)
+    ws = guidance_workspace(branches, cfg, n_tok)
 
     for i in track(range(len(grid_t) - 1), desc="denoising", unit="step", enabled=progress):
         t, t_next = grid_t[i], grid_t[i + 1]
-        s_text, s_img = cfg.scales_at(t)
-        n_branches = 1 + (s_text > 1) + (s_text > 1 and s_img > 1)
-        ctxs = ws[: n_branches * B]
-        inner = latent_embeds(model, [xb.to(dtype) for xb in x], t, grid)  # each image's, shared by its branches
-        queries = [image_block(model, tokens, inner[j % B], c.rope, gen=True) for j, c in enumerate(ctxs)]
-        if cache is None:
-            hidden = forward_queries(llm_stack(model), ctxs, queries, commit=False)
-        else:
-            hidden = _cached_forward(model, cache, i, len(grid_t) - 2, ctxs, queries)
-        v = [model.llm2vae(hid[1:-1]).float() for hid in hidden]  # latents sit between the markers
+        guided = step_velocities(model, tokens, ws, x, t, grid, cfg, cache, i, len(grid_t) - 2)
         for b in range(B):
-            v_text = v[B + b] if n_branches > 1 else None
-            v_img = v[2 * B + b] if n_branches > 2 else None
-            guided = flow.apply_cfg(v[b], v_text, v_img, s_text, s_img, cfg.cfg_renorm_type, cfg.cfg_renorm_min)
             if on_step is not None:
-                on_step(i, t, x[b], guided)
-            x[b] = flow.euler_step(x[b], guided, t, t_next)
+                on_step(i, t, x[b], guided[b])
+            x[b] = flow.euler_step(x[b], guided[b], t, t_next) if step_fn is None else step_fn(i, b, x[b], guided[b])
     if stats is not None and cache is not None:
         stats.update(layer_evaluations=cache.layer_evaluations, full_layer_evaluations=cache.full_layer_evaluations)
     return x
+
+
+def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[torch.Tensor], t: float,
+                    grid: tuple[int, int], cfg: ImageGenConfig, cache: StepCache | None = None, step: int = 0,
+                    last_step: int = 0) -> list[torch.Tensor]:
+    """The guided velocity of every image at time t: the active branches of all images (workspace
+    rows: all full contexts, then text_uncond, then img_uncond) in one forward. Autograd follows
+    the caller (generate_latents runs it without; RL recomputes a step with gradients)."""
+    B = len(x)
+    dtype = model.llm.embed_tokens.weight.dtype
+    s_text, s_img = cfg.scales_at(t)
+    n_branches = 1 + (s_text > 1) + (s_text > 1 and s_img > 1)
+    ctxs = ws[: n_branches * B]
+    inner = embed_latents(model, [xb.to(dtype) for xb in x], t, grid)  # each image's, shared by its branches
+    queries = [image_block(model, tokens, inner[j % B], c.rope, gen=True) for j, c in enumerate(ctxs)]
+    if cache is None:
+        hidden = run_queries(llm_stack(model), ctxs, queries, commit=False)
+    else:
+        hidden = _cached_forward(model, cache, step, last_step, ctxs, queries)
+    v = [model.llm2vae(hid[1:-1]).float() for hid in hidden]  # latents sit between the markers
+    out = []
+    for b in range(B):
+        v_text = v[B + b] if n_branches > 1 else None
+        v_img = v[2 * B + b] if n_branches > 2 else None
+        out.append(flow.apply_cfg(v[b], v_text, v_img, s_text, s_img, cfg.cfg_renorm_type, cfg.cfg_renorm_min))
+    return out
 
 
 def _cached_forward(model, cache: StepCache, step: int, last_step: int, ctxs: list[Context],

@@ -1,0 +1,101 @@
+"""Rollouts for RL fine-tuning of generation: the stochastic sampler with log-probabilities.
+
+`sde_rollout` samples like `generate_latents` (every image and guidance branch of the batch in
+one forward per step) but steps with the SDE of `bagel.flow` (same marginals as the ODE,
+`noise_level` a) and records every state and the log-probability of every transition.
+`step_transitions` recomputes chosen steps' transitions with autograd on (the training forward):
+on the rollout's own states and weights it gives the rollout's log-probabilities back, so the
+policy ratio starts at exactly 1. The contexts (prompt, input images) are constants: a gradient
+flows through the denoising query blocks only.
+
+Group rollouts: G samples of one prompt are G `Branches` entries that name the same contexts;
+they are copied into the step workspace like any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bagel import flow
+from bagel.inference.generate_image import Branches, generate_latents, guidance_workspace, step_velocities
+from bagel.sampling import ImageGenConfig
+from bagel.tokenizer import SpecialTokens
+
+
+@dataclass
+class Rollout:
+    """One batch of trajectories: states[i] is x at timesteps[i] (states[0] the initial noise,
+    states[-1] the sample), logprobs[i] the log-density of the step states[i] -> states[i + 1]."""
+
+    grid: tuple[int, int]
+    timesteps: list[float]  # S + 1 values from 1 down to 0
+    states: torch.Tensor  # (S + 1, B, h*w, p*p*C) float32
+    logprobs: torch.Tensor  # (S, B) float32: per-element mean log N(x_next; mean, std^2)
+    noise_level: float
+
+    @property
+    def latents(self) -> list[torch.Tensor]:
+        return list(self.states[-1])
+
+
+def _t_cap(timesteps: list[float]) -> float:
+    return timesteps[1] if timesteps[1] < 1 else 0.999
+
+
+@torch.no_grad()
+def sde_rollout(model, tokens: SpecialTokens, branches: list[Branches], grid: tuple[int, int],
+                cfg: ImageGenConfig, noise_level: float, generator: torch.Generator | None = None,
+                noise: list[torch.Tensor] | None = None) -> Rollout:
+    """Sample one image per `Branches` entry with the SDE sampler, recording states and
+    log-probabilities (noise_level 0: the ODE sampler's images, no log-probabilities)."""
+    if noise_level < 0:
+        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+    if cfg.cache not in (None, "off", 0, 0.0):
+        raise ValueError("RL rollouts need every step's velocity computed: use cfg.cache='off'")
+    timesteps = flow.sampling_timesteps(cfg.num_timesteps, cfg.timestep_shift).tolist()
+    t_cap = _t_cap(timesteps)
+    B, S = len(branches), len(timesteps) - 1
+    h, w = grid
+    if noise is None:
+        noise = [torch.randn(h * w, model.cfg.patch_latent_dim, generator=generator) for _ in range(B)]
+    states = [[n.float()] for n in noise]
+    logprobs = torch.zeros(S, B)
+
+    def step(i: int, b: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        transition = flow.sde_transition(x, v, timesteps[i], timesteps[i + 1], noise_level, t_cap)
+        x_next = flow.sde_sample(transition, generator)
+        if noise_level > 0:
+            logprobs[i, b] = flow.transition_logprob(x_next[None], flow.SdeStep(transition.mean[None], transition.std))[0]
+        states[b].append(x_next.float().cpu())
+        return x_next
+
+    generate_latents(model, tokens, branches, grid, cfg, noise=noise, step_fn=step)
+    return Rollout(grid, timesteps, torch.stack([torch.stack(s) for s in states], dim=1), logprobs, noise_level)
+
+
+def step_transitions(model, tokens: SpecialTokens, branches: list[Branches], rollout: Rollout,
+                     cfg: ImageGenConfig, steps: list[int]) -> list[list[flow.SdeStep]]:
+    """The SDE transitions of `steps` for every image, recomputed from the rollout's states with
+    autograd as the caller has it: [step][image] -> SdeStep (its mean carries the gradient)."""
+    device = model.llm.embed_tokens.weight.device
+    ws = guidance_workspace(branches, cfg, rollout.grid[0] * rollout.grid[1])
+    t_cap = _t_cap(rollout.timesteps)
+    out = []
+    for i in steps:
+        t, t_next = rollout.timesteps[i], rollout.timesteps[i + 1]
+        x = [xb.to(device) for xb in rollout.states[i]]
+        v = step_velocities(model, tokens, ws, x, t, rollout.grid, cfg)
+        out.append([flow.sde_transition(xb, vb, t, t_next, rollout.noise_level, t_cap) for xb, vb in zip(x, v)])
+    return out
+
+
+def step_logprobs(transitions: list[list[flow.SdeStep]], rollout: Rollout, steps: list[int]) -> torch.Tensor:
+    """(len(steps), B) log-probabilities of the rollout's next states under `transitions`."""
+    rows = []
+    for i, per_image in zip(steps, transitions):
+        nxt = rollout.states[i + 1]
+        rows.append(torch.cat([flow.transition_logprob(nxt[b:b + 1].to(tr.mean.device), flow.SdeStep(tr.mean[None], tr.std))
+                               for b, tr in enumerate(per_image)]))
+    return torch.stack(rows)
