@@ -44,6 +44,7 @@ setup(
             "bagel-train=bagel.cli.train:main",
             "bagel-app=bagel.cli.app:main",
             "bagel-lora=bagel.cli.lora:main",
+            "bagel-rl=bagel.cli.rl:main",
         ]
     },
 )

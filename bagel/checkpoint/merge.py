@@ -49,16 +49,16 @@ def merge_adapters(model_dir: str | Path, adapters: list[tuple[str | Path, float
     lora.merge_all(model)
     if out_dir is not None:
         save_pretrained(model, out_dir)
-        _write_companions(model_dir, Path(out_dir))
+        write_companions(model_dir, Path(out_dir))
         write_merged_record(out_dir, records)
     if official_dir is not None:
         save_released(model, official_dir)
-        _write_companions(model_dir, Path(official_dir))
+        write_companions(model_dir, Path(official_dir))
         write_merged_record(official_dir, records)
     return records
 
 
-def _write_companions(src: Path, dst: Path) -> None:
+def write_companions(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in COMPANION_FILES:
         if (src / name).is_file() and not (dst / name).exists():  # the released configs are already written

@@ -1,0 +1,80 @@
+"""RL fine-tuning configuration (`bagel-rl`): YAML recipe -> dataclass -> dotted overrides, with the
+same rules as the training recipes (unknown keys are errors naming the valid ones)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bagel.config import ConfigError
+from bagel.train.config import _build, _yaml_value, deep_merge, parse_overrides
+
+TASKS = ("t2i", "edit", "count")
+
+
+@dataclass
+class RLConfig:
+    model: str = "runs/digits/model"  # the model to fine-tune (our layout)
+    run_dir: str = "runs/digits_rl"
+    tasks: dict[str, float] = field(default_factory=lambda: {"edit": 1.0, "count": 1.0})  # task -> weight
+    prompts_per_step: int = 4  # prompts per iteration (each task's share drawn by weight)
+    group_size: int = 8  # samples per prompt (advantages are normalised within a group)
+    iterations: int = 60
+    updates_per_iteration: int = 2  # optimizer steps per rollout batch (minibatches of its denoising steps)
+    train_steps: int = 6  # denoising steps trained per trajectory, drawn at random (all: >= the sampler's)
+    noise_level: float = 0.7  # the SDE sampler's a (0 would be the ODE: no log-probabilities)
+    guidance: bool = True  # False: rollouts and training without guidance (a form of guidance distillation)
+    num_timesteps: int | None = None  # None: the model's generation.json
+    clip: float = 0.2
+    kl_weight: float = 0.0  # KL to the adapter-free model (free with LoRA: scale 0 gives the base)
+    lr: float = 3e-4
+    max_grad_norm: float = 1.0
+    lora_rank: int = 16  # 0: full fine-tuning of the generation expert instead of an adapter
+    lora_alpha: float = 16.0
+    lora_kinds: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    reward: str = "digits"  # digits | subprocess:COMMAND | package.module:function
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    checkpoint_every: int = 10
+    keep: int = 2  # checkpoints kept
+    resume: str = "auto"  # auto | none
+    eval_limit: int = 100  # held-out images / chains for the before/after report (0: no evaluation)
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown or not self.tasks:
+            raise ConfigError(f"tasks: unknown task(s) {unknown or '(none given)'}; expected some of {list(TASKS)}")
+        if any(not w > 0 for w in self.tasks.values()):
+            raise ConfigError(f"tasks: weights must be > 0, got {self.tasks}")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size={self.group_size}: a group needs >= 2 samples to compare")
+        checks = {"prompts_per_step": self.prompts_per_step >= 1, "iterations": self.iterations >= 0,
+                  "updates_per_iteration": self.updates_per_iteration >= 1, "train_steps": self.train_steps >= 1,
+                  "noise_level": self.noise_level > 0, "clip": self.clip > 0, "kl_weight": self.kl_weight >= 0,
+                  "lr": self.lr > 0, "lora_rank": self.lora_rank >= 0, "checkpoint_every": self.checkpoint_every >= 1,
+                  "keep": self.keep >= 1, "resume": self.resume in ("auto", "none")}
+        if self.kl_weight > 0 and self.lora_rank == 0:
+            raise ConfigError("kl_weight > 0 needs an adapter (lora_rank > 0): its reference is the adapter-free model")
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"{bad[0]}={getattr(self, bad[0])!r} is out of range (see bagel/train/rl_config.py)")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+def load_rl_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RLConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"RL recipe {path} does not exist")
+        data = _yaml_value(path.read_text(), str(path)) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at top level")
+    return _build(RLConfig, deep_merge(data, parse_overrides(overrides or [])), "")

@@ -1,0 +1,96 @@
+"""bagel-rl: a run trains, resumes exactly, skips groups with unusable rewards, refuses bad settings."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from bagel.cli import rl as rl_cli  # noqa: E402
+from bagel.cli.rl_run import DigitsPrompts, RLRun  # noqa: E402
+from bagel.config import ConfigError  # noqa: E402
+from bagel.inference.engine import Engine  # noqa: E402
+from bagel.train.rl_config import load_rl_config  # noqa: E402
+from eval.rewards import RewardError  # noqa: E402
+
+SMALL = ["--tasks={t2i: 1.0, edit: 1.0, count: 1.0}", "--prompts_per_step=3", "--group_size=2", "--train_steps=2",
+         "--num_timesteps=4", "--iterations=2", "--progress=false", "--tensorboard=false", "--lora_rank=4",
+         "--kl_weight=0.1"]
+
+
+def brightness(images, prompts, meta):
+    """A reward any image has: its mean brightness (and it checks what the run hands over)."""
+    assert len(images) == len(prompts) == len(meta) and all("digit" in m for m in meta)
+    return [float(np.asarray(im.convert("L")).mean()) / 255 for im in images]
+
+
+def _run(official_dir, tmp_path, *extra, reward=brightness):
+    cfg = load_rl_config(None, [f"--model={official_dir}", f"--run_dir={tmp_path}", *SMALL, *extra])
+    return RLRun(cfg, engine=Engine.from_pretrained(official_dir), reward=reward, prompts=DigitsPrompts(32))
+
+
+def test_a_run_trains_and_resumes_exactly(official_dir, tmp_path):
+    full = _run(official_dir, tmp_path / "full")
+    history = full.run()
+    assert [r["iteration"] for r in history] == [1, 2]
+    assert all(r["grad_norm"] > 0 and np.isfinite(r["loss"]) for r in history)
+    assert 0.9 < history[1]["ratio_mean"] < 1.1 and 0 <= history[1]["clip_fraction"] <= 1
+    assert {"reward_t2i", "reward_edit", "reward_count", "clip_fraction", "kl"} <= set(history[0])
+    moved = full.trainable_state()
+    assert any(v.abs().sum() > 0 for k, v in moved.items() if "lora_B" in k)  # B starts at zero
+    # interrupted after iteration 1, then resumed from its checkpoint
+    first = _run(official_dir, tmp_path / "split", "--iterations=1", "--checkpoint_every=1")
+    first.run()
+    second = _run(official_dir, tmp_path / "split")
+    resumed = second.run()
+    keys = ("reward_mean", "loss", "grad_norm", "kl")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in history]
+    for k, v in second.trainable_state().items():
+        assert torch.equal(v, moved[k]), k
+
+
+def test_unusable_rewards_skip_their_group(official_dir, tmp_path):
+    def some_nan(images, prompts, meta):
+        scores = brightness(images, prompts, meta)
+        scores[0] = float("nan")
+        return scores
+
+    run = _run(official_dir, tmp_path, "--iterations=1", "--tasks={t2i: 1.0}", "--updates_per_iteration=1",
+               reward=some_nan)
+    (record,) = run.run()
+    assert record["groups_skipped"] == 1 and np.isfinite(record["reward_mean"])
+    # one update per rollout: every term is on-policy, the ratio is 1 (batch invariance: ~1e-7)
+    assert record["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and record["clip_fraction"] == 0
+    wrong = _run(official_dir, tmp_path / "w", "--iterations=1", reward=lambda i, p, m: [0.5])
+    with pytest.raises(RewardError, match=r"shape \(1,\), expected \(\d+,\)"):
+        wrong.run()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--group_size=1"], "group_size=1: a group needs >= 2"),
+    (["--tasks={paint: 1.0}"], "unknown task"),
+    (["--noise_level=0"], "noise_level=0"),
+    (["--lora_rank=0", "--kl_weight=0.1"], "needs an adapter"),
+    (["--learning_rate=1"], "unknown key"),
+])
+def test_bad_settings_are_one_line(override, message, tmp_path, capsys, official_dir):
+    code = rl_cli.main([f"--model={official_dir}", f"--run_dir={tmp_path}", *override])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_used_run_dir_is_not_restarted(official_dir, tmp_path, capsys):
+    (tmp_path / "checkpoints" / "iter_000001").mkdir(parents=True)
+    assert rl_cli.main([f"--model={official_dir}", f"--run_dir={tmp_path}", "--resume=none"]) == 2
+    assert "already holds an RL run" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="resume"):
+        load_rl_config(None, ["--resume=maybe"])
+
+
+def test_print_config_lists_every_key(capsys):
+    assert rl_cli.main(["--print-config", "--iterations=5"]) == 0
+    out = capsys.readouterr().out
+    assert "iterations: 5" in out and "noise_level: 0.7" in out and "reward: digits" in out
+    json.dumps(out)
