@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test demo lora-demo parity gpu-check clean
+.PHONY: venv test demo lora-demo rl-demo parity gpu-check clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: venv
 # forgetting, trainable share, time and memory of each (runs/digits_lora/report.md). Needs `make demo`.
 lora-demo: venv
 	$(PY) scripts/lora_demo.py
+
+# RL fine-tuning (GRPO) of the demo model's editing and counting with the digits judge as the reward:
+# runs/digits_rl/{model/, report.md, reward.png}. Needs `make demo`.
+rl-demo: venv
+	$(VENV)/bin/bagel-rl --config configs/rl/digits.yaml
 
 parity: venv
 	$(VENV)/bin/bagel-parity tests/assets/bagel_official_tiny

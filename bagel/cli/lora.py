@@ -4,7 +4,7 @@
     bagel-lora select --model DIR --experts gen --kinds attn,mlp [--layers -1]   # what a selection covers
     bagel-lora merge --model DIR --lora ADAPTER_DIR [--lora-scale S] --out OUT [--official OUT_OFFICIAL]
 
-`merge` folds the adapters into the base weights: OUT is a model directory in our layout,
+merge folds the adapters into the base weights: OUT is a model directory in our layout,
 OUT_OFFICIAL one in the released layout (ema.safetensors + configs), each with the base's VAE,
 tokenizer and generation.json, and merged_adapters.json naming what they contain (loading one of
 those adapters again onto the merged model is refused). Adapters are peft's directory format

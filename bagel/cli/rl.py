@@ -4,17 +4,17 @@
     bagel-rl --config configs/rl/digits.yaml --iterations=20 --kl_weight=0.01
     bagel-rl --config configs/rl/digits.yaml --print-config     # every key, resolved
 
-Rollouts use the SDE sampler (`noise_level`), G samples per prompt, all of a task in one batched
+Rollouts use the SDE sampler (noise_level), G samples per prompt, all of a task in one batched
 forward per denoising step; the objective is GRPO's clipped ratio with group-normalised rewards,
 optionally with a KL to the adapter-free model. By default a LoRA adapter on the generation
-expert trains (`lora_rank: 0`: the whole generation expert). The reward is `digits` (the judge
-fitted on the real training digits), `subprocess:COMMAND` or `package.module:function`
+expert trains (lora_rank: 0: the whole generation expert). The reward is digits (the judge
+fitted on the real training digits), subprocess:COMMAND or package.module:function
 (eval/rewards.py).
 
 Writes to run_dir: metrics.jsonl, tensorboard/ (reward mean/std, advantage, ratio, clip fraction,
-KL, per-task reward), reward.png, checkpoints/iter_*/ (`--resume=auto` continues the newest),
-adapter/ (peft format, for `--lora`) and model/ (the adapter merged in), and, with
-`eval_limit` > 0 and the digits reward, report.md: the demo's four scores before and after.
+KL, per-task reward), reward.png, checkpoints/iter_*/ (--resume=auto continues the newest),
+adapter/ (peft format, for --lora) and model/ (the adapter merged in), and, with
+eval_limit > 0 and the digits reward, report.md: the demo's four scores before and after.
 Exit status: 0 done, 2 bad arguments or input.
 """
 
