@@ -339,13 +339,13 @@ class RLRun:
         return found[-1] if found else None
 
     # the loop -----------------------------------------------------------------------------------
-    def run(self, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    def run(self, on_record: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
         cfg = self.cfg
         if cfg.resume == "auto" and self.latest() is not None:
             path = self.latest()
             self.load(path)
             self.log(f"[bagel-rl] resumed from {path} (iteration {self.iteration})")
-        bar = track(total=cfg.iterations, desc="rl", unit="it", enabled=cfg.progress)
+        bar = track(total=cfg.iterations, desc="rl", unit="it", enabled=progress)
         bar.update(self.iteration)
         while self.iteration < cfg.iterations:
             record = self.step()

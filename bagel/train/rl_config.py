@@ -43,7 +43,6 @@ class RLConfig:
     resume: str = "auto"  # auto | none
     eval_limit: int = 100  # held-out images / chains for the before/after report (0: no evaluation)
     tensorboard: bool = True
-    progress: bool = True
 
     def __post_init__(self):
         unknown = sorted(set(self.tasks) - set(TASKS))

@@ -16,7 +16,7 @@ from bagel.train.rl_config import load_rl_config  # noqa: E402
 from eval.rewards import RewardError  # noqa: E402
 
 SMALL = ["--tasks={t2i: 1.0, edit: 1.0, count: 1.0}", "--prompts_per_step=3", "--group_size=2", "--train_steps=2",
-         "--num_timesteps=4", "--iterations=2", "--progress=false", "--tensorboard=false", "--lora_rank=4",
+         "--num_timesteps=4", "--iterations=2", "--tensorboard=false", "--lora_rank=4",
          "--kl_weight=0.1"]
 
 
@@ -33,7 +33,7 @@ def _run(official_dir, tmp_path, *extra, reward=brightness):
 
 def test_a_run_trains_and_resumes_exactly(official_dir, tmp_path):
     full = _run(official_dir, tmp_path / "full")
-    history = full.run()
+    history = full.run(progress=False)
     assert [r["iteration"] for r in history] == [1, 2]
     assert all(r["grad_norm"] > 0 and np.isfinite(r["loss"]) for r in history)
     assert 0.9 < history[1]["ratio_mean"] < 1.1 and 0 <= history[1]["clip_fraction"] <= 1
@@ -42,9 +42,9 @@ def test_a_run_trains_and_resumes_exactly(official_dir, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in moved.items() if "lora_B" in k)  # B starts at zero
     # interrupted after iteration 1, then resumed from its checkpoint
     first = _run(official_dir, tmp_path / "split", "--iterations=1", "--checkpoint_every=1")
-    first.run()
+    first.run(progress=False)
     second = _run(official_dir, tmp_path / "split")
-    resumed = second.run()
+    resumed = second.run(progress=False)
     keys = ("reward_mean", "loss", "grad_norm", "kl")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in history]
     for k, v in second.trainable_state().items():
@@ -59,13 +59,13 @@ def test_unusable_rewards_skip_their_group(official_dir, tmp_path):
 
     run = _run(official_dir, tmp_path, "--iterations=1", "--tasks={t2i: 1.0}", "--updates_per_iteration=1",
                reward=some_nan)
-    (record,) = run.run()
+    (record,) = run.run(progress=False)
     assert record["groups_skipped"] == 1 and np.isfinite(record["reward_mean"])
     # one update per rollout: every term is on-policy, the ratio is 1 (batch invariance: ~1e-7)
     assert record["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and record["clip_fraction"] == 0
     wrong = _run(official_dir, tmp_path / "w", "--iterations=1", reward=lambda i, p, m: [0.5])
     with pytest.raises(RewardError, match=r"shape \(1,\), expected \(\d+,\)"):
-        wrong.run()
+        wrong.run(progress=False)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -90,7 +90,42 @@ def test_a_used_run_dir_is_not_restarted(official_dir, tmp_path, capsys):
 
 
 def test_print_config_lists_every_key(capsys):
-    assert rl_cli.main(["--print-config", "--iterations=5"]) == 0
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "rl" / "digits.yaml"
+    assert rl_cli.main(["--config", str(recipe), "--print-config", "--iterations=5"]) == 0
     out = capsys.readouterr().out
     assert "iterations: 5" in out and "noise_level: 0.7" in out and "reward: digits" in out
-    json.dumps(out)
+    assert "mode: correct" in out and "kl_weight: 0.05" in out
+
+
+def test_the_command_writes_its_outputs(official_dir, tmp_path, capsys):
+    import sys
+    import textwrap
+
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text(textwrap.dedent("""
+        import json, sys
+        for line in sys.stdin:
+            n = len(json.loads(line)["images"])
+            print(json.dumps({"scores": [i % 3 for i in range(n)]}), flush=True)
+    """))
+    run_dir = tmp_path / "run"
+    code = rl_cli.main(["--quiet", f"--model={official_dir}", f"--run_dir={run_dir}", *SMALL, "--iterations=1",
+                        "--tasks={t2i: 1.0}", "--prompts_per_step=2", f"--reward=subprocess:{sys.executable} {scorer}"])
+    assert code == 0, capsys.readouterr().err
+    for name in ("metrics.jsonl", "reward.png", "config.yaml", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "model/model.safetensors", "checkpoints/iter_000001"):
+        assert (run_dir / name).exists(), name
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["iteration"] == 1 and "reward_t2i" in record
+    merged = Engine.from_pretrained(run_dir / "model")  # the merged model loads like any other
+    assert merged.model.cfg == Engine.from_pretrained(official_dir).model.cfg
+
+
+def test_guidance_off_samples_and_trains_without_guidance(official_dir, tmp_path):
+    run = _run(official_dir, tmp_path, "--guidance=false")
+    for task in ("t2i", "edit", "count"):
+        cfg = run.sampler(task)
+        assert cfg.cfg_text_scale == 1.0 and cfg.cfg_img_scale == 1.0 and cfg.num_timesteps == 4
+    assert _run(official_dir, tmp_path / "g").sampler("edit").cfg_text_scale > 1
