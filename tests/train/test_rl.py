@@ -129,3 +129,15 @@ def test_guidance_off_samples_and_trains_without_guidance(official_dir, tmp_path
         cfg = run.sampler(task)
         assert cfg.cfg_text_scale == 1.0 and cfg.cfg_img_scale == 1.0 and cfg.num_timesteps == 4
     assert _run(official_dir, tmp_path / "g").sampler("edit").cfg_text_scale > 1
+
+
+def test_full_fine_tuning_of_the_generation_expert(official_dir, tmp_path):
+    run = _run(official_dir, tmp_path, "--lora_rank=0", "--kl_weight=0", "--iterations=1", "--tasks={edit: 1.0}")
+    trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".gen." in n or n.startswith(("vae2llm", "llm2vae", "time_embedder")) for n in trainable)
+    assert not any(".und." in n or n.startswith("vit") for n in trainable)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    run.run(progress=False)
+    after = dict(run.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in trainable)
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in trainable)
