@@ -331,16 +331,20 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    return load_recipe(TrainConfig, path, overrides, "train config")
+
+
+def load_recipe(cls, path: str | Path | None, overrides: list[str] | None, what: str):
+    """A YAML recipe (optional) with dotted overrides on top, built into dataclass `cls`."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"train config {path} does not exist")
+            raise FileNotFoundError(f"{what} {path} does not exist")
         data = _yaml_value(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at top level")
-    data = deep_merge(data, parse_overrides(overrides or []))
-    return _build(TrainConfig, data, "")
+    return _build(cls, deep_merge(data, parse_overrides(overrides or [])), "")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

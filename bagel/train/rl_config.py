@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from bagel.config import ConfigError
-from bagel.train.config import _build, _yaml_value, deep_merge, parse_overrides
+from bagel.train.config import load_recipe
 
 TASKS = ("t2i", "edit", "count")
 
@@ -68,12 +68,4 @@ class RLConfig:
 
 
 def load_rl_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RLConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"RL recipe {path} does not exist")
-        data = _yaml_value(path.read_text(), str(path)) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at top level")
-    return _build(RLConfig, deep_merge(data, parse_overrides(overrides or [])), "")
+    return load_recipe(RLConfig, path, overrides, "RL recipe")
