@@ -280,13 +280,3 @@ def open_binary(path: str, storage: StorageConfig = DEFAULT_STORAGE) -> io.Buffe
 def read_bytes(path: str, storage: StorageConfig = DEFAULT_STORAGE) -> bytes:
     with open_binary(path, storage) as f:
         return f.read()
-
-
-def exists(path: str, storage: StorageConfig = DEFAULT_STORAGE) -> bool:
-    if not is_url(path) or protocol_of(path) == "file":
-        return os.path.exists(path[len("file://"):] if path.startswith("file://") else path)
-    fs, inner = filesystem(path, storage)
-    try:
-        return fs.exists(inner)
-    except Exception as e:  # noqa: BLE001
-        raise RemoteUnavailable(f"{redact(path)}: {type(e).__name__}: {_clean(e)}") from None

@@ -62,10 +62,6 @@ class RemotePath:
         fs, path = self._fs()
         return fs.isfile(path)
 
-    def exists(self) -> bool:
-        fs, path = self._fs()
-        return fs.exists(path)
-
     def rglob(self, pattern: str) -> list["RemotePath"]:
         fs, path = self._fs()
         found = fs.glob(posixpath.join(path, "**", pattern))
