@@ -79,6 +79,7 @@ def _assert_once(keys):
     [(1, 0), (4, 0)],          # 1 -> 4
     [(1, 2), (1, 0), (1, 3)],  # workers 2 -> 1 -> 3 (real DataLoader worker processes)
     [(2, 2), (4, 1)],          # 2 x 2 -> 4 x 1 (same slot count, another layout)
+    [(1, 4), (2, 0)],          # 4 worker processes -> 2 ranks
 ])
 def test_every_sample_once_across_elastic_resumes(numbered, tokenizer, make_config, chain):
     config = _config(numbered, make_config)
