@@ -121,16 +121,6 @@ def _inspect(args) -> int:
     return 1 if bad else 0
 
 
-def _planned_parts(args) -> int:
-    """--parts, or what an unfinished conversion in --out was started with, or the default."""
-    from data_pipelines.converters.parallel import PARTS_DIR
-
-    plan = args.out / PARTS_DIR / "plan.json"
-    if args.parts is None and plan.is_file():
-        return int(json.loads(plan.read_text()).get("parts", 1))
-    return args.parts or (1 if args.workers == 1 else 4 * args.workers)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _log_to_stderr(logging.getLogger("data_pipelines"))
@@ -148,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "inspect":
             return _inspect(args)
-        from data_pipelines.converters.parallel import ConvertJob, convert_dataset
+        from data_pipelines.converters.parallel import ConvertJob, convert_dataset, planned_parts
 
         job = ConvertJob(args.format, str(args.input), str(args.out), args.name or args.out.name,
                          images=args.images, max_samples=args.max_samples, max_bytes=args.max_bytes,
-                         on_error=args.on_error, parts=_planned_parts(args))
+                         on_error=args.on_error, parts=planned_parts(args.out, args.parts, args.workers))
         result = convert_dataset(job, workers=args.workers)
         manifest, skipped = result.manifest, dict(sorted(result.skipped.items()))
         print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.out}; "

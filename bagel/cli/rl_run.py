@@ -198,8 +198,7 @@ class RLRun:
         prompts = self._draw()
         generator = torch.Generator().manual_seed(_seed(cfg.seed, "rollout", self.iteration))
         units, images, sample_prompts = [], [], []
-        self.model.eval()
-        for task in sorted({p.task for p in prompts}, key=lambda t: [p.task for p in prompts].index(t)):
+        for task in dict.fromkeys(p.task for p in prompts):  # _draw lists each task's prompts together
             group = [p for p in prompts if p.task == task]
             u, ims = rollout_task(self.engine, group, len(images), G, self.sampler(task), cfg.noise_level, generator,
                                   (self.prompts.size, self.prompts.size))
@@ -265,8 +264,7 @@ class RLRun:
                 if not rows:
                     continue
                 branches = [unit.branches[k] for k in rows]
-                sub = Rollout(unit.rollout.grid, unit.rollout.timesteps, unit.rollout.states[:, rows],
-                              unit.rollout.logprobs[:, rows], unit.rollout.noise_level)
+                sub = unit.rollout.subset(rows)
                 with torch.enable_grad():
                     transitions = step_transitions(self.model, self.engine.tokens, branches, sub, unit.cfg, [i])
                     logp = step_logprobs(transitions, sub, [i])
@@ -284,8 +282,8 @@ class RLRun:
         return dict(totals)
 
     def _kl(self, branches, sub, sampler, i, transitions) -> torch.Tensor:
-        """KL of this step's transitions to those of the adapter-free model (LoRA scale 0) or, for
-        full fine-tuning, of nothing (refused in the config check)."""
+        """(1, B) KL of this step's transitions to the adapter-free model's (the adapter at scale 0;
+        the config refuses a KL without an adapter)."""
         lora.set_scales(self.model, {ADAPTER: 0.0})
         try:
             with torch.no_grad():

@@ -39,6 +39,10 @@ class Rollout:
     def latents(self) -> list[torch.Tensor]:
         return list(self.states[-1])
 
+    def subset(self, images: list[int]) -> "Rollout":
+        """The trajectories of some images only (training skips groups with unusable rewards)."""
+        return Rollout(self.grid, self.timesteps, self.states[:, images], self.logprobs[:, images], self.noise_level)
+
 
 def _t_cap(timesteps: list[float]) -> float:
     return timesteps[1] if timesteps[1] < 1 else 0.999

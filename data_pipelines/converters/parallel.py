@@ -83,6 +83,16 @@ def _init_worker(counter) -> None:
     _counter = counter
 
 
+def planned_parts(out: str | Path, requested: int | None, workers: int) -> int:
+    """The part count of a conversion into `out`: `requested`, else what an unfinished conversion
+    there was started with (so rerunning the same command resumes it), else 1 for one worker and
+    4 per worker otherwise."""
+    plan = Path(out) / PARTS_DIR / "plan.json"
+    if requested is None and plan.is_file():
+        return int(json.loads(plan.read_text()).get("parts", 1))
+    return requested or (1 if workers == 1 else 4 * workers)
+
+
 def run_part(job: ConvertJob, k: int) -> dict:
     """Convert part k into its shards; returns (and saves in .parts/) what the manifest needs."""
     policy = ErrorPolicy(job.on_error, part=(k, job.parts))

@@ -17,6 +17,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from bagel.cli.rl_run import DigitsPrompts, rollout_task
@@ -37,7 +38,7 @@ def main() -> None:
     tune_allocator()
     engine = Engine.from_pretrained(args.model)
     source = DigitsPrompts(engine.vae_transform.max_size)
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     prompts = [source.draw(args.task, rng) for _ in range(args.prompts)]
     base = engine.defaults.edit if args.task == "edit" else engine.defaults.text_to_image
     cfg = base.replace(cache="off")

@@ -76,8 +76,7 @@ def test_logprobs_do_not_depend_on_the_batch(engine, mixed):
         full = step_logprobs(step_transitions(engine.model, engine.tokens, branches, rollout, CFG, steps),
                              rollout, steps)
         for b in (0, 3):
-            alone = type(rollout)(rollout.grid, rollout.timesteps, rollout.states[:, b:b + 1],
-                                  rollout.logprobs[:, b:b + 1], rollout.noise_level)
+            alone = rollout.subset([b])
             own = step_logprobs(step_transitions(engine.model, engine.tokens, [branches[b]], alone, CFG, steps),
                                 alone, steps)
             diff = (own[:, 0] - full[:, b]).abs().max().item()
