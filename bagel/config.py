@@ -231,17 +231,20 @@ class VAEConfig:
         return cfg
 
 
-HEAD_KINDS = ("medusa", "mtp")
+HEAD_KINDS = ("medusa", "mtp", "eagle")
 
 
 @dataclass
 class HeadsConfig:
     """Draft heads for speculative decoding (bagel/model/heads.py)."""
 
-    kind: str = "medusa"  # "medusa" | "mtp"
-    num_heads: int = 4  # Medusa heads K, or MTP modules D
-    num_layers: int = 1  # Medusa: residual blocks per head (MTP: always one transformer block)
+    kind: str = "medusa"  # "medusa" | "mtp" | "eagle"
+    num_heads: int = 4  # Medusa heads K, MTP modules D, or EAGLE's draft depth (one module, run D times)
+    num_layers: int = 1  # Medusa: residual blocks per head (MTP, EAGLE: always one transformer block)
     own_lm_head: bool = False  # Medusa: a vocabulary projection per head (initialised from lm_head)
+    # EAGLE: add the target's mean hidden state over the prompt's last ViT image to every draft
+    # input (image-aware drafting; bagel/model/heads.py)
+    image_context: bool = False
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -249,9 +252,11 @@ class HeadsConfig:
         if self.num_heads < 1 or self.num_layers < 1:
             raise ConfigError(f"draft_heads: num_heads={self.num_heads} and num_layers={self.num_layers} "
                               "must be >= 1")
-        if self.kind == "mtp" and (self.num_layers != 1 or self.own_lm_head):
-            raise ConfigError("draft_heads.kind='mtp' has one block per module and the shared lm_head: "
+        if self.kind in ("mtp", "eagle") and (self.num_layers != 1 or self.own_lm_head):
+            raise ConfigError(f"draft_heads.kind={self.kind!r} has one block per module and the shared lm_head: "
                               "num_layers must be 1 and own_lm_head false")
+        if self.image_context and self.kind != "eagle":
+            raise ConfigError(f"draft_heads.image_context is an EAGLE option (kind={self.kind!r})")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "draft_heads") -> "HeadsConfig":

@@ -8,6 +8,9 @@
          (nine -> zero), drawn from the same split
 * mirror, parity (EXTRA_TASKS, not in the default set; the LoRA recipes teach them): "Mirror
          it." -> the image flipped left-right; "Is it even or odd?" -> "even" / "odd"
+* describe (BENCH_TASKS, the speculative-decoding benchmark's image-conditioned prompts): "Describe
+         it." -> a long answer read off the image: digit, parity, ink weight, then the count
+         up from it through all ten digits (`describe_answer`)
 * count: "Count up from {word}:" -> three images of {word}, {word}+1, {word}+2 (mod 10), each a
          target followed by its clean VAE + ViT copies; the prompt and each image learn what
          follows them (an image, or the end of the turn)
@@ -36,6 +39,8 @@ TASKS = ("t2i", "vqa", "edit", "count")
 # Skills the demo model was not trained on, for the LoRA recipes (configs/train/lora_*.yaml):
 # "Mirror it." -> the same image flipped left-right; "Is it even or odd?" -> "even" / "odd".
 EXTRA_TASKS = ("mirror", "parity")
+# Image-conditioned long answers for the speculative-decoding benchmark (scripts/spec_demo.py).
+BENCH_TASKS = ("describe",)
 SPLITS = ("train", "test")
 
 # Tiny-model geometry: 64 px VAE images (4x4 latent tokens), 56 px ViT images (4x4 patches).
@@ -50,8 +55,19 @@ MIRROR_INSTRUCTION = "Mirror it."
 PARITY_QUESTION = "Is it even or odd?"
 
 
+DESCRIBE_QUESTION = "Describe it."
+HEAVY_INK = 5.0  # mean ink (0..16) over the 8x8 grid above which the ink is "heavy" (about the median)
+
+
 def parity_word(digit: int) -> str:
     return "even" if digit % 2 == 0 else "odd"
+
+
+def describe_answer(digit: int, pixels: np.ndarray) -> str:
+    """A long answer that depends on the image: its digit, parity, ink weight, and the count from it."""
+    ink = "heavy" if float(pixels.mean()) > HEAVY_INK else "light"
+    count = ", ".join(WORDS[(digit + k) % 10] for k in range(1, 10))
+    return f"{WORDS[digit]}, {parity_word(digit)}, {ink} ink. Count up from {WORDS[digit]}: {count}."
 
 
 def caption(digit: int) -> str:
@@ -104,9 +120,10 @@ def write_digits(out_dir: str | Path, *, size: int = 64, max_samples: int = 500,
     """
     from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
-    unknown = sorted(set(tasks) - set(TASKS) - set(EXTRA_TASKS))
+    known = TASKS + EXTRA_TASKS + BENCH_TASKS
+    unknown = sorted(set(tasks) - set(known))
     if unknown:
-        raise ValueError(f"unknown digits task(s) {unknown}; expected some of {TASKS + EXTRA_TASKS}")
+        raise ValueError(f"unknown digits task(s) {unknown}; expected some of {known}")
     digits = load_digits()
     images, labels = digits.images, digits.target.astype(int)
     pngs = [digit_png(im, size) for im in track(images, desc="render digits", unit="img", enabled=progress)]
@@ -136,6 +153,10 @@ def write_digits(out_dir: str | Path, *, size: int = 64, max_samples: int = 500,
                     writer.write(key, doc, {"0.png": pngs[i], "1.png": mirrored[i]})
                 elif task == "parity":
                     doc = vqa_document([(PARITY_QUESTION, parity_word(d))], ["0.png"], label=int(d), index=i)
+                    writer.write(key, doc, {"0.png": pngs[i]})
+                elif task == "describe":
+                    doc = vqa_document([(DESCRIBE_QUESTION, describe_answer(int(d), images[i]))], ["0.png"],
+                                       label=int(d), index=i)
                     writer.write(key, doc, {"0.png": pngs[i]})
                 elif task == "edit":
                     j = int(rng.choice(by_label[(d + 1) % 10]))

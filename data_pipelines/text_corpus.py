@@ -1,6 +1,6 @@
 """Text-only corpora as a training source: the standard library's documentation and the digits texts.
 
-pydoc_data: `pydoc_data.topics.topics` maps 79 topic names to their reference text (about 465k
+pydoc_data (`pydoc`, or `pydoc_prose`: its running prose alone, see `prose`): `pydoc_data.topics.topics` maps 79 topic names to their reference text (about 465k
 characters in CPython 3.11). Topics are sorted by name and every `holdout_every`-th one is held
 out (never trained on; the speculative benchmark's prompts come from it). Each sample is one topic
 cut into paragraphs (blank-line separated), every paragraph its own `<|im_start|> ... <|im_end|>`
@@ -25,7 +25,7 @@ from bagel.batch import PackedBatch
 from bagel.packing import Text, pack_samples
 from data_pipelines.digits import EDIT_INSTRUCTION, QUESTION, WORDS, caption, count_prompt
 
-CORPORA = ("pydoc", "digits")
+CORPORA = ("pydoc", "pydoc_prose", "digits")
 
 
 def pydoc_topics(holdout_every: int = 5) -> tuple[dict[str, str], dict[str, str]]:
@@ -39,6 +39,18 @@ def pydoc_topics(holdout_every: int = 5) -> tuple[dict[str, str], dict[str, str]
 
 def paragraphs(text: str) -> list[str]:
     return [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+
+
+def prose(text: str) -> str:
+    """The running prose of a topic: its unindented paragraphs (no code, grammar or tables), each
+    on one line, minus heading underlines. A small model trained on this continues text rather
+    than falling into runs of indentation (the speculative benchmark's text model)."""
+    keep = []
+    for para in paragraphs(text):
+        lines = [ln for ln in para.split("\n") if ln.strip() and set(ln.strip()) - set("*=-")]
+        if lines and not lines[0].startswith(" "):
+            keep.append(" ".join(" ".join(lines).split()))  # one line, single spaces
+    return "\n\n".join(keep)
 
 
 def topic_samples(texts: dict[str, str], encode, max_tokens: int = 256) -> list[list[Text]]:
@@ -73,9 +85,12 @@ def digits_texts() -> list[str]:
 def corpus_samples(corpus: str, encode, holdout_every: int = 5, max_tokens: int = 256,
                    split: str = "train") -> list[list[Text]]:
     """The samples of one split ("train" | "heldout") of a corpus."""
-    if corpus == "pydoc":
+    if corpus in ("pydoc", "pydoc_prose"):
         train, held = pydoc_topics(holdout_every)
-        return topic_samples(train if split == "train" else held, encode, max_tokens)
+        texts = train if split == "train" else held
+        if corpus == "pydoc_prose":
+            texts = {name: prose(t) for name, t in texts.items()}
+        return topic_samples(texts, encode, max_tokens)
     if corpus == "digits":
         texts = digits_texts()
         return [[Text(encode(t), loss=True) for t in texts[i:i + 6]] for i in range(0, len(texts), 6)]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,16 +19,29 @@ HEADS_CONFIG_NAME = "draft_heads.json"
 HEADS_WEIGHTS_NAME = "draft_heads.safetensors"
 
 
-def save_draft_heads(heads: nn.Module, path: str | Path) -> None:
+def backbone_fingerprint(llm) -> str:
+    """A short hash of the LLM's output head (a strided sample of its weights, rounded to bf16 so
+    a bf16 load matches an fp32 one): heads record the backbone they were trained for."""
+    w = llm.lm_head.weight.detach().flatten()
+    sample = w[:: max(1, w.numel() // 65536)].to(torch.bfloat16).float().cpu().numpy()
+    return hashlib.sha256(sample.tobytes()).hexdigest()[:16]
+
+
+def save_draft_heads(heads: nn.Module, path: str | Path, llm=None) -> None:
+    """`llm`: the backbone the heads were trained for (its fingerprint is stored and checked on load)."""
     path = Path(path)
-    write_json(path / HEADS_CONFIG_NAME, heads.cfg.to_dict())
+    data = heads.cfg.to_dict()
+    if llm is not None:
+        data["backbone"] = backbone_fingerprint(llm)
+    write_json(path / HEADS_CONFIG_NAME, data)
     save_safetensors(heads.state_dict(), path / HEADS_WEIGHTS_NAME)
 
 
 def load_draft_heads(path: str | Path, llm_cfg, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu") -> nn.Module:
+                     device: str | torch.device = "cpu", llm=None) -> nn.Module:
     """Strict: every tensor must be present with the shape the config and `llm_cfg` imply (heads
-    trained for another backbone fail here, naming the first mismatching tensor and both shapes)."""
+    trained for another backbone fail here, naming the first mismatching tensor and both shapes);
+    with `llm`, heads that recorded their backbone must have been trained for this one."""
     path = Path(path)
     for name in (HEADS_CONFIG_NAME, HEADS_WEIGHTS_NAME):
         if not (path / name).is_file():
@@ -38,6 +52,11 @@ def load_draft_heads(path: str | Path, llm_cfg, dtype: torch.dtype = torch.float
         raise CheckpointError(f"{path / HEADS_CONFIG_NAME}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path / HEADS_CONFIG_NAME}: expected a JSON object")
+    trained_for = data.pop("backbone", None)
+    if llm is not None and trained_for is not None and trained_for != backbone_fingerprint(llm):
+        raise CheckpointError(f"{path}: these draft heads were trained for another backbone (output-head "
+                              f"fingerprint {trained_for}, this model's is {backbone_fingerprint(llm)}); "
+                              "train heads for this model (configs/train/heads_*.yaml)")
     try:
         cfg = HeadsConfig.from_dict(data, str(path / HEADS_CONFIG_NAME))
     except ConfigError as e:

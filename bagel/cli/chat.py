@@ -28,23 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass; 1 = off")
-    p.add_argument("--speculative", choices=["medusa", "mtp"], default=None,
-                   help="decode with draft heads (same greedy output, fewer forwards)")
+    p.add_argument("--speculative", choices=["medusa", "mtp", "eagle"], default=None,
+                   help="decode with draft heads (same greedy output, same sampling distribution, fewer forwards)")
     p.add_argument("--heads", default=None, help="draft heads directory (default: the model's own heads)")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="eagle: draft a dynamic tree of this many nodes per step (default: a chain)")
     return p
 
 
-def enable_speculative(engine, kind: str, heads_dir: str | None) -> None:
+def enable_speculative(engine, kind: str, heads_dir: str | None, budget: int | None = None) -> None:
     from bagel.checkpoint.heads import load_draft_heads
+    from bagel.inference.speculative import SpecConfig
 
     heads = None
     if heads_dir:
         w = engine.model.llm.embed_tokens.weight
-        heads = load_draft_heads(heads_dir, engine.model.cfg.llm, dtype=w.dtype, device=w.device)
+        heads = load_draft_heads(heads_dir, engine.model.cfg.llm, dtype=w.dtype, device=w.device, llm=engine.model.llm)
     found = heads if heads is not None else getattr(engine.model, "draft_heads", None)
     if found is not None and found.cfg.kind != kind:
         raise ValueError(f"--speculative {kind}, but the draft heads are {found.cfg.kind!r} heads")
-    engine.use_speculative(heads)
+    if budget is not None and kind != "eagle":
+        raise ValueError(f"--tree-budget grows EAGLE trees; --speculative {kind} drafts a chain")
+    engine.use_speculative(heads, SpecConfig(budget=budget))
 
 
 class Chat:
@@ -108,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # every input is checked before the model loads
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        if args.tree_budget is not None:
+            from bagel.inference.speculative import SpecConfig
+
+            SpecConfig(budget=args.tree_budget)  # checked before the model loads
         if args.question is not None and not args.question.strip():
             raise ValueError("--question is empty")
         images = [open_image(path) for path in args.image]
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--question TEXT (with --image PATH to ask about an image)")
         engine = load_engine(args)
         if args.speculative:
-            enable_speculative(engine, args.speculative, args.heads)
+            enable_speculative(engine, args.speculative, args.heads, args.tree_budget)
         chat = Chat(engine, sampling, args.think)
         for image in images:
             chat.engine.add_image(chat.session, [image], vae=False, vit=True)

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-samples", type=int, default=500, help="samples per shard")
     d.add_argument("--seed", type=int, default=0, help="picks the partner images of edit/count")
     d.add_argument("--tasks", default="t2i,vqa,edit,count",
-                   help="comma-separated: t2i, vqa, edit, count, and the LoRA recipes' mirror, parity")
+                   help="comma-separated: t2i, vqa, edit, count, the LoRA recipes' mirror, parity, and describe (long answers for the speculative benchmark)")
     c = sub.add_parser("convert", help="convert another layout to shards")
     c.add_argument("format", choices=FORMATS, help="input layout (data_pipelines/README.md)")
     c.add_argument("input", help="file or folder, or an fsspec URL (the captions JSONL for the folder format)")

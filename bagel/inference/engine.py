@@ -47,6 +47,8 @@ class Session:
     img_uncond: Context
     image_size: tuple[int, int] | None = None  # (H, W) of the last input image (editing output size)
     next_hint: int | None = None  # LM prediction at the last block's closing marker
+    # the LLM's mean hidden state over the last ViT image's tokens (an image-aware drafter reads it)
+    image_feature: torch.Tensor | None = None
 
     def branches(self) -> Branches:
         return Branches(self.full, self.text_uncond, self.img_uncond)
@@ -115,17 +117,17 @@ class Engine:
         self.quantized = mode
         return report
 
-    def use_speculative(self, heads=None) -> None:
+    def use_speculative(self, heads=None, spec=None) -> None:
         """Decode text speculatively with draft heads (the model's own, or `heads`). Greedy output
-        is token-identical to plain decoding; sampling keeps the target distribution."""
+        is token-identical to plain decoding; sampling keeps the target distribution. `spec`: a
+        `bagel.inference.speculative.SpecConfig` (default: a chain as deep as the heads)."""
         from bagel.inference.speculative import SpecConfig
 
         heads = heads if heads is not None else getattr(self.model, "draft_heads", None)
         if heads is None:
             raise ValueError("this model has no draft heads: train some (bagel-train with "
                              "model.overrides.draft_heads, see configs/train/heads_*.yaml) or pass a heads directory")
-        # A chain as deep as the heads (SpecConfig's default); trees: bagel.inference.speculative.
-        self.speculative = (heads, SpecConfig())
+        self.speculative = (heads, spec or SpecConfig())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -221,6 +223,8 @@ class Engine:
         if vit:
             hidden = ctxlib.add_vit_image(self.model, self.tokens, fulls,
                                           [to_tensor(resized(im, self.vit_transform)) for im in images])
+            for s, h in zip(sessions, hidden):
+                s.image_feature = h[1:-1].mean(0)  # without the two vision markers
         for s, hint in zip(sessions, next_hints(self.model, hidden)):
             s.text_uncond = s.full.fork()
             s.next_hint = hint
@@ -235,7 +239,7 @@ class Engine:
 
             heads, spec = self.speculative
             out = generate_speculative(self.model, self.tokens, forks, sampling, heads=heads, spec=spec,
-                                       generator=generator)
+                                       generator=generator, images=[s.image_feature for s in sessions])
         else:
             out = generate_text(self.model, self.tokens, forks, sampling, generator, keep_logits)
         texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in out.ids]

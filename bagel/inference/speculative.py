@@ -1,4 +1,4 @@
-"""Speculative text decoding with draft heads (Medusa, MTP): greedy-exact, sampling-exact, typical.
+"""Speculative text decoding with draft heads (Medusa, MTP, EAGLE): greedy-exact, sampling-exact, typical.
 
 One step per active sequence (batched like `generate_text`):
 
@@ -29,6 +29,15 @@ Stopping matches `generate_text`: `<|im_end|>` inside an accepted block ends the
 and the rest of the block are dropped), `max_new_tokens` cuts a block; the cache then holds
 exactly what plain decoding would have fed.
 
+EAGLE drafting (`_EagleDrafter`): one module, applied autoregressively over features, keeps a
+one-layer cache over the answer whose committed rows read the LLM's features. Each step it writes
+the rows fed since the last step, then drafts `depth` tokens: as a chain (greedy: argmax; sampling:
+drawn from its own distribution q, verified by the chain rule), or as a dynamic tree (EAGLE-2,
+arXiv 2406.16858: per depth the `topk` likeliest nodes by summed log-probability are expanded into
+their `topk` likeliest children, all in one block call with a mask over their ancestors' rows; the
+`budget` best candidates form the tree). A tree's candidates are a deterministic function of the
+state, i.e. point masses, so the recursive rule above keeps sampling exact.
+
 MTP drafting: each MTP module keeps its own one-layer KV cache over the answer (from
 `<|im_start|>`), run through `forward_queries` like the LLM's layers. Module k at position i
 needs token i+k; positions whose inputs are all final are committed, the last k-1 positions use
@@ -42,11 +51,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from bagel.inference.forward import DecoderStack, Query, forward_queries, llm_stack
 from bagel.inference.generate_text import probs_from_logits
 from bagel.inference.kv_cache import Context, KVCache
-from bagel.model.heads import MedusaHeads, MTPHeads
+from bagel.model.heads import EagleDrafter, MedusaHeads, MTPHeads
+from bagel.model.layers import apply_rope
 from bagel.sampling import SamplingConfig
 from bagel.tokenizer import SpecialTokens
 
@@ -95,6 +106,23 @@ class Tree:
         return cls(nodes, parent, torch.tensor([len(p) for p in nodes]), mask, children, topk)
 
     @classmethod
+    def from_parents(cls, paths: list[tuple[int, ...]], parent: list[int]) -> "Tree":
+        """A tree whose nodes (parents first, node 0 the root) are already laid out, without
+        `from_paths`' sorting and checks: the dynamic trees of every decoding step."""
+        T = len(paths)
+        depth = torch.tensor([len(p) for p in paths])
+        mask = torch.eye(T, dtype=torch.bool)
+        par = torch.tensor(parent[1:], dtype=torch.long)
+        for _ in range(int(depth.max())):  # each pass adds one more generation of ancestors
+            mask[1:] |= mask[par]
+        children = [[] for _ in range(T)]
+        for i in range(1, T):
+            children[parent[i]].append(i)
+        depth_max = int(depth.max())
+        topk = [1 + max(p[d - 1] for p in paths if len(p) == d) for d in range(1, depth_max + 1)]
+        return cls(paths, parent, depth, mask, children, topk)
+
+    @classmethod
     def chain(cls, k: int) -> "Tree":
         return cls.from_paths([(0,) * d for d in range(1, k + 1)])
 
@@ -138,14 +166,15 @@ def _uniform(generator: torch.Generator | None) -> float:
 
 
 def verify_greedy(tree: Tree, tokens: list[int], argmax: list[int]) -> tuple[list[int], int]:
-    """tokens/argmax: per node. -> (accepted path of node indices from the root, next token)."""
-    ok = [True] + [False] * (tree.size - 1)
-    best = 0
-    for n in range(1, tree.size):
-        par = tree.parent[n]
-        ok[n] = ok[par] and tokens[n] == argmax[par]
-        if ok[n] and len(tree.paths[n]) > len(tree.paths[best]):
-            best = n
+    """tokens/argmax: per node. -> (accepted path of node indices from the root, next token).
+    A node passes when it and every ancestor carry the LLM's argmax at their parent; the deepest
+    passing node wins (the first in node order among equals). Vectorised over the nodes."""
+    tok, best_at = torch.tensor(tokens), torch.tensor(argmax)
+    match = torch.ones(tree.size, dtype=torch.bool)
+    match[1:] = tok[1:] == best_at[torch.tensor(tree.parent[1:], dtype=torch.long)]
+    ok = ~(tree.mask & ~match[None, :]).any(-1)  # no failing node on the path
+    score = torch.where(ok, tree.depth * tree.size - torch.arange(tree.size), torch.full_like(tree.depth, -1))
+    best = int(score.argmax())
     return tree.path_to(best), argmax[best]
 
 
@@ -212,6 +241,18 @@ class SpecConfig:
     mode: str = "exact"  # "exact" (greedy when temperature == 0, else exact sampling) | "typical"
     typical_epsilon: float = 0.09  # Medusa's posterior_threshold
     typical_delta: float = 0.3  # Medusa's posterior_alpha (about sqrt(epsilon))
+    # EAGLE only: a dynamic tree of `budget` drafted nodes per step, grown `heads.depth` deep by
+    # expanding the `topk` most likely nodes per depth into their `topk` best children (EAGLE-2);
+    # None: a chain (drafts sampled from the drafter when sampling, as the chain rule needs)
+    budget: int | None = None
+    topk: int = 4
+
+    def __post_init__(self):
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
+                                        or self.budget < 1):
+            raise ValueError(f"spec.budget={self.budget!r}: a dynamic tree needs a node budget >= 1 (None: a chain)")
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
+            raise ValueError(f"spec.topk={self.topk!r}: must be an integer >= 1")
 
 
 @dataclass
@@ -307,6 +348,208 @@ class _MTPDrafter:
         return d, (torch.stack([torch.stack(r) for r in q]) if not greedy else None)
 
 
+class _FusedBlock:
+    """A drafter's Qwen2 block (`MTPBlock`) with its projections concatenated (q|k|v, gate|up),
+    fused RMSNorms and one RoPE call for q and k: about a third of the kernel calls, the same
+    function up to rounding. The drafter's rounding changes only what is proposed, never what the
+    verifier accepts."""
+
+    def __init__(self, block):
+        e = block.expert
+        self.e = e
+        self.w_qkv = torch.cat([e.q_proj.weight, e.k_proj.weight, e.v_proj.weight])
+        self.b_qkv = torch.cat([e.q_proj.bias, e.k_proj.bias, e.v_proj.bias])
+        self.w_gate_up = torch.cat([e.mlp.gate_proj.weight, e.mlp.up_proj.weight])
+        self.hq, self.hkv, self.hd = e.heads
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        e, hq, hkv, hd = self.e, self.hq, self.hkv, self.hd
+        d = x.shape[-1]
+        qkv = F.linear(F.rms_norm(x, (d,), e.input_norm.weight, e.input_norm.eps), self.w_qkv, self.b_qkv)
+        q, k, v = qkv.unflatten(-1, (hq + 2 * hkv, hd)).split((hq, hkv, hkv), dim=1)
+        q = F.rms_norm(q, (hd,), e.q_norm.weight, e.q_norm.eps)
+        k = F.rms_norm(k, (hd,), e.k_norm.weight, e.k_norm.eps)
+        q, k = apply_rope(torch.cat([q, k], dim=1), cos, sin).split((hq, hkv), dim=1)
+        x = x + F.linear(attend(q, k, v).flatten(1), e.o_proj.weight)
+        gate, up = F.linear(F.rms_norm(x, (d,), e.post_attn_norm.weight, e.post_attn_norm.eps),
+                            self.w_gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, e.mlp.down_proj.weight)
+
+
+class _EagleDrafter:
+    """The EAGLE drafter's state over the answer window, per sequence: its one-layer keys and
+    values (committed rows hold LLM features: row p reads the feature at p and token p+1), the
+    window's tokens, and the LLM features fed since the last draft. A draft writes its tree rows
+    after the committed ones (each depth attends to its ancestors by a mask) and forgets them.
+
+    One small block per call, so it runs the block directly on its own buffers: the batched
+    cached forward (`forward_queries`) costs more in bookkeeping than the block itself here."""
+
+    def __init__(self, model, heads: EagleDrafter, B: int, rope0: list[int], first: list[int],
+                 images: list[torch.Tensor | None]):
+        self.model, self.heads = model, heads
+        c, w = model.cfg.llm, model.llm.embed_tokens.weight
+        self.keys = [w.new_zeros(64, c.num_key_value_heads, c.head_dim) for _ in range(B)]
+        self.values = [w.new_zeros(64, c.num_key_value_heads, c.head_dim) for _ in range(B)]
+        self.committed = [0] * B
+        self.rope0 = rope0
+        self.tokens = [[t] for t in first]
+        self.pending: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        self.images = images
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.block = _FusedBlock(heads.block)
+        self.chain: Tree | None = None
+
+    def extend(self, b: int, hidden: torch.Tensor, tokens: list[int]) -> None:
+        """Sequence b's LLM features for newly fed positions, and the tokens after them."""
+        self.pending[b].append(hidden)
+        self.tokens[b].extend(tokens)
+
+    def _block(self, b: int, start: int, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Rows (n,) tokens / (n, D) features of sequence b, their keys and values written at
+        `start`, attending to rows [0, start) and each other by `mask` (n, start + n) (None:
+        causally) -> (n, D) outputs."""
+        heads, n = self.heads, tokens.shape[0]
+        end = start + n
+        if end > self.keys[b].shape[0]:
+            for store in (self.keys, self.values):
+                grown = store[b].new_zeros(2 * end, *store[b].shape[1:])
+                grown[:start] = store[b][:start]
+                store[b] = grown
+        keys, values = self.keys[b], self.values[b]
+        if mask is None and n > 1:
+            mask = torch.ones(n, end, dtype=torch.bool, device=tokens.device).tril(start)
+
+        def attend(q, k, v):
+            keys[start:end], values[start:end] = k, v
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[:end].transpose(0, 1)[None],
+                                                 values[:end].transpose(0, 1)[None],
+                                                 attn_mask=None if mask is None else mask[None, None], enable_gqa=True)
+            return out[0].transpose(0, 1)
+
+        x = heads.inputs(self.model.llm.embed_tokens(tokens), features, self.images[b])
+        cos, sin = self._rope(positions, x.dtype)
+        return self.block(x, cos, sin, attend)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE rows by lookup in a table grown on demand (the same values `llm.rope` computes)."""
+        need = int(positions.max()) + 1
+        if self.rope_table is None or self.rope_table[0].shape[0] < need:
+            self.rope_table = self.model.llm.rope(torch.arange(2 * need, device=positions.device), dtype)
+        return self.rope_table[0][positions], self.rope_table[1][positions]
+
+    def _commit(self, b: int) -> torch.Tensor:
+        """Write sequence b's pending rows -> (D,) the drafter's feature at its root."""
+        device = self.model.llm.embed_tokens.weight.device
+        C, N = self.committed[b], len(self.tokens[b]) - 1
+        feats = torch.cat(self.pending[b])
+        self.pending[b] = []
+        out = self._block(b, C, torch.tensor(self.tokens[b][C + 1:N + 1], device=device), feats,
+                          self.rope0[b] + torch.arange(C, N, device=device), None)
+        self.committed[b] = N
+        return out[-1]
+
+    def draft(self, active: list[int], spec: SpecConfig, cfg: SamplingConfig, sample_chain: bool,
+              generator) -> list[tuple[Tree, list[int], torch.Tensor | None]]:
+        """-> per active sequence (tree, a token per tree node with the root's slot -1, chain
+        draft probabilities (depth, V) when sampling a chain else None)."""
+        if spec.budget is None:
+            return [self._draft_chain(b, cfg, sample_chain, generator) for b in active]
+        return [self._draft_tree(b, spec, cfg) for b in active]
+
+    def _draft_chain(self, b: int, cfg: SamplingConfig, sample_chain: bool, generator):
+        """`depth` tokens, each from the drafter's output at the previous one: argmax, or drawn
+        from q when sampling. A chain row attends to every row before it, so no mask."""
+        lm_head, D = self.model.llm.lm_head, self.heads.depth
+        device = lm_head.weight.device
+        feat = self._commit(b)[None]
+        C, N = self.committed[b], len(self.tokens[b]) - 1
+        drafts, qs = [], []
+        for depth in range(1, D + 1):
+            logits = lm_head(feat)[0]
+            if sample_chain:
+                qs.append(probs_from_logits(logits, cfg))
+                drafts.append(_draw(qs[-1], generator))
+            else:
+                drafts.append(int(logits.argmax()))
+            if depth < D:
+                feat = self._block(b, C + depth - 1, torch.tensor(drafts[-1:], device=device), feat,
+                                   torch.tensor([self.rope0[b] + N + depth - 1], device=device), None)
+        if self.chain is None:
+            self.chain = Tree.chain(D)
+        return self.chain, [-1] + drafts, torch.stack(qs) if sample_chain else None
+
+    def _draft_tree(self, b: int, spec: SpecConfig, cfg: SamplingConfig):
+        """EAGLE-2's growth: per depth, expand the K likeliest new nodes (summed log-probability)
+        into their K likeliest children, one block call for the K rows; keep the `budget` best."""
+        llm, D, K = self.model.llm, self.heads.depth, spec.topk
+        device = llm.embed_tokens.weight.device
+        feat = self._commit(b)[None]  # (1, D): input feature of the depth-1 nodes
+        C, N = self.committed[b], len(self.tokens[b]) - 1
+        logp = _draft_logp(llm.lm_head(feat), cfg)  # (F, V), F frontier nodes
+        pool_tok, pool_score, pool_parent = [], [], []
+        frontier = torch.full((1,), -1, dtype=torch.long, device=device)  # pool ids being expanded
+        frontier_score = torch.zeros(1, device=device)
+        anc = torch.zeros(1, 0, dtype=torch.long, device=device)  # tree rows of each frontier node's ancestors
+        tree_rows = 0
+        for depth in range(1, D + 1):
+            child_lp, tok = logp.topk(K, dim=-1)  # (F, K)
+            F_ = frontier.shape[0]
+            tok, score = tok.flatten(), (frontier_score[:, None] + child_lp).flatten()
+            base = sum(t.shape[0] for t in pool_tok)
+            pool_tok.append(tok)
+            pool_score.append(score)
+            pool_parent.append(frontier.repeat_interleave(K))
+            if depth == D:
+                break
+            keep = score.topk(min(K, score.shape[0])).indices  # the nodes to expand
+            parent_slot = keep // K
+            frontier, frontier_score = base + keep, score[keep]
+            Kp = keep.shape[0]
+            # each new row reads its parent's output and attends to the committed rows, its
+            # ancestors' tree rows and itself
+            anc = anc[parent_slot]
+            if depth > 1:
+                anc = torch.cat([anc, (tree_rows - F_ + parent_slot)[:, None]], dim=1)
+            mask = torch.zeros(Kp, C + tree_rows + Kp, dtype=torch.bool, device=device)
+            mask[:, :C] = True
+            mask.scatter_(1, C + anc, True)
+            mask[:, C + tree_rows:] = torch.eye(Kp, dtype=torch.bool, device=device)
+            feat = self._block(b, C + tree_rows, tok[keep], feat[parent_slot],
+                               torch.full((Kp,), self.rope0[b] + N + depth - 1, device=device), mask)
+            tree_rows += Kp
+            logp = _draft_logp(llm.lm_head(feat), cfg)
+        return _tree_from_pool(torch.cat(pool_tok), torch.cat(pool_score), torch.cat(pool_parent), K, spec.budget)
+
+
+def _draft_logp(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The drafter's confidence: log-probabilities at the decoding temperature / top-p (greedy:
+    temperature 1)."""
+    if cfg.temperature <= 0:
+        return torch.log_softmax(logits.float(), dim=-1)
+    return probs_from_logits(logits, cfg).log()
+
+
+def _tree_from_pool(tok: torch.Tensor, score: torch.Tensor, parent: torch.Tensor, K: int,
+                    budget: int) -> tuple[Tree, list[int], None]:
+    """The `budget` best candidates as a Tree (nodes by depth, then pool order) and its node
+    tokens. A child never outscores its parent and ties go to the shallower (the pool lists
+    depths in order, so the earlier index), so the choice is closed under parents. A candidate's
+    rank among its siblings is its pool index mod K (children are pooled K at a time, best first)."""
+    n = score.shape[0]
+    key = score.double() - 1e-9 * torch.arange(n, dtype=torch.float64, device=score.device) / n
+    finite = int(torch.isfinite(key).sum())
+    chosen = sorted(key.topk(max(1, min(budget, finite))).indices.tolist())
+    tok, parent = tok.tolist(), parent.tolist()
+    index = {p: i for i, p in enumerate(chosen, start=1)}  # pool id -> tree node (0: the root)
+    parents = [-1] + [index.get(parent[p], 0) for p in chosen]
+    paths = [()]
+    for p, par in zip(chosen, parents[1:]):
+        paths.append(paths[par] + (p % K,))
+    return Tree.from_parents(paths, parents), [-1] + [tok[p] for p in chosen], None
+
+
 @dataclass
 class _State:
     """Per-sequence decoding state: the token to feed next and the drafts to verify after it."""
@@ -314,48 +557,60 @@ class _State:
     root: int
     cand: list[int] | None = None  # a token per tree node, node 0 the root (None: root only)
     q: torch.Tensor | None = None  # sampled chains: (depth, V) draft probabilities
+    tree: Tree | None = None  # this step's tree when it differs per step (EAGLE)
 
 
 @torch.no_grad()
 def generate_speculative(model, tokens: SpecialTokens, contexts: list[Context],
                          cfg: SamplingConfig = SamplingConfig(), heads=None, spec: SpecConfig = SpecConfig(),
-                         generator: torch.Generator | None = None) -> SpecOutput:
+                         generator: torch.Generator | None = None,
+                         images: list[torch.Tensor | None] | None = None) -> SpecOutput:
     """Decode one answer per context like `generate_text`, verifying drafts from `heads`
-    (default `model.draft_heads`)."""
+    (default `model.draft_heads`). `images`: per context, the LLM's mean hidden state over the
+    prompt's last ViT image (an image-aware EAGLE drafter reads it; others ignore it)."""
     heads = heads if heads is not None else getattr(model, "draft_heads", None)
     if heads is None:
         raise ValueError("speculative decoding needs draft heads: pass heads= or build the model with draft_heads")
     tree = _check_spec(heads, spec)
-    sample_chain = cfg.temperature > 0 and spec.mode == "exact" and tree.is_chain  # Leviathan rule with q
+    eagle = isinstance(heads, EagleDrafter)
+    # Leviathan's rule with the drafter's q (chains); trees use point-mass candidates
+    sample_chain = cfg.temperature > 0 and spec.mode == "exact" and tree.is_chain and spec.budget is None
     B = len(contexts)
     out = SpecOutput(ids=[[] for _ in range(B)], finished=[False] * B,
                      stats=SpecStats(accepted_per_depth=[0] * tree.max_depth))
     states = [_State(root=tokens.bos) for _ in range(B)]
-    mtp = (_MTPDrafter(model, heads, B, [c.rope for c in contexts], torch.tensor([tokens.bos] * B))
-           if isinstance(heads, MTPHeads) else None)
+    drafter = None
+    if isinstance(heads, MTPHeads):
+        drafter = _MTPDrafter(model, heads, B, [c.rope for c in contexts], torch.tensor([tokens.bos] * B))
+    elif eagle:
+        drafter = _EagleDrafter(model, heads, B, [c.rope for c in contexts], [tokens.bos] * B, images or [None] * B)
     active = list(range(B))
     while active:
         ctxs = [contexts[b] for b in active]
+        trees = [states[b].tree or tree for b in active]
         nodes = [[states[b].root] + (states[b].cand[1:] if states[b].cand is not None else []) for b in active]
         starts = [c.length for c in ctxs]
-        hidden = forward_queries(llm_stack(model), ctxs, _tree_queries(model, ctxs, nodes, tree), commit=True)
+        hidden = forward_queries(llm_stack(model), ctxs, _tree_queries(model, ctxs, nodes, trees), commit=True)
         out.stats.forwards += 1
         still = []
         for j, b in enumerate(active):
-            path, nxt = _verify(model, tree, nodes[j], hidden[j], states[b], cfg, spec, sample_chain, generator)
-            _count(out.stats, tree, len(nodes[j]), len(path) - 1)
+            path, nxt = _verify(model, trees[j], nodes[j], hidden[j], states[b], cfg, spec, sample_chain, generator)
+            _count(out.stats, trees[j], len(nodes[j]), len(path) - 1)
             if _emit(out, b, ctxs[j], starts[j], path, nodes[j], nxt, tokens.eos, cfg.max_new_tokens):
                 continue
             still.append(b)
             states[b].root = nxt
-            if mtp is not None:
-                mtp.extend(b, hidden[j][path], [nodes[j][n] for n in path[1:]] + [nxt])
+            if drafter is not None:
+                drafter.extend(b, hidden[j][path], [nodes[j][n] for n in path[1:]] + [nxt])
             else:
                 states[b].cand, states[b].q = _medusa_candidates(heads, model.llm, hidden[j][path[-1]], tree, cfg,
                                                                  sample_chain, generator)
         active = still
-        if mtp is not None and active:
-            drafts, q = mtp.draft(active, cfg, generator)
+        if eagle and active:
+            for b, (t, cand, q) in zip(active, drafter.draft(active, spec, cfg, sample_chain, generator)):
+                states[b].tree, states[b].cand, states[b].q = t, [states[b].root] + cand[1:], q
+        elif drafter is not None and active:
+            drafts, q = drafter.draft(active, cfg, generator)
             for j, b in enumerate(active):
                 states[b].cand = [states[b].root] + drafts[j, :tree.max_depth].tolist()
                 states[b].q = q[j] if q is not None else None
@@ -363,7 +618,12 @@ def generate_speculative(model, tokens: SpecialTokens, contexts: list[Context],
 
 
 def _check_spec(heads, spec: SpecConfig) -> Tree:
-    """The tree to use (a chain as deep as the heads by default), checked against the heads."""
+    """The tree to use (a chain as deep as the heads by default), checked against the heads;
+    EAGLE's dynamic trees are at most `heads.depth` deep."""
+    if spec.budget is not None and not isinstance(heads, EagleDrafter):
+        raise ValueError(f"spec.budget (a dynamic tree) needs an EAGLE drafter, not {heads.cfg.kind} heads")
+    if isinstance(heads, EagleDrafter) and spec.tree is not None:
+        raise ValueError("an EAGLE drafter grows its own trees: set spec.budget instead of spec.tree")
     tree = spec.tree or Tree.chain(heads.depth)
     if tree.max_depth > heads.depth:
         raise ValueError(f"tree depth {tree.max_depth} exceeds the {heads.depth} draft heads")
@@ -374,12 +634,12 @@ def _check_spec(heads, spec: SpecConfig) -> Tree:
     return tree
 
 
-def _tree_queries(model, ctxs: list[Context], nodes: list[list[int]], tree: Tree) -> list[Query]:
+def _tree_queries(model, ctxs: list[Context], nodes: list[list[int]], trees: list[Tree]) -> list[Query]:
     """One query per sequence: its nodes at RoPE id prefix + depth, attending by the tree mask."""
     emb = model.llm.embed_tokens
     device = emb.weight.device
     queries = []
-    for ctx, toks in zip(ctxs, nodes):
+    for ctx, toks, tree in zip(ctxs, nodes, trees):
         T = len(toks)
         queries.append(Query(emb(torch.tensor(toks, device=device)), ctx.rope + tree.depth[:T].to(device),
                              torch.zeros(T, dtype=torch.bool, device=device), causal=True, mask=tree.mask[:T, :T]))

@@ -1,6 +1,7 @@
-"""Draft heads for speculative text decoding: Medusa heads and DeepSeek-V3-style MTP modules.
+"""Draft heads for speculative text decoding: Medusa heads, DeepSeek-V3-style MTP modules and an
+EAGLE-style feature drafter.
 
-Both read the LLM's last hidden state (after the und expert's final norm) and propose the tokens
+All read the LLM's last hidden state (after the und expert's final norm) and propose the tokens
 after the next one; the speculative decoder (bagel.inference.speculative) verifies them with the
 LLM itself, so the heads change speed, never greedy output.
 
@@ -15,6 +16,9 @@ LLM itself, so the heads change speed, never greedy output.
   through its own final norm and the shared `lm_head`. h^0 is the LLM's hidden state. The block
   attends causally within the text run it belongs to (one `<|im_start|> ...` segment), in
   training and in decoding alike.
+
+- EAGLE (`EagleDrafter` below): one module applied autoregressively over features, so one set of
+  weights serves every draft depth and dynamic trees.
 
 Embedding and output head are never copied into the heads module: they are passed in, so they
 stay the LLM's parameters (tied by reference; FSDP and checkpoints see one tensor).
@@ -118,10 +122,42 @@ class MTPHeads(nn.Module):
         return len(self.stack)
 
 
+# EAGLE -------------------------------------------------------------------------------------------
+class EagleDrafter(nn.Module):
+    """One autoregressive module over features (EAGLE, arXiv 2401.15077; trees: EAGLE-2, arXiv
+    2406.16858). At position i it reads the feature f_i (the LLM's hidden state where known, else
+    its own prediction) and the embedding of token i+1, runs one Qwen2 block (causal over the
+    answer, its own KV cache) and outputs f_{i+1}; the shared `lm_head` on f_{i+1} drafts token
+    i+2. Drafting feeds its outputs back in, `depth` times per step.
+
+    With `image_context`, `image_proj(c)` is added to every input row, c being the LLM's mean
+    hidden state over the last ViT image of the prompt: the answer window alone never sees the
+    image (`image_proj` starts at zero, so a fresh drafter ignores it)."""
+
+    def __init__(self, cfg: HeadsConfig, llm_cfg):
+        super().__init__()
+        self.cfg = cfg
+        d = llm_cfg.hidden_size
+        self.fc = nn.Linear(2 * d, d)
+        self.block = MTPBlock(llm_cfg)
+        self.image_proj = nn.Linear(d, d, bias=False) if cfg.image_context else None
+
+    @property
+    def depth(self) -> int:
+        return self.cfg.num_heads
+
+    def inputs(self, emb: torch.Tensor, feature: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) next-token embeddings and features (+ (N, D) or (D,) image context) -> block input."""
+        x = self.fc(torch.cat([emb, feature], dim=-1))
+        if self.image_proj is not None and image is not None:
+            x = x + self.image_proj(image)
+        return x
+
+
 def build_draft_heads(cfg: HeadsConfig | None, llm_cfg) -> nn.Module | None:
     if cfg is None:
         return None
-    return MedusaHeads(cfg, llm_cfg) if cfg.kind == "medusa" else MTPHeads(cfg, llm_cfg)
+    return {"medusa": MedusaHeads, "mtp": MTPHeads, "eagle": EagleDrafter}[cfg.kind](cfg, llm_cfg)
 
 
 def attach_draft_heads(model, cfg: HeadsConfig, std: float = 0.02, seed: int = 0) -> nn.Module:

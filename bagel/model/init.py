@@ -10,8 +10,8 @@ numbers:
 - the fixed 2-D sin-cos position tables (`vit_pos_table`, `latent_pos_table`);
 - `llm2vae` 0, so generation starts from a zero velocity (as the release initialises it);
 - Medusa residual blocks 0 (x + SiLU(0) = x: a fresh head predicts what `lm_head` predicts) and a
-  head's own vocabulary projection a copy of `lm_head`; MTP blocks copies of the last LLM layer's
-  und expert (Medusa, arXiv 2401.10774; DeepSeek-V3, arXiv 2412.19437).
+  head's own vocabulary projection a copy of `lm_head`; MTP and EAGLE blocks copies of the last
+  LLM layer's und expert; EAGLE's image projection 0 (Medusa, arXiv 2401.10774; DeepSeek-V3, arXiv 2412.19437).
 
 `base(name)` supplies the tensors a head copies: the model's own (from scratch), or a checkpoint
 reader (new heads on a pretrained backbone).
@@ -32,7 +32,7 @@ Base = Callable[[str], torch.Tensor]
 
 _MEDUSA_BLOCK = re.compile(r"draft_heads\.heads\.\d+\.blocks\.\d+\.linear\.(weight|bias)")
 _MEDUSA_LM_HEAD = re.compile(r"draft_heads\.heads\.\d+\.lm_head\.weight")
-_MTP_EXPERT = re.compile(r"draft_heads\.stack\.\d+\.block\.expert\.(?P<rest>.+)")
+_DRAFT_BLOCK_EXPERT = re.compile(r"draft_heads\.(stack\.\d+\.)?block\.expert\.(?P<rest>.+)")  # MTP, EAGLE
 
 
 def initial_tensor(name: str, shape: tuple[int, ...], cfg, std: float, seed: int, base: Base) -> torch.Tensor:
@@ -42,11 +42,11 @@ def initial_tensor(name: str, shape: tuple[int, ...], cfg, std: float, seed: int
         return sincos_2d_table(cfg.vit_max_num_patch_per_side, d)
     if name == "latent_pos_table":
         return sincos_2d_table(cfg.max_latent_size, d)
-    if name.startswith("llm2vae.") or _MEDUSA_BLOCK.fullmatch(name):
+    if name.startswith("llm2vae.") or _MEDUSA_BLOCK.fullmatch(name) or name == "draft_heads.image_proj.weight":
         return torch.zeros(shape)
     if _MEDUSA_LM_HEAD.fullmatch(name):
         return base("llm.lm_head.weight").float().clone()
-    m = _MTP_EXPERT.fullmatch(name)
+    m = _DRAFT_BLOCK_EXPERT.fullmatch(name)
     if m:
         return base(f"llm.layers.{cfg.llm.num_hidden_layers - 1}.und.{m['rest']}").float().clone()
     if name.endswith(".bias"):

@@ -49,7 +49,7 @@ class DataSection:
     config: str | None = None
     num_workers: int = 2
     # corpus: which text, its tokenizer, and the training side of its held-out split
-    corpus: str = "pydoc"  # "pydoc" | "digits"
+    corpus: str = "pydoc"  # "pydoc" | "pydoc_prose" | "digits" (data_pipelines/text_corpus.py)
     tokenizer: str | None = None  # a tokenizer directory
     holdout_every: int = 5  # pydoc: every n-th topic is held out (never trained on)
     max_tokens: int = 256  # tokens per corpus sample
@@ -168,7 +168,7 @@ class TrainConfig:
         choices = {
             ("model", "preset"): ("tiny", "digits", "pretrained"),
             ("data", "kind"): ("synthetic", "pipeline", "corpus"),
-            ("data", "corpus"): ("pydoc", "digits"),
+            ("data", "corpus"): ("pydoc", "pydoc_prose", "digits"),
             ("optim", "schedule"): ("constant", "cosine"),
             ("parallel", "mode"): ("none", "fsdp", "ddp"),
             ("parallel", "param_dtype"): ("fp32", "bf16", "fp16"),

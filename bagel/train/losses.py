@@ -27,6 +27,10 @@ whole span lies in one text run with loss (never across an image, a segment end 
   the token at t+k+1 (= labels[t+k]). Its block attends causally within the CE run of t, the
   window the decoder uses at inference (the answer from `<|im_start|>`). Loss mean_k CE_k
   (DeepSeek-V3's L_MTP / lambda; the caller multiplies by lambda).
+- EAGLE at t reads the LLM feature h_t and the token at t+1 and predicts h_{t+1} and the token at
+  t+2; deeper draft steps read the drafter's own features (`eagle_forward`). Loss: mean over steps
+  of CE against the LLM's distribution at t+1 (EAGLE's classification loss) + SmoothL1 on the
+  feature.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 
 from bagel import flow
 from bagel.batch import PackedBatch
-from bagel.model.heads import MedusaHeads, MTPHeads
+from bagel.model.heads import EagleDrafter, MedusaHeads, MTPHeads
 from bagel.packing import latent_tokens
 
 
@@ -130,7 +134,7 @@ def _ahead(x: torch.Tensor, s: int, fill) -> torch.Tensor:
     """x shifted left by s: out[t] = x[t+s], `fill` past the end."""
     if s == 0:
         return x
-    return torch.cat([x[s:], x.new_full((min(s, x.shape[0]),), fill)])[: x.shape[0]]
+    return torch.cat([x[s:], x.new_full((min(s, x.shape[0]), *x.shape[1:]), fill)])[: x.shape[0]]
 
 
 def shifted_targets(labels: torch.Tensor, ce_mask: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +206,97 @@ def mtp_loss(heads: MTPHeads, llm, hidden, labels, ce_mask, position_ids) -> tup
     return loss, acc
 
 
+def image_context(batch: PackedBatch, hidden: torch.Tensor) -> torch.Tensor:
+    """(L, D): at each position, the mean hidden state over the ViT tokens of the latest image of
+    its sample that ends before it (zeros where there is none); what EAGLE's image-aware drafter
+    reads, as the decoder gives it the prompt's last ViT image."""
+    L, D = hidden.shape
+    out = hidden.new_zeros(L, D)
+    if batch.vit_token_indexes is None or not batch.vit_token_indexes.numel():
+        return out
+    device = hidden.device
+    idx = batch.vit_token_indexes.to(device)
+    lens = batch.vit_token_seqlens.to(device).long()
+    image_of = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+    means = hidden.new_zeros(len(lens), D).index_add_(0, image_of, hidden[idx]) / lens[:, None].to(hidden.dtype)
+    ends = torch.zeros(len(lens), dtype=torch.long, device=device).scatter_reduce_(0, image_of, idx, "amax")
+    sample = torch.repeat_interleave(torch.arange(len(batch.sample_lens), device=device),
+                                     torch.tensor(batch.sample_lens, device=device))
+    pos = torch.arange(L, device=device)
+    latest = torch.searchsorted(ends, pos, right=False) - 1  # the last image ending before pos
+    ok = (latest >= 0) & (sample[ends[latest.clamp_min(0)]] == sample)
+    out[ok] = means[latest[ok]]
+    return out
+
+
+def _draft_step_mask(run: torch.Tensor, s: int) -> torch.Tensor:
+    """(L, s*L) bool: what draft step s (1-based) at position p attends to in training: step 1's
+    keys (LLM features) up to p-s+1 within its run, then step k's key at p-s+k for k = 2..s (its
+    own chain of predicted features), as it does when drafting s tokens ahead."""
+    L = run.shape[0]
+    i = torch.arange(L, device=run.device)[:, None]
+    j = torch.arange(L, device=run.device)[None, :]
+    blocks = [run & (j <= i - (s - 1))] + [j == i - (s - k) for k in range(2, s + 1)]
+    return torch.cat(blocks, dim=1)
+
+
+def eagle_forward(heads: EagleDrafter, llm, hidden: torch.Tensor, labels: torch.Tensor, ce_mask: torch.Tensor,
+                  position_ids: torch.Tensor, image: torch.Tensor | None = None) -> list[tuple]:
+    """The drafter over a packed sequence, `depth` steps deep with its own predictions fed back
+    (EAGLE-3's training-time test) -> per step s: (features (L, D), logits (L, V), token targets
+    (L,), valid (L,)). Step s at p reads the LLM feature at p-s+1 and its own outputs after it, and
+    predicts the feature at p+1 and the token at p+2."""
+    device = hidden.device
+    labels, ce_mask = labels.to(device), ce_mask.to(device)
+    run = _run_mask(ce_mask)
+    cos, sin = llm.rope(position_ids.to(device), hidden.dtype)
+    emb = llm.embed_tokens(labels.clamp_min(0)) * ce_mask[:, None].to(hidden.dtype)  # token p+1
+    target, target_ok = shifted_targets(labels, ce_mask, 1)  # token p+2
+    keys, values, outs = [], [], []
+    feature, chain_ok = hidden, ce_mask
+    for s in range(1, heads.depth + 1):
+        mask = _draft_step_mask(run, s)[None, None]
+
+        def attend(q, k, v, mask=mask):  # (L, H, hd); keys of every step so far
+            keys.append(k)
+            values.append(v)
+            kk, vv = torch.cat(keys), torch.cat(values)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk.transpose(0, 1)[None],
+                                                 vv.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+            return out[0].transpose(0, 1)
+
+        f = heads.block(heads.inputs(emb, feature, image), cos, sin, None, attend)
+        outs.append((f, llm.lm_head(f), target, chain_ok & target_ok))
+        feature = _behind(f)  # step s+1 at p reads step s's output at p-1
+        chain_ok = chain_ok & _behind(chain_ok, False) & ce_mask
+    return outs
+
+
+def _behind(x: torch.Tensor, fill=0.0) -> torch.Tensor:
+    """x shifted right by one: out[t] = x[t-1], `fill` at 0."""
+    return torch.cat([x.new_full((1, *x.shape[1:]), fill), x[:-1]])
+
+
+def eagle_loss(heads: EagleDrafter, llm, hidden, labels, ce_mask, position_ids,
+               image=None) -> tuple[torch.Tensor, list[float]]:
+    """EAGLE's two losses, mean over steps: cross-entropy against the LLM's own next-token
+    distribution (what the verifier accepts by, not the data's token) + SmoothL1 of the feature
+    against the LLM's next hidden state -> (loss, per-step agreement with the LLM's argmax)."""
+    loss, acc = hidden.new_zeros((), dtype=torch.float32), []
+    next_feature = _ahead(hidden, 1, 0.0).detach()
+    with torch.no_grad():
+        target_p = llm.lm_head(next_feature).float().softmax(-1)
+    for f, logits, _, valid in eagle_forward(heads, llm, hidden, labels, ce_mask, position_ids, image):
+        if not valid.any():
+            acc.append(float("nan"))
+            continue
+        lv, pv = logits[valid].float(), target_p[valid]
+        ce = -(pv * lv.log_softmax(-1)).sum(-1).mean()
+        loss = loss + (ce + F.smooth_l1_loss(f[valid].float(), next_feature[valid].float())) / heads.depth
+        acc.append(float((lv.argmax(-1) == pv.argmax(-1)).float().mean()))
+    return loss, acc
+
+
 def draft_heads_loss(model, heads, batch: PackedBatch, hidden: torch.Tensor,
                      decay: float = 0.8) -> tuple[torch.Tensor, list[float]]:
     """The heads' loss on the LLM's hidden states (pass `out.hidden.detach()` to train the heads
@@ -209,4 +304,7 @@ def draft_heads_loss(model, heads, batch: PackedBatch, hidden: torch.Tensor,
     labels, ce_mask = packed_labels(batch, hidden.shape[0])
     if isinstance(heads, MedusaHeads):
         return medusa_loss(heads, model.llm.lm_head, hidden, labels, ce_mask, decay)
+    if isinstance(heads, EagleDrafter):
+        image = image_context(batch, hidden) if heads.image_proj is not None else None
+        return eagle_loss(heads, model.llm, hidden, labels, ce_mask, batch.position_ids, image)
     return mtp_loss(heads, model.llm, hidden, labels, ce_mask, batch.position_ids)

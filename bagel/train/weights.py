@@ -73,7 +73,8 @@ def export(model: nn.Module, cfg: BagelConfig, out_dir: str | Path, official_dir
     (`ema.safetensors` + configs) in `official_dir`; both with `generation` (a GenerationDefaults)
     as their generation.json. A LoRA run (`lora_spec`) also writes its adapter alone, in peft's
     format, to `adapter_dir`, and the two model layouts hold the base with the adapter merged in
-    (and say so in merged_adapters.json)."""
+    (and say so in merged_adapters.json). A fine-tune of the model directory `base` also gets its
+    tokenizer, image transforms and VAE (files the export did not write itself)."""
     from bagel.checkpoint.files import write_text
     from bagel.checkpoint.heads import save_draft_heads
     from bagel.checkpoint.pretrained import save_pretrained, save_released
@@ -95,9 +96,15 @@ def export(model: nn.Module, cfg: BagelConfig, out_dir: str | Path, official_dir
         if generation is not None and folder is not None:
             write_text(Path(folder) / GENERATION_FILE, generation.to_json_text())
     if plain.draft_heads is not None:
-        save_draft_heads(plain.draft_heads, Path(out_dir) / "draft_heads")
+        save_draft_heads(plain.draft_heads, Path(out_dir) / "draft_heads", llm=plain.llm)
     if official_dir is not None:
         save_released(plain, official_dir, vae=vae)
+    if base is not None and Path(base).is_dir():  # a fine-tune: its tokenizer and transforms come along
+        from bagel.checkpoint.merge import write_companions
+
+        for folder in (out_dir, official_dir):
+            if folder is not None:
+                write_companions(Path(base), Path(folder))
     if merged:
         from bagel.checkpoint.adapters import write_merged_record
 

@@ -68,6 +68,12 @@ def test_greedy_equals_plain_random_heads(kind, tree):
     _compare(model, _random_heads(model, kind), SpecConfig(tree=tree), n=16)
 
 
+@pytest.mark.parametrize("budget,topk", [(None, 4), (1, 1), (8, 3), (20, 4)])
+def test_greedy_equals_plain_eagle_chain_and_dynamic_trees(budget, topk):
+    model = _model()
+    _compare(model, _random_heads(model, "eagle"), SpecConfig(budget=budget, topk=topk), n=16)
+
+
 # An "n-gram" model: zero attention outputs and MLPs, so the hidden state is norm(emb(current
 # token)) and the next token a fixed function f of the current one. Oracle drafters then know the
 # future exactly, which puts EOS and the length limit inside accepted blocks.
@@ -115,6 +121,18 @@ def _oracle_mtp(model, n):
     return heads
 
 
+def _oracle_eagle(model, n):
+    heads = attach_draft_heads(model, HeadsConfig(kind="eagle", num_heads=n))
+    d = model.cfg.llm.hidden_size
+    with torch.no_grad():  # block = identity, input = 10 emb(next token): lm_head ranks as the target
+        heads.block.expert.o_proj.weight.zero_()  # does, confidently (dynamic trees then go deep)
+        heads.block.expert.mlp.down_proj.weight.zero_()
+        heads.fc.weight.zero_()
+        heads.fc.bias.zero_()
+        heads.fc.weight[:, :d] = 10 * torch.eye(d)
+    return heads
+
+
 def _eos_on_path(model, at):
     """A token that greedy decoding emits `at` steps in (becomes the EOS for the test)."""
     f, x, seen = _next_table(model), TOKENS.bos, []
@@ -125,17 +143,19 @@ def _eos_on_path(model, at):
     return SpecialTokens(bos=TOKENS.bos, eos=seen[at], start_of_image=309, end_of_image=310)
 
 
-@pytest.mark.parametrize("kind,tree", [("medusa", None), ("medusa", TREE), ("mtp", None)])
+@pytest.mark.parametrize("kind,tree", [("medusa", None), ("medusa", TREE), ("mtp", None), ("eagle", None),
+                                       ("eagle", 12)])
 def test_oracle_drafts_eos_inside_block_and_length_limit(kind, tree):
     model = _ngram_model()
     k = 3
-    heads = OracleMedusa(model, k) if kind == "medusa" else _oracle_mtp(model, k)
+    heads = {"medusa": OracleMedusa, "mtp": _oracle_mtp, "eagle": _oracle_eagle}[kind](model, k)
+    spec = SpecConfig(budget=tree) if kind == "eagle" else SpecConfig(tree=tree)
     # Length limit mid-block: 10 = 1 + 4 + 4 + 1 with tau = 4.
-    ref, out = _compare(model, heads, SpecConfig(tree=tree), n=10)
+    ref, out = _compare(model, heads, spec, n=10)
     assert not any(ref.finished) and out.stats.tau == pytest.approx(k + 1)
     # EOS as the 7th generated token: inside the second accepted block.
     tokens = _eos_on_path(model, 6)
-    ref, out = _compare(model, heads, SpecConfig(tree=tree), n=30, tokens=tokens)
+    ref, out = _compare(model, heads, spec, n=30, tokens=tokens)
     assert all(ref.finished) and all(len(i) == 6 for i in ref.ids)
     assert out.stats.forwards == 3  # root, then 4 + 3 (EOS dropped)
 
@@ -264,6 +284,61 @@ def test_sample_tree_distribution(case):
         path, nxt = verify_sample_tree(tree, toks, P, g)
         counts[toks[path[1]] if len(path) > 1 else nxt] += 1
     _assert_matches(counts, p, n)
+
+
+def test_dynamic_tree_sampling_gives_the_target_joint_law():
+    """End to end: EAGLE dynamic trees (point-mass candidates chosen by the drafter, accepted by
+    the recursive rule) emit first two tokens distributed as plain sampling's joint law."""
+    model = _ngram_model()
+    heads = _oracle_eagle(model, 2)
+    cfg = SamplingConfig(max_new_tokens=2, temperature=1.5, top_k=3)
+    prompt = [5, 6, 7]
+    _, ctxs = _prefilled(model, [prompt])
+    with torch.no_grad():  # the exact joint law: p(x1) p(x2 | x1) by teacher forcing
+        start = forward_queries(llm_stack(model), [ctxs[0].fork()],
+                                [Query(model.llm.embed_tokens(torch.tensor([TOKENS.bos])), ctxs[0].rope + torch.arange(1),
+                                       torch.zeros(1, dtype=torch.bool), True)], commit=False)[0]
+        p1 = probs_from_logits(model.llm.lm_head(start)[0], cfg).double()
+        support = p1.nonzero().flatten().tolist()
+        joint = {}
+        for x1 in support:
+            fork = ctxs[0].fork()
+            toks = torch.tensor([TOKENS.bos, x1])
+            h = forward_queries(llm_stack(model), [fork], [Query(model.llm.embed_tokens(toks), fork.rope + torch.arange(2),
+                                                                 torch.zeros(2, dtype=torch.bool), True)], commit=False)[0]
+            p2 = probs_from_logits(model.llm.lm_head(h)[1], cfg).double()
+            for x2 in p2.nonzero().flatten().tolist():
+                joint[(x1, x2)] = float(p1[x1] * p2[x2])
+    keys = sorted(joint)
+    g = torch.Generator().manual_seed(3)
+    n, counts = 0, torch.zeros(len(keys), dtype=torch.float64)
+    for _ in range(6):
+        _, ctxs = _prefilled(model, [prompt] * 500)
+        out = generate_speculative(model, TOKENS, ctxs, cfg, heads=heads, spec=SpecConfig(budget=3, topk=2), generator=g)
+        for ids in out.ids:
+            counts[keys.index(tuple(ids))] += 1
+            n += 1
+    assert 1.0 < out.stats.tau < 3.0  # both accepted and rejected candidates were exercised
+    _assert_matches(counts, torch.tensor([joint[k] for k in keys], dtype=torch.float64), n)
+
+
+def test_spec_settings_are_checked():
+    from bagel.config import ConfigError
+
+    model = _model()
+    with pytest.raises(ValueError, match="budget >= 1"):
+        SpecConfig(budget=0)
+    with pytest.raises(ConfigError, match=r"temperature=-0.5: must be a finite number >= 0"):
+        SamplingConfig(temperature=-0.5)
+    for top_p in (0.0, 1.5):
+        with pytest.raises(ConfigError, match=r"top_p=.*must be in \(0, 1\]"):
+            SamplingConfig(temperature=0.8, top_p=top_p)
+    with pytest.raises(ValueError, match="needs an EAGLE drafter"):
+        generate_speculative(model, TOKENS, _prefilled(model, [[5]])[1], heads=_random_heads(model, "medusa"),
+                             spec=SpecConfig(budget=4))
+    with pytest.raises(ValueError, match="grows its own trees"):
+        generate_speculative(model, TOKENS, _prefilled(model, [[5]])[1], heads=_random_heads(model, "eagle"),
+                             spec=SpecConfig(tree=TREE))
 
 
 def test_probs_from_logits_matches_sample_next_support():

@@ -1,4 +1,4 @@
-"""Draft heads: structure, storage, loss label shifts, and MTP decoding state == offline forward."""
+"""Draft heads: structure, storage, loss label shifts, and MTP / EAGLE decoding state == offline forward."""
 
 import dataclasses
 
@@ -10,11 +10,11 @@ from bagel.checkpoint.strict import CheckpointError
 from bagel.config import BagelConfig, ConfigError, HeadsConfig
 from bagel.inference.forward import Query, forward_queries, llm_stack
 from bagel.inference.kv_cache import KVCache
-from bagel.inference.speculative import _MTPDrafter
+from bagel.inference.speculative import SpecConfig, _EagleDrafter, _MTPDrafter
 from bagel.model.bagel import Bagel
 from bagel.model.heads import attach_draft_heads
 from bagel.sampling import SamplingConfig
-from bagel.train.losses import medusa_loss, mtp_forward, shifted_targets
+from bagel.train.losses import eagle_forward, eagle_loss, image_context, medusa_loss, mtp_forward, shifted_targets
 
 
 def _model(seed=0):
@@ -63,7 +63,7 @@ def test_init_weights_is_the_per_name_policy():
     assert not state["draft_heads.heads.0.blocks.0.linear.weight"].any() and not state["llm2vae.weight"].any()
 
 
-@pytest.mark.parametrize("kind", ["medusa", "mtp"])
+@pytest.mark.parametrize("kind", ["medusa", "mtp", "eagle"])
 def test_save_load_roundtrip(tmp_path, kind):
     model = _model()
     heads = attach_draft_heads(model, HeadsConfig(kind=kind, num_heads=2))
@@ -78,6 +78,16 @@ def test_save_load_roundtrip(tmp_path, kind):
         load_draft_heads(tmp_path, other)
     with pytest.raises(ConfigError, match="unknown key"):
         HeadsConfig.from_dict({"kind": "medusa", "heads": 3})
+
+
+def test_heads_name_the_backbone_they_were_trained_for(tmp_path):
+    model, other = _model(seed=0), _model(seed=5)  # same shapes, other weights
+    heads = attach_draft_heads(model, HeadsConfig(kind="eagle", num_heads=2))
+    save_draft_heads(heads, tmp_path, llm=model.llm)
+    assert load_draft_heads(tmp_path, model.cfg.llm, llm=model.llm).cfg == heads.cfg
+    with pytest.raises(CheckpointError, match=r"trained for another backbone \(output-head fingerprint [0-9a-f]{16}, "
+                                              r"this model's is [0-9a-f]{16}\)"):
+        load_draft_heads(tmp_path, other.cfg.llm, llm=other.llm)
 
 
 def test_label_shifts():
@@ -136,3 +146,52 @@ def test_mtp_decoding_state_equals_offline_forward():
     with torch.no_grad():
         outs = mtp_forward(heads, model.llm, hidden, labels, ce, torch.arange(len(labels)))
     assert [int(o[0][N - 1].argmax()) for o in outs] == drafts
+
+
+def test_eagle_decoding_state_equals_offline_forward():
+    """The EAGLE drafter's cached rows and its chained draft rows give the drafts the training
+    forward (with its own predictions fed back) gives, after two extension steps."""
+    model = _model()
+    heads = attach_draft_heads(model, HeadsConfig(kind="eagle", num_heads=3))
+    _randomise(heads)
+    x = [301, 17, 18, 19, 20, 21, 22, 23, 24]
+    cache = KVCache.for_model(model)
+    ctx = cache.new_context()
+    emb = model.llm.embed_tokens(torch.tensor(x))
+    h = forward_queries(llm_stack(model), [ctx], [Query(emb, torch.arange(len(x)), torch.zeros(len(x), dtype=torch.bool),
+                                             True)], commit=True)[0]
+    drafter = _EagleDrafter(model, heads, 1, [0], [x[0]], [None])
+    greedy = SamplingConfig(max_new_tokens=1)
+    drafter.extend(0, h[:3], x[1:4])  # fed x0..x2, root x3
+    drafter.draft([0], SpecConfig(), greedy, False, None)
+    drafter.extend(0, h[3:7], x[4:8])  # fed x3..x6, root x7
+    (tree, cand, _), = drafter.draft([0], SpecConfig(), greedy, False, None)
+    N, drafts = 7, cand[1:]
+    labels = torch.tensor(x[1:N + 1] + drafts[:2])
+    ce = torch.ones(len(labels), dtype=torch.bool)
+    hidden = torch.cat([h[:N], torch.zeros(len(labels) - N, 64)])
+    with torch.no_grad():
+        outs = eagle_forward(heads, model.llm, hidden, labels, ce, torch.arange(len(labels)))
+    assert [int(o[1][N - 1 + s].argmax()) for s, o in enumerate(outs)] == drafts
+
+
+def test_eagle_loss_and_image_context():
+    model = _model()
+    heads = attach_draft_heads(model, HeadsConfig(kind="eagle", num_heads=2, image_context=True))
+    assert not heads.image_proj.weight.any()  # a fresh drafter ignores the image
+    hidden = torch.randn(10, 64)
+    labels = torch.tensor([-100, 5, 6, 7, -100, -100, 8, 9, 10, -100])
+    ce = labels >= 0
+    loss, acc = eagle_loss(heads, model.llm, hidden, labels, ce, torch.arange(10))
+    loss.backward()
+    assert len(acc) == 2 and heads.fc.weight.grad.abs().sum() > 0
+    # image context: the mean over the latest earlier ViT image of the same sample
+    from types import SimpleNamespace
+    batch = SimpleNamespace(vit_token_indexes=torch.tensor([1, 2, 6]), vit_token_seqlens=torch.tensor([2, 1]),
+                            sample_lens=[5, 5])
+    ctx = image_context(batch, hidden)
+    assert not ctx[:3].any()
+    torch.testing.assert_close(ctx[3], hidden[1:3].mean(0))
+    torch.testing.assert_close(ctx[4], hidden[1:3].mean(0))
+    assert not ctx[5:7].any()  # sample 2 starts at 5: sample 1's image is not its context
+    torch.testing.assert_close(ctx[9], hidden[6])

@@ -91,6 +91,31 @@ def test_heads_recipe_on_a_text_corpus(tmp_path, capsys):
     assert records[-1]["loss_heads"] < records[0]["loss_heads"]
 
 
+def test_eagle_drafter_trains_alone_on_images_and_text(make_cfg):
+    """An image-aware EAGLE drafter on a frozen backbone: only its tensors change (the image
+    projection among them: the synthetic batches hold ViT images), its loss goes down."""
+    cfg = make_cfg("eagle", "--model.overrides={draft_heads: {kind: eagle, num_heads: 2, image_context: true}}",
+                   "--train.heads_only=true", "--train.steps=8", "--train.ema=0", "--data.num_batches=1",
+                   "--optim.lr=0.01")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    history = trainer.run().history
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("draft_heads.") for k in changed)
+    assert "draft_heads.image_proj.weight" in changed
+    assert history[-1]["loss_heads"] < history[0]["loss_heads"]
+
+
+def test_pydoc_prose_is_running_text():
+    from data_pipelines.text_corpus import prose, pydoc_topics
+
+    _, held = pydoc_topics()
+    text = prose(next(iter(held.values())))
+    assert text and all(not p.startswith(" ") and "\n" not in p and "  " not in p and "***" not in p
+                        for p in text.split("\n\n"))
+
+
 def test_corpus_source_is_deterministic_and_rank_split(make_cfg):
     cfg = make_cfg("corpus", "--data.kind=corpus", "--data.corpus=digits",
                    f"--data.tokenizer={REPO / 'tests/assets/bagel_official_tiny'}", "--data.samples_per_batch=4")
