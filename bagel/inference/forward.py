@@ -34,8 +34,7 @@ class Query:
     gen_rows: torch.Tensor  # (n,) bool: rows owned by the generation expert (VAE latents)
     causal: bool  # text: causal (bottom-right); images: bidirectional within the block
     # (n, n) bool: query i sees block key j. Replaces the causal/bidirectional block mask (the
-    # cached prefix stays fully visible); tree attention for speculative decoding. Or
-    # (n, cached + n): over the cached keys too (a drafter's tree rows written by earlier calls).
+    # cached prefix stays fully visible); tree attention for speculative decoding.
     mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -63,10 +62,8 @@ def _block_mask(q: Query, cached: int, device):
     """The cached-attention mask of one block over its cache + block keys."""
     n = len(q)
     if q.mask is not None:
-        if q.mask.shape == (n, cached + n):
-            return q.mask.to(device)
         if q.mask.shape != (n, n):
-            raise ValueError(f"Query.mask has shape {tuple(q.mask.shape)}, expected {(n, n)} or {(n, cached + n)}")
+            raise ValueError(f"Query.mask has shape {tuple(q.mask.shape)}, expected {(n, n)}")
         return torch.cat([torch.ones(n, cached, dtype=torch.bool, device=device), q.mask.to(device)], dim=1)
     return CAUSAL if q.causal and n > 1 else FULL
 

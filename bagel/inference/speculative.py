@@ -111,14 +111,14 @@ class Tree:
         `from_paths`' sorting and checks: the dynamic trees of every decoding step."""
         T = len(paths)
         depth = torch.tensor([len(p) for p in paths])
+        depth_max = int(depth.max())
         mask = torch.eye(T, dtype=torch.bool)
         par = torch.tensor(parent[1:], dtype=torch.long)
-        for _ in range(int(depth.max())):  # each pass adds one more generation of ancestors
+        for _ in range(depth_max):  # each pass adds one more generation of ancestors
             mask[1:] |= mask[par]
         children = [[] for _ in range(T)]
         for i in range(1, T):
             children[parent[i]].append(i)
-        depth_max = int(depth.max())
         topk = [1 + max(p[d - 1] for p in paths if len(p) == d) for d in range(1, depth_max + 1)]
         return cls(paths, parent, depth, mask, children, topk)
 

@@ -133,12 +133,12 @@ def drafters(paths: list[str], ps: PromptSet, budget: int, topk: int, medusa_tre
     out = []
     for path in paths:
         heads = load_draft_heads(path, ps.model.cfg.llm, llm=ps.model.llm)
-        kind = heads.cfg.kind
+        kind = heads.cfg.kind + (" (image-aware)" if heads.cfg.image_context else "")
         out.append((f"{kind} chain of {heads.depth}", heads, SpecConfig()))
-        if kind == "eagle":
-            out.append((f"eagle tree of {budget} (top-{topk}, depth {heads.depth})", heads,
+        if heads.cfg.kind == "eagle":
+            out.append((f"{kind} tree of {budget} (top-{topk}, depth {heads.depth})", heads,
                         SpecConfig(budget=budget, topk=topk)))
-        if kind == "medusa" and medusa_tree and ps.tokenizer is not None:
+        if heads.cfg.kind == "medusa" and medusa_tree and ps.tokenizer is not None:
             from data_pipelines.text_corpus import pydoc_topics
 
             held = list(pydoc_topics()[1].values())

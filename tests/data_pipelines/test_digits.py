@@ -99,6 +99,24 @@ def test_extra_tasks_mirror_and_parity(tmp_path):
         assert [s.text for s in doc.segments[1:]] == ["Is it even or odd?", "even" if doc.meta["label"] % 2 == 0 else "odd"]
 
 
+def test_describe_task_answers_from_the_image(tmp_path):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from data_pipelines.digits import HEAVY_INK, describe_answer, write_digits
+
+    write_digits(tmp_path, size=32, limit=6, max_samples=10, tasks=("describe",), progress=False)
+    images = load_digits().images
+    for sample in _docs(tmp_path / "train" / "describe").values():
+        doc = loads_document(sample["json"])
+        d, i = doc.meta["label"], doc.meta["index"]
+        assert [s.text for s in doc.segments[1:]] == ["Describe it.", describe_answer(d, images[i])]
+    light, heavy = np.full((8, 8), HEAVY_INK - 1), np.full((8, 8), HEAVY_INK + 1)
+    assert describe_answer(9, light) == ("nine, odd, light ink. Count up from nine: zero, one, two, three, four, "
+                                         "five, six, seven, eight.")
+    assert describe_answer(0, heavy).startswith("zero, even, heavy ink. Count up from zero: one, two,")
+
+
 def _flip_rendered(sample, src):
     """The target is the 8x8 digit flipped, then rendered: the same as flipping the render."""
     import numpy as np
