@@ -39,7 +39,7 @@ TASKS = ("t2i", "vqa", "edit", "count")
 # Skills the demo model was not trained on, for the LoRA recipes (configs/train/lora_*.yaml):
 # "Mirror it." -> the same image flipped left-right; "Is it even or odd?" -> "even" / "odd".
 EXTRA_TASKS = ("mirror", "parity")
-# Image-conditioned long answers for the speculative-decoding benchmark (scripts/spec_demo.py).
+# Image-conditioned long answers for the speculative-decoding benchmark (make spec-bench).
 BENCH_TASKS = ("describe",)
 SPLITS = ("train", "test")
 
@@ -53,8 +53,6 @@ QUESTION = "What digit is this?"
 EDIT_INSTRUCTION = "Change it to the next digit."
 MIRROR_INSTRUCTION = "Mirror it."
 PARITY_QUESTION = "Is it even or odd?"
-
-
 DESCRIBE_QUESTION = "Describe it."
 HEAVY_INK = 5.0  # mean ink (0..16) over the 8x8 grid above which the ink is "heavy" (about the median)
 

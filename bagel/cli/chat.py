@@ -43,7 +43,8 @@ def enable_speculative(engine, kind: str, heads_dir: str | None, budget: int | N
     heads = None
     if heads_dir:
         w = engine.model.llm.embed_tokens.weight
-        heads = load_draft_heads(heads_dir, engine.model.cfg.llm, dtype=w.dtype, device=w.device, llm=engine.model.llm)
+        heads = load_draft_heads(heads_dir, engine.model.cfg.llm, dtype=w.dtype, device=w.device,
+                                 llm=engine.model.llm)
     found = heads if heads is not None else getattr(engine.model, "draft_heads", None)
     if found is not None and found.cfg.kind != kind:
         raise ValueError(f"--speculative {kind}, but the draft heads are {found.cfg.kind!r} heads")
