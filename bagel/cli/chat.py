@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def enable_speculative(engine, kind: str, heads_dir: str | None, budget: int | None = None) -> None:
+def enable_speculative(engine, kind: str, heads_dir: str | None, spec=None) -> None:
+    """`spec`: a bagel.inference.speculative.SpecConfig (None: a chain as deep as the heads)."""
     from bagel.checkpoint.heads import load_draft_heads
-    from bagel.inference.speculative import SpecConfig
 
     heads = None
     if heads_dir:
@@ -48,9 +48,9 @@ def enable_speculative(engine, kind: str, heads_dir: str | None, budget: int | N
     found = heads if heads is not None else getattr(engine.model, "draft_heads", None)
     if found is not None and found.cfg.kind != kind:
         raise ValueError(f"--speculative {kind}, but the draft heads are {found.cfg.kind!r} heads")
-    if budget is not None and kind != "eagle":
+    if spec is not None and spec.budget is not None and kind != "eagle":
         raise ValueError(f"--tree-budget grows EAGLE trees; --speculative {kind} drafts a chain")
-    engine.use_speculative(heads, SpecConfig(budget=budget))
+    engine.use_speculative(heads, spec)
 
 
 class Chat:
@@ -114,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # every input is checked before the model loads
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        spec = None
         if args.tree_budget is not None:
             from bagel.inference.speculative import SpecConfig
 
-            SpecConfig(budget=args.tree_budget)  # checked before the model loads
+            spec = SpecConfig(budget=args.tree_budget)  # checked before the model loads
         if args.question is not None and not args.question.strip():
             raise ValueError("--question is empty")
         images = [open_image(path) for path in args.image]
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--question TEXT (with --image PATH to ask about an image)")
         engine = load_engine(args)
         if args.speculative:
-            enable_speculative(engine, args.speculative, args.heads, args.tree_budget)
+            enable_speculative(engine, args.speculative, args.heads, spec)
         chat = Chat(engine, sampling, args.think)
         for image in images:
             chat.engine.add_image(chat.session, [image], vae=False, vit=True)

@@ -128,10 +128,17 @@ def main(argv: list[str] | None = None) -> int:
             (run_dir / "before.json").write_text(json.dumps(before, indent=1) + "\n")
         elif (run_dir / "before.json").is_file():
             before = json.loads((run_dir / "before.json").read_text())
-        tb = _tensorboard(run_dir) if cfg.tensorboard else None
+        from bagel.train.run_log import open_tensorboard, trim_metrics
+
+        tb = open_tensorboard(run_dir, "bagel-rl") if cfg.tensorboard else None
         t0 = time.time()
+        trimmed = False
 
         def on_record(record: dict) -> None:
+            nonlocal trimmed
+            if not trimmed:  # a resumed run replays the iterations after its checkpoint: log them once
+                trim_metrics(run_dir / "metrics.jsonl", record["iteration"] - 1, key="iteration")
+                trimmed = True
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if tb is not None:
@@ -155,15 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"bagel-rl: error: {e}", file=sys.stderr)
         return 2
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("[bagel-rl] tensorboard is not installed: pip install tensorboard (logging to metrics.jsonl only)")
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,12 @@ def probs_from_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor
     return logits.softmax(-1)
 
 
+def draw(p: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One token id drawn from the probabilities p (V,) (on the CPU, so a seeded CPU generator
+    gives the same draws on every device)."""
+    return int(torch.multinomial(p.cpu(), 1, generator=generator))
+
+
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids: argmax when temperature is 0, else a draw."""
     if cfg.temperature <= 0:

@@ -243,15 +243,15 @@ def _draft_step_mask(run: torch.Tensor, s: int) -> torch.Tensor:
 def eagle_forward(heads: EagleDrafter, llm, hidden: torch.Tensor, labels: torch.Tensor, ce_mask: torch.Tensor,
                   position_ids: torch.Tensor, image: torch.Tensor | None = None) -> list[tuple]:
     """The drafter over a packed sequence, `depth` steps deep with its own predictions fed back
-    (EAGLE-3's training-time test) -> per step s: (features (L, D), logits (L, V), token targets
-    (L,), valid (L,)). Step s at p reads the LLM feature at p-s+1 and its own outputs after it, and
+    (EAGLE-3's training-time test) -> per step s: (features (L, D), logits (L, V), valid (L,)).
+    Step s at p reads the LLM feature at p-s+1 and its own outputs after it, and
     predicts the feature at p+1 and the token at p+2."""
     device = hidden.device
     labels, ce_mask = labels.to(device), ce_mask.to(device)
     run = _run_mask(ce_mask)
     cos, sin = llm.rope(position_ids.to(device), hidden.dtype)
     emb = llm.embed_tokens(labels.clamp_min(0)) * ce_mask[:, None].to(hidden.dtype)  # token p+1
-    target, target_ok = shifted_targets(labels, ce_mask, 1)  # token p+2
+    _, target_ok = shifted_targets(labels, ce_mask, 1)  # the token at p+2 exists
     keys, values, outs = [], [], []
     feature, chain_ok = hidden, ce_mask
     for s in range(1, heads.depth + 1):
@@ -266,7 +266,7 @@ def eagle_forward(heads: EagleDrafter, llm, hidden: torch.Tensor, labels: torch.
             return out[0].transpose(0, 1)
 
         f = heads.block(heads.inputs(emb, feature, image), cos, sin, None, attend)
-        outs.append((f, llm.lm_head(f), target, chain_ok & target_ok))
+        outs.append((f, llm.lm_head(f), chain_ok & target_ok))
         feature = _behind(f)  # step s+1 at p reads step s's output at p-1
         chain_ok = chain_ok & _behind(chain_ok, False) & ce_mask
     return outs
@@ -286,7 +286,7 @@ def eagle_loss(heads: EagleDrafter, llm, hidden, labels, ce_mask, position_ids,
     next_feature = _ahead(hidden, 1, 0.0).detach()
     with torch.no_grad():
         target_p = llm.lm_head(next_feature).float().softmax(-1)
-    for f, logits, _, valid in eagle_forward(heads, llm, hidden, labels, ce_mask, position_ids, image):
+    for f, logits, valid in eagle_forward(heads, llm, hidden, labels, ce_mask, position_ids, image):
         if not valid.any():
             acc.append(float("nan"))
             continue

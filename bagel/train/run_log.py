@@ -11,21 +11,33 @@ from bagel.checkpoint.files import write_text
 from bagel.progress import track
 
 
-def trim_metrics(path: Path, start_step: int) -> None:
-    """Drop the records after `start_step`: a resumed run replays those steps and logs them again."""
+def trim_metrics(path: Path, start_step: int, key: str = "step") -> None:
+    """Drop the records whose `key` is after `start_step`: a resumed run replays those steps (or
+    RL iterations) and logs them again."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and _step(line) <= start_step]
+    kept = [line for line in lines if line.strip() and _step(line, key) <= start_step]
     if len(kept) != len(lines):
         write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _step(line: str) -> float:
+def _step(line: str, key: str) -> float:
     try:
-        return float(json.loads(line).get("step", 0))
+        return float(json.loads(line).get(key, 0))
     except (ValueError, AttributeError):
         return float("inf")  # an unreadable line (a write cut short by a kill) goes
+
+
+def open_tensorboard(run_dir: Path, tool: str):
+    """A SummaryWriter on RUN_DIR/tensorboard, or None (said once) when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print(f"[{tool}] tensorboard is not installed: pip install tensorboard (logging to metrics.jsonl only)",
+              flush=True)
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 class RunLogger:
@@ -41,13 +53,7 @@ class RunLogger:
         if cfg.log.progress:
             self.bar = track(total=cfg.train.steps, initial=start_step, desc="train", unit="step")
         if cfg.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                print("[bagel-train] tensorboard is not installed: pip install tensorboard (logging to "
-                      "metrics.jsonl only)", flush=True)
+            self.tb = open_tensorboard(run_dir, "bagel-train")
         if cfg.log.wandb:
             try:
                 import wandb

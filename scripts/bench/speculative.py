@@ -39,7 +39,8 @@ import torch
 
 from bagel.checkpoint.heads import load_draft_heads
 from bagel.inference.generate_text import generate_text
-from bagel.inference.speculative import SpecConfig, generate_speculative, tree_from_accuracies
+from bagel.inference.draft_tree import tree_from_accuracies
+from bagel.inference.speculative import SpecConfig, generate_speculative
 from bagel.sampling import SamplingConfig
 
 

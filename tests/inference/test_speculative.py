@@ -12,8 +12,8 @@ from bagel.inference.forward import Query, forward_queries, llm_stack
 from bagel.inference.generate_text import generate_text, probs_from_logits
 from bagel.sampling import SamplingConfig
 from bagel.inference.kv_cache import KVCache
-from bagel.inference.speculative import (SpecConfig, Tree, generate_speculative, tree_from_accuracies,
-                                         typical_threshold, verify_greedy, verify_sample_chain, verify_sample_tree,
+from bagel.inference.draft_tree import Tree, tree_from_accuracies
+from bagel.inference.speculative import (SpecConfig, generate_speculative, typical_threshold, verify_greedy, verify_sample_chain, verify_sample_tree,
                                          verify_typical)
 from bagel.model.bagel import Bagel
 from bagel.config import HeadsConfig

@@ -10,7 +10,8 @@ from bagel.checkpoint.strict import CheckpointError
 from bagel.config import BagelConfig, ConfigError, HeadsConfig
 from bagel.inference.forward import Query, forward_queries, llm_stack
 from bagel.inference.kv_cache import KVCache
-from bagel.inference.speculative import SpecConfig, _EagleDrafter, _MTPDrafter
+from bagel.inference.drafters import EagleDraftState, MTPDraftState
+from bagel.inference.speculative import SpecConfig
 from bagel.model.bagel import Bagel
 from bagel.model.heads import attach_draft_heads
 from bagel.sampling import SamplingConfig
@@ -133,7 +134,7 @@ def test_mtp_decoding_state_equals_offline_forward():
     emb = model.llm.embed_tokens(torch.tensor(x))
     h = forward_queries(llm_stack(model), [ctx], [Query(emb, torch.arange(len(x)), torch.zeros(len(x), dtype=torch.bool),
                                              True)], commit=True)[0]
-    drafter = _MTPDrafter(model, heads, 1, [0], torch.tensor([x[0]]))
+    drafter = MTPDraftState(model, heads, 1, [0], torch.tensor([x[0]]))
     greedy = SamplingConfig(max_new_tokens=1)
     drafter.extend(0, h[:3], x[1:4])  # fed x0..x2, root x3
     drafter.draft([0], greedy, None)
@@ -160,7 +161,7 @@ def test_eagle_decoding_state_equals_offline_forward():
     emb = model.llm.embed_tokens(torch.tensor(x))
     h = forward_queries(llm_stack(model), [ctx], [Query(emb, torch.arange(len(x)), torch.zeros(len(x), dtype=torch.bool),
                                              True)], commit=True)[0]
-    drafter = _EagleDrafter(model, heads, 1, [0], [x[0]], [None])
+    drafter = EagleDraftState(model, heads, 1, [0], [x[0]], [None])
     greedy = SamplingConfig(max_new_tokens=1)
     drafter.extend(0, h[:3], x[1:4])  # fed x0..x2, root x3
     drafter.draft([0], SpecConfig(), greedy, False, None)

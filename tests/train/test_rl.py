@@ -141,3 +141,13 @@ def test_full_fine_tuning_of_the_generation_expert(official_dir, tmp_path):
     after = dict(run.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in trainable)
     assert all(torch.equal(before[n], after[n]) for n in before if n not in trainable)
+
+
+def test_metrics_of_replayed_iterations_are_logged_once(tmp_path):
+    """A resumed RL run replays the iterations after its checkpoint; their earlier records go."""
+    from bagel.train.run_log import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in (1, 2, 3)) + '{"iterat')
+    trim_metrics(path, 1, key="iteration")
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1]
