@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test demo lora-demo rl-demo spec-bench parity gpu-check clean
+.PHONY: venv test demo lora-demo rl-demo distill-demo spec-bench parity gpu-check clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +18,7 @@ test: venv
 	$(PY) -m pytest -q
 
 # The embedded default: data, tokenizer, first-stage VAE and ViT, unified pretraining, evaluation, report
-# (runs/digits/report.md). 9-11 minutes on 2 CPU cores after the install (README, Digits demo).
+# (runs/digits/report.md). 562 s measured on 2 quiet CPU cores after the install (README, Digits demo).
 demo: venv
 	$(PY) scripts/digits_demo.py
 
@@ -31,6 +31,16 @@ lora-demo: venv
 # runs/digits_rl/{model/, report.md, reward.png}. Needs `make demo`.
 rl-demo: venv
 	$(VENV)/bin/bagel-rl --config configs/rl/digits.yaml
+
+# Guidance and step distillation of the demo model: a 4-step student that draws in one guidance
+# branch (runs/digits_distill/), one in the teacher's 19 steps (runs/digits_distill_guidance/), each
+# with a report.md of the demo's scores, then scripts/bench/generate.py --digits: the plain sampler,
+# the step cache and both students in one run. Needs `make demo`. About 23 minutes on 2 cores.
+distill-demo: venv
+	$(VENV)/bin/bagel-distill --config configs/distill/digits_fewstep.yaml
+	$(VENV)/bin/bagel-distill --config configs/distill/digits_guidance.yaml
+	$(PY) scripts/bench/generate.py --digits runs/digits/model --guidance-student runs/digits_distill_guidance/model \
+		--fewstep-student runs/digits_distill/model
 
 # Speculative decoding, greedy and sampled, on held-out text and image-conditioned prompts
 # (scripts/bench/speculative.py; README, Speculative decoding). Trains what is missing first: a

@@ -45,6 +45,7 @@ setup(
             "bagel-app=bagel.cli.app:main",
             "bagel-lora=bagel.cli.lora:main",
             "bagel-rl=bagel.cli.rl:main",
+            "bagel-distill=bagel.cli.distill:main",
         ]
     },
 )

@@ -285,6 +285,9 @@ class BagelConfig:
     train_timestep_shift: float = 1.0
     attn_backend: str = "sdpa_loop"  # one of ATTENTION_BACKENDS
     draft_heads: HeadsConfig | None = None  # Medusa / MTP heads for speculative decoding
+    # A guidance-distilled student (bagel-distill): the latent tokens being denoised also embed the
+    # guidance scales (text, image), and the samplers run one branch instead of two or three.
+    guidance_input: bool = False
 
     def __post_init__(self):
         if isinstance(self.llm, dict):

@@ -157,6 +157,12 @@ class GenerationDefaults:
             tasks[task] = ImageGenConfig.preset(task, **given)
         return cls(**tasks, vocabulary=vocabulary)
 
+    def for_context(self, has_image: bool) -> ImageGenConfig:
+        """The settings for an image drawn after a context: with an image in the context, drawing
+        is an edit of it (the image guidance applies, as for the next image of an interleaved
+        chain, where text guidance has nothing to remove); without one, text-to-image."""
+        return self.edit if has_image else self.text_to_image
+
     def to_dict(self) -> dict:
         out: dict = {task: {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
                      for task, cfg in (("text_to_image", self.text_to_image), ("edit", self.edit))}

@@ -7,7 +7,8 @@ the split `bagel-data digits` uses). Four scores:
 - generation: "a handwritten digit {word}" -> the image is that digit, for every digit x seeds;
 - editing: held-out image + "Change it to the next digit." -> the image is the next digit;
 - interleaved: "Count up from {word}:" -> three images, all three right (each generated image is
-  fed back as a clean VAE + ViT block before the next, as the training documents lay them out).
+  fed back as a clean VAE + ViT block before the next, as the training documents lay them out;
+  the images after the first are drawn with the edit settings, as Engine.interleave draws them).
 
 Generated images are judged by an independent classifier: an RBF SVC (scikit-learn) trained on
 the real training digits at their native 8x8 resolution; generated images are shrunk back to 8x8
@@ -29,6 +30,7 @@ from PIL import Image
 # The dataset owns the task texts, the split and the rendering; the benchmark asks with the same.
 from bagel.inference.pictures import grid, save_png, upscale
 from bagel.progress import track
+from bagel.sampling import GenerationDefaults
 from data_pipelines.digits import (EDIT_INSTRUCTION, MIRROR_INSTRUCTION, PARITY_QUESTION, QUESTION,  # noqa: F401
                                    WORDS, caption, count_prompt, digit_image, parity_word, split_of)
 
@@ -121,7 +123,7 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
     edited = _edit(engine, pil, edit_cfg, cfg)
     edit = float((judge(edited) == (labels + 1) % 10).mean())
     bar.update()
-    chains, paced = _count(engine, digits, size, t2i_cfg, cfg)
+    chains, paced = _count(engine, digits, size, GenerationDefaults(t2i_cfg, edit_cfg), cfg)
     chain_ok = [all(judge(c) == [(d + k) % 10 for k in range(3)]) for c, d in zip(chains, digits)]
     interleaved = float(np.mean(chain_ok))
     bar.update()
@@ -210,10 +212,13 @@ def _edit(engine, pil: list, sampler, cfg: DigitsEvalConfig, instruction: str = 
     return out
 
 
-def _count(engine, starts: list[int], size, sampler, cfg: DigitsEvalConfig) -> tuple[list[list], list[bool]]:
-    """Three images after "Count up from {word}:", each fed back (VAE + ViT) before the next; and
-    per chain, whether the model itself asked for exactly those three (its next-block hints:
-    an image after the prompt and after the first two images, the end after the third)."""
+def _count(engine, starts: list[int], size, samplers: GenerationDefaults,
+           cfg: DigitsEvalConfig) -> tuple[list[list], list[bool]]:
+    """Three images after "Count up from {word}:", each fed back (VAE + ViT) before the next (the
+    first drawn with the text-to-image settings, the others, after an image, with the edit ones:
+    GenerationDefaults.for_context, as Engine.interleave); and per chain, whether the model
+    itself asked for exactly those three (its next-block hints: an image after the prompt and
+    after the first two images, the end after the third)."""
     chains = [[] for _ in starts]
     paced = [True for _ in starts]
     draw = engine.tokens.start_of_image
@@ -224,7 +229,7 @@ def _count(engine, starts: list[int], size, sampler, cfg: DigitsEvalConfig) -> t
         for k in range(3):
             for s, i in zip(sessions, idx):
                 paced[i] &= s.next_hint == draw
-            imgs = engine.generate_image(sessions, size, sampler, generator=g)
+            imgs = engine.generate_image(sessions, size, samplers.for_context(k > 0), generator=g)
             for j, i in enumerate(idx):
                 chains[i].append(imgs[j])
             for s, im in zip(sessions, imgs):

@@ -11,7 +11,7 @@ import pytest
 
 from bagel import __version__
 
-TOOLS = ("app", "chat", "data", "eval", "generate", "lora", "parity", "rl", "train")
+TOOLS = ("app", "chat", "data", "distill", "eval", "generate", "lora", "parity", "rl", "train")
 
 
 def parser_of(tool: str) -> argparse.ArgumentParser:

@@ -156,6 +156,9 @@ def load_official_model(path: str | Path, dtype: torch.dtype = torch.float32,
 def export_official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Our state dict under the official names (for writing an `ema.safetensors`). Draft heads
     have no place in the released layout and are left out (save them with save_draft_heads)."""
+    if getattr(model.cfg, "guidance_input", False):
+        raise ValueError("a guidance-distilled model (guidance_input) has no equivalent in the released layout: "
+                         "save it in ours (save_pretrained)")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("draft_heads.")}
     return convert_state_dict(state, "to_official", "model")
 

@@ -321,6 +321,8 @@ def interleave_tab(gr, engine, requests: Requests, default_seed: int) -> None:
             image = gr.Image(type="pil", label="Image before the prompt (optional)", elem_id="il-image")
             seed = gr.Number(default_seed, precision=0, label="Seed", elem_id="il-seed")
             max_blocks = gr.Slider(1, 16, 8, step=1, label="Most outputs (texts + images)")
+            gr.Markdown("These settings draw an image while the turn holds no image yet; an image drawn after "
+                        "one uses the model's edit settings (their image guidance keeps a chain going).")
             settings = guidance_controls(gr, engine.defaults.text_to_image, "il")
             upscale = upscale_control(gr, engine, "il")
             go = gr.Button("Continue", variant="primary", elem_id="il-run")

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output PNG; with --batch N: OUT_0.png ... and OUT_grid.png; with --interleave: "
                         "OUT_0.png ... in order, and the texts printed (required unless --dry-run)")
     p.add_argument("--interleave", action="store_true",
-                   help="let the model continue the turn with text and images until it stops")
+                   help="let the model continue the turn with text and images until it stops (an image drawn "
+                        "after an image uses the model's edit settings, with the sampler options on top)")
     p.add_argument("--max-blocks", type=int, default=8, help="--interleave: most outputs (texts + images)")
     p.add_argument("--think", action="store_true", help="write a plan first, then generate (think mode)")
     p.add_argument("--max-think-tokens", type=int, default=1000, help="longest plan (think mode)")
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         source = open_image(args.image) if args.image else None
         task = "edit" if source is not None and not args.interleave else "text_to_image"
         cfg = sampler_config(args, task)
+        cfgs = None  # per image, when they differ (interleave: after an image, the edit settings)
         think = SamplingConfig(max_new_tokens=args.max_think_tokens)
         engine = load_engine(args)
         for message in engine.prompt_warnings(args.prompt):
@@ -170,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         thoughts: list[str] = []
         if args.interleave:
             inputs = ([source] if source is not None else []) + [args.prompt]
+            after_image = sampler_config(args, "edit")
             outputs = engine.interleave(inputs, max_blocks=args.max_blocks, size=args.size, cfg=cfg, seed=args.seed,
-                                        progress=True)
+                                        progress=True, cfg_after_image=after_image)
             images = [o for o in outputs if not isinstance(o, str)]
+            cfgs = [after_image if source is not None or i else cfg for i in range(len(images))]
             n_images = 0
             for o in outputs:  # the turn in order: texts as they came, images by their file number
                 if isinstance(o, str):
@@ -192,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         mode = "interleave" if args.interleave else task
         for i, (im, path) in enumerate(zip(images, numbered(out, len(images)))):
-            info = generation_info(args.prompt, args.seed, cfg, args.model, task=mode, index=i, upscale=args.upscale,
-                                   image=args.image, lora=_loras(engine), quantize=engine.quantized)
+            info = generation_info(args.prompt, args.seed, cfgs[i] if cfgs else cfg, args.model, task=mode, index=i,
+                                   upscale=args.upscale, image=args.image, lora=_loras(engine),
+                                   quantize=engine.quantized)
             save_png(upscale(im, args.upscale), path, info)
             print(f"wrote {path} ({im.width * args.upscale}x{im.height * args.upscale})")
         if len(images) > 1:

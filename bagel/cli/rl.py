@@ -14,7 +14,7 @@ fitted on the real training digits), subprocess:COMMAND or package.module:functi
 Writes to run_dir: metrics.jsonl, tensorboard/ (reward mean/std, advantage, ratio, clip fraction,
 KL, per-task reward), reward.png, checkpoints/iter_*/ (--resume=auto continues the newest),
 adapter/ (peft format, for --lora) and model/ (the adapter merged in), and, with
-eval_limit > 0 and the digits reward, report.md: the demo's four scores before and after.
+evaluate: true and the digits reward, report.md: the demo's four scores before and after.
 Exit status: 0 done, 2 bad arguments or input.
 """
 
@@ -33,21 +33,6 @@ def _parser() -> Parser:
     p.add_argument("--config", default=None, metavar="RECIPE.yaml", help="a configs/rl/*.yaml recipe")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     return p
-
-
-def _check_run_dir(cfg) -> None:
-    run_dir = Path(cfg.run_dir)
-    used = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("iter_*"))
-    if cfg.resume == "none" and used:
-        raise ValueError(f"run_dir {run_dir} already holds an RL run: --resume=auto continues it, or choose "
-                         "another run_dir (nothing is deleted)")
-
-
-def _evaluate(engine, limit: int) -> dict:
-    from eval.digits import DigitsEvalConfig, evaluate
-
-    m = evaluate(engine, DigitsEvalConfig(limit=limit), progress=False)
-    return {k: m[k] for k in ("understanding_accuracy", "generation_accuracy", "edit_accuracy", "interleaved_accuracy")}
 
 
 def plot_rewards(history: list[dict], out: Path) -> Path:
@@ -74,12 +59,12 @@ def plot_rewards(history: list[dict], out: Path) -> Path:
 
 
 def _report(cfg, before: dict, after: dict, history: list[dict], seconds: float) -> str:
-    rows = "\n".join(f"| {k.replace('_accuracy', '')} | {before[k]:.1%} | {after[k]:.1%} | {after[k] - before[k]:+.1%} |"
-                     for k in before)
+    from bagel.cli.gen_tuning import score_table
+
     return (f"# bagel-rl: {cfg.run_dir}\n\nModel `{cfg.model}`, tasks {cfg.tasks}, {cfg.iterations} iterations of "
             f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples, reward `{cfg.reward}`, "
             f"{seconds / 60:.1f} min.\n\nHeld-out digits (the demo's evaluation, `eval.digits.evaluate`):\n\n"
-            f"| task | before | after | change |\n|---|---|---|---|\n{rows}\n\n"
+            f"{score_table(before, after)}\n"
             f"![reward per iteration](reward.png)\n\n*Reward per iteration (mean over all samples, and per task).*\n\n"
             f"Last iteration: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in history[-1].items()})}\n"
             if history else "")
@@ -113,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        _check_run_dir(cfg)
+        from bagel.cli.gen_tuning import RecordLog, check_run_dir, digits_scores
+
+        check_run_dir(cfg.run_dir, cfg.resume, "an RL run")
         if not Path(cfg.model).is_dir():
             raise FileNotFoundError(f"model {cfg.model} does not exist (make demo writes runs/digits/model)")
         from bagel.cli.rl_run import RLRun
@@ -122,38 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         run = RLRun(cfg)
-        digits_report = cfg.eval_limit > 0 and cfg.reward == "digits"
-        before = _evaluate(run.engine, cfg.eval_limit) if digits_report and run.latest() is None else None
+        digits_report = cfg.evaluate and cfg.reward == "digits"
+        before = digits_scores(run.engine, cfg.eval_limit) if digits_report and run.latest() is None else None
         if before is not None:
             (run_dir / "before.json").write_text(json.dumps(before, indent=1) + "\n")
         elif (run_dir / "before.json").is_file():
             before = json.loads((run_dir / "before.json").read_text())
-        from bagel.train.run_log import open_tensorboard, trim_metrics
-
-        tb = open_tensorboard(run_dir, "bagel-rl") if cfg.tensorboard else None
+        log = RecordLog(run_dir, "bagel-rl", "rl", cfg.tensorboard)
         t0 = time.time()
-        trimmed = False
-
-        def on_record(record: dict) -> None:
-            nonlocal trimmed
-            if not trimmed:  # a resumed run replays the iterations after its checkpoint: log them once
-                trim_metrics(run_dir / "metrics.jsonl", record["iteration"] - 1, key="iteration")
-                trimmed = True
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if tb is not None:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and k != "iteration":
-                        tb.add_scalar(f"rl/{k}", v, record["iteration"])
-
-        history = run.run(on_record)
-        if tb is not None:
-            tb.close()
+        history = run.run(log)
+        log.close()
         _export(run, cfg)
         if history:
             plot_rewards(history, run_dir / "reward.png")
         if digits_report and before is not None:
-            after = _evaluate(run.engine, cfg.eval_limit)
+            after = digits_scores(run.engine, cfg.eval_limit)
             (run_dir / "report.md").write_text(_report(cfg, before, after, history, time.time() - t0))
             print("[bagel-rl] " + ", ".join(f"{k.replace('_accuracy', '')} {before[k]:.1%} -> {after[k]:.1%}"
                                             for k in before))

@@ -67,8 +67,10 @@ def latent_embeds(model, xs: list[torch.Tensor], t: float, grid: tuple[int, int]
     return embed_latents(model, xs, t, grid)
 
 
-def embed_latents(model, xs: list[torch.Tensor], t: float, grid: tuple[int, int]) -> list[torch.Tensor]:
-    """`latent_embeds` with autograd as the caller has it."""
+def embed_latents(model, xs: list[torch.Tensor], t: float, grid: tuple[int, int],
+                  guidance: tuple[float, float] | None = None) -> list[torch.Tensor]:
+    """`latent_embeds` with autograd as the caller has it; `guidance`: the (text, image) scales a
+    guidance-distilled student draws with (Bagel.embed_latents)."""
     cfg = model.cfg
     h, w = grid
     if max(h, w) > cfg.max_latent_size:
@@ -77,7 +79,8 @@ def embed_latents(model, xs: list[torch.Tensor], t: float, grid: tuple[int, int]
     x = torch.cat(xs) if len(xs) > 1 else xs[0]
     ids = grid_position_ids(h, w, cfg.max_latent_size).to(x.device).repeat(len(xs))
     t_vec = torch.full((x.shape[0],), float(t), device=x.device)
-    return list(model.embed_latents(x, t_vec, ids).split(h * w))
+    g = None if guidance is None else torch.tensor([guidance], device=x.device).expand(x.shape[0], 2)
+    return list(model.embed_latents(x, t_vec, ids, g).split(h * w))
 
 
 def latent_query(model, tokens: SpecialTokens, x: torch.Tensor, t: float, grid: tuple[int, int], rope: int) -> Query:

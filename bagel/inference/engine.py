@@ -250,8 +250,9 @@ class Engine:
                        noise: list[torch.Tensor] | None = None, on_step=None, progress: bool = False,
                        return_latents: bool = False):
         """One image per session; size (H, W) defaults to the last input image's size, `cfg` to
-        the model's text-to-image defaults."""
-        cfg = cfg or self.defaults.text_to_image
+        the model's settings for the context (its edit settings when the context holds an image,
+        else its text-to-image ones: GenerationDefaults.for_context)."""
+        cfg = cfg or self.defaults.for_context(sessions[0].image_size is not None)
         size = size or sessions[0].image_size
         if size is None:
             raise ValueError("no output size given and no input image to take it from")
@@ -317,13 +318,17 @@ class Engine:
 
     def interleave(self, inputs: list, max_blocks: int = 8, size: tuple[int, int] | None = None,
                    cfg: ImageGenConfig | None = None, sampling: SamplingConfig = SamplingConfig(),
-                   seed: int = 0, vit_for_outputs: bool = True, progress: bool = False, on_step=None) -> list:
+                   seed: int = 0, vit_for_outputs: bool = True, progress: bool = False, on_step=None,
+                   cfg_after_image: ImageGenConfig | None = None) -> list:
         """Feed text/images, then let the model continue with text and images until it stops
         (at most `max_blocks` outputs). Returns the outputs in order: strings and PIL images.
 
         Each generated image is added back as a clean VAE block (plus a ViT block when
         `vit_for_outputs`), at the RoPE id its generation used, like interleaved training data.
-        Images take `size` (H, W), else the last input image's size, else the model's native size."""
+        Images take `size` (H, W), else the last input image's size, else the model's native size.
+        An image drawn while the context holds no image uses `cfg` (default: the model's
+        text-to-image settings), one drawn after an image `cfg_after_image` (default: its edit
+        settings, whose image guidance keeps a chain going: GenerationDefaults.for_context)."""
         if not inputs:
             raise ValueError("interleave needs at least one input (a prompt or an image)")
         s = self.new_sessions(1)
@@ -337,7 +342,9 @@ class Engine:
         for _ in range(max_blocks):
             hint = s[0].next_hint
             if hint == self.tokens.start_of_image:
-                image = self.generate_image(s, size or s[0].image_size or self.native_size, cfg, generator=g,
+                has_image = s[0].image_size is not None
+                sampler = (cfg_after_image if has_image else cfg) or self.defaults.for_context(has_image)
+                image = self.generate_image(s, size or s[0].image_size or self.native_size, sampler, generator=g,
                                             progress=progress, on_step=on_step)[0]
                 outputs.append(image)
                 self.add_image(s, [image], vae=True, vit=vit_for_outputs, generator=g)

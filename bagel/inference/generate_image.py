@@ -9,6 +9,8 @@ The release runs the branches one after another; the numbers are the same.
 Branch rules (the release's): guidance is active at step i only if
 cfg_interval[0] < t_i <= cfg_interval[1]; text_uncond runs iff the text scale is > 1, img_uncond
 iff both scales are > 1 (with a text scale <= 1 the release applies no guidance at all).
+A guidance-distilled student (`model.cfg.guidance_input`, bagel-distill) runs the full branch
+alone and reads the scales as an input instead.
 
 `cfg.cache` skips most of the decoder on steps where a branch's input barely changed, per
 branch (bagel/inference/step_cache.py); off by default.
@@ -58,13 +60,21 @@ def _workspace(contexts: list[Context], extra: int) -> list[Context]:
     return out
 
 
-def guidance_workspace(branches: list[Branches], cfg: ImageGenConfig, n_tok: int) -> list[Context]:
+def active_branches(model, cfg: ImageGenConfig, t: float) -> int:
+    """How many contexts per image a denoising step at time t runs (the branch rules above)."""
+    if model.cfg.guidance_input:
+        return 1
+    s_text, s_img = cfg.scales_at(t)
+    return 1 + (s_text > 1) + (s_text > 1 and s_img > 1)
+
+
+def guidance_workspace(model, branches: list[Branches], cfg: ImageGenConfig, n_tok: int) -> list[Context]:
     """The contexts every denoising step of `cfg` attends to, copied into one fresh cache. Row
     order: all full contexts, then text_uncond, then img_uncond, so each step's active branches
-    are a prefix of the rows."""
+    are a prefix of the rows (a guidance-distilled student: the full contexts only)."""
     grid_t = flow.sampling_timesteps(cfg.num_timesteps, cfg.timestep_shift).tolist()
-    need_text = cfg.cfg_text_scale > 1 and any(cfg.scales_at(t)[0] > 1 for t in grid_t[:-1])
-    need_img = need_text and cfg.cfg_img_scale > 1
+    most = max(active_branches(model, cfg, t) for t in grid_t[:-1])
+    need_text, need_img = most > 1, most > 2
     for b in branches:
         if need_text and b.text_uncond is None:
             raise ValueError("cfg_text_scale > 1 needs a text-unconditional context for every image")
@@ -87,8 +97,8 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
                      progress: bool = False, stats: dict | None = None,
                      step_fn: StepFunction | None = None) -> list[torch.Tensor]:
     """Sample one image per `Branches` entry -> patchified latents, (h*w, p*p*C) each. With
-    `cfg.cache` on, `stats` (a dict, if given) receives the decoder-layer evaluations made and
-    those a plain run makes. `step_fn` replaces the Euler step (the SDE sampler of RL rollouts)."""
+    `stats` (a dict, if given) receives the decoder-layer evaluations made (one per layer, context
+    row and step) and those the same sampler makes without `cfg.cache`. `step_fn` replaces the Euler step (the SDE sampler of RL rollouts)."""
     h, w = grid
     n_tok, dim = h * w, model.cfg.patch_latent_dim
     device = model.llm.embed_tokens.weight.device
@@ -105,17 +115,20 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
     cache = None if threshold is None else StepCache(threshold, len(model.llm.layers))
     if stats is not None:
         stats.clear()
-    ws = guidance_workspace(branches, cfg, n_tok)
+    ws = guidance_workspace(model, branches, cfg, n_tok)
+    plain_work = 0
 
     for i in track(range(len(grid_t) - 1), desc="denoising", unit="step", enabled=progress):
         t, t_next = grid_t[i], grid_t[i + 1]
         guided = step_velocities(model, tokens, ws, x, t, grid, cfg, cache, i, len(grid_t) - 2)
+        plain_work += active_branches(model, cfg, t) * B * len(model.llm.layers)
         for b in range(B):
             if on_step is not None:
                 on_step(i, t, x[b], guided[b])
             x[b] = flow.euler_step(x[b], guided[b], t, t_next) if step_fn is None else step_fn(i, b, x[b], guided[b])
-    if stats is not None and cache is not None:
-        stats.update(layer_evaluations=cache.layer_evaluations, full_layer_evaluations=cache.full_layer_evaluations)
+    if stats is not None:
+        stats.update(layer_evaluations=plain_work if cache is None else cache.layer_evaluations,
+                     full_layer_evaluations=plain_work)
     return x
 
 
@@ -128,15 +141,19 @@ def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[tor
     B = len(x)
     dtype = model.llm.embed_tokens.weight.dtype
     s_text, s_img = cfg.scales_at(t)
-    n_branches = 1 + (s_text > 1) + (s_text > 1 and s_img > 1)
+    student = model.cfg.guidance_input  # one branch, the scales as an input
+    n_branches = active_branches(model, cfg, t)
     ctxs = ws[: n_branches * B]
-    inner = embed_latents(model, [xb.to(dtype) for xb in x], t, grid)  # each image's, shared by its branches
+    inner = embed_latents(model, [xb.to(dtype) for xb in x], t, grid,  # each image's, shared by its branches
+                          (s_text, s_img) if student else None)
     queries = [image_block(model, tokens, inner[j % B], c.rope, gen=True) for j, c in enumerate(ctxs)]
     if cache is None:
         hidden = run_queries(llm_stack(model), ctxs, queries, commit=False)
     else:
         hidden = _cached_forward(model, cache, step, last_step, ctxs, queries)
     v = [model.llm2vae(hid[1:-1]).float() for hid in hidden]  # latents sit between the markers
+    if student:
+        return v
     out = []
     for b in range(B):
         v_text = v[B + b] if n_branches > 1 else None

@@ -84,7 +84,7 @@ def step_transitions(model, tokens: SpecialTokens, branches: list[Branches], rol
     """The SDE transitions of `steps` for every image, recomputed from the rollout's states with
     autograd as the caller has it: [step][image] -> SdeStep (its mean carries the gradient)."""
     device = model.llm.embed_tokens.weight.device
-    ws = guidance_workspace(branches, cfg, rollout.grid[0] * rollout.grid[1])
+    ws = guidance_workspace(model, branches, cfg, rollout.grid[0] * rollout.grid[1])
     t_cap = _t_cap(rollout.timesteps)
     out = []
     for i in steps:

@@ -15,6 +15,7 @@ official forward are only in code shape; the numerics match its float32 graph.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from bagel.config import BagelConfig
 from bagel.model.attention import AttentionLayout, packed_attention, prepare_attention
 from bagel.model.heads import build_draft_heads
 from bagel.model.init import init_module, scratch_base
-from bagel.model.layers import GeluMLP, TimestepEmbedder, sincos_2d_table
+from bagel.model.layers import GeluMLP, GuidanceEmbedder, TimestepEmbedder, sincos_2d_table
 from bagel.model.mot import MoTLanguageModel, Routing
 from bagel.model.vit import VisionTransformer
 
@@ -60,6 +61,8 @@ class Bagel(nn.Module):
             self.vae2llm = nn.Linear(cfg.patch_latent_dim, d)
             self.llm2vae = nn.Linear(d, cfg.patch_latent_dim)
             self.register_buffer("latent_pos_table", sincos_2d_table(cfg.max_latent_size, d))
+            if cfg.guidance_input:
+                self.guidance_embedder = GuidanceEmbedder(d)
         # Optional draft heads for speculative decoding (bagel.model.heads); saved with the model.
         self.draft_heads = build_draft_heads(cfg.draft_heads, cfg.llm)
 
@@ -80,14 +83,21 @@ class Bagel(nn.Module):
         conn = self.connector(feats)
         return feats, conn, conn + self.vit_pos_table[position_ids].to(conn.dtype)
 
-    def embed_latents(self, x_t: torch.Tensor, t: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Noised latent tokens (N, p*p*C) at times t (N,) -> LLM embeddings (N, D)."""
+    def embed_latents(self, x_t: torch.Tensor, t: torch.Tensor, position_ids: torch.Tensor,
+                      guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """Noised latent tokens (N, p*p*C) at times t (N,) -> LLM embeddings (N, D). `guidance`
+        (N, 2): the (text, image) scales a guidance-distilled student draws with; only the tokens
+        being denoised carry them (conditioning images and training batches do not)."""
         if not self.cfg.visual_gen:
             raise ValueError("this model was built with visual_gen=False but the batch has VAE images")
         _check_ids(position_ids, self.latent_pos_table.shape[0], "latent position id", "max_latent_size")
         dtype = self.vae2llm.weight.dtype
-        return (self.vae2llm(x_t.to(dtype)) + self.time_embedder(t)
-                + self.latent_pos_table[position_ids].to(dtype))
+        emb = self.vae2llm(x_t.to(dtype)) + self.time_embedder(t) + self.latent_pos_table[position_ids].to(dtype)
+        if guidance is None:
+            return emb
+        if not self.cfg.guidance_input:
+            raise ValueError("guidance scales were given, but this model takes none (guidance_input=False)")
+        return emb + self.guidance_embedder(guidance.float())
 
     # Forward ----------------------------------------------------------------------------------
     def forward(self, batch: PackedBatch, x_t: torch.Tensor | None = None, t: torch.Tensor | None = None) -> BagelOutput:
@@ -152,6 +162,19 @@ class Bagel(nn.Module):
             idle.append(head(hidden[_no_ids(hidden.device)]))
             return None
         return head(hidden[rows])
+
+
+@torch.no_grad()
+def add_guidance_input(model: Bagel, seed: int = 0) -> Bagel:
+    """Give `model` (in place) the guidance-scale input of a guidance-distillation student, at
+    its initial value (output 0: the model is unchanged until it trains)."""
+    if model.cfg.guidance_input:
+        return model
+    model.cfg = dataclasses.replace(model.cfg, guidance_input=True)
+    ref = model.time_embedder.fc1.weight
+    model.guidance_embedder = GuidanceEmbedder(model.cfg.llm.hidden_size).to(device=ref.device, dtype=ref.dtype)
+    init_module(model.guidance_embedder, "guidance_embedder.", model.cfg, 0.02, seed, lambda name: None)
+    return model
 
 
 def _no_ids(device) -> torch.Tensor:

@@ -9,6 +9,7 @@ numbers:
 - biases 0, 1-D weights (RMSNorm / LayerNorm) 1;
 - the fixed 2-D sin-cos position tables (`vit_pos_table`, `latent_pos_table`);
 - `llm2vae` 0, so generation starts from a zero velocity (as the release initialises it);
+- the guidance embedder's output layer 0, so a fresh guidance-distillation student is its teacher;
 - Medusa residual blocks 0 (x + SiLU(0) = x: a fresh head predicts what `lm_head` predicts) and a
   head's own vocabulary projection a copy of `lm_head`; MTP and EAGLE blocks copies of the last
   LLM layer's und expert; EAGLE's image projection 0 (Medusa, arXiv 2401.10774; DeepSeek-V3, arXiv 2412.19437).
@@ -42,7 +43,7 @@ def initial_tensor(name: str, shape: tuple[int, ...], cfg, std: float, seed: int
         return sincos_2d_table(cfg.vit_max_num_patch_per_side, d)
     if name == "latent_pos_table":
         return sincos_2d_table(cfg.max_latent_size, d)
-    if name.startswith("llm2vae.") or _MEDUSA_BLOCK.fullmatch(name) or name == "draft_heads.image_proj.weight":
+    if name.startswith(("llm2vae.", "guidance_embedder.fc2.")) or _MEDUSA_BLOCK.fullmatch(name) or name == "draft_heads.image_proj.weight":
         return torch.zeros(shape)
     if _MEDUSA_LM_HEAD.fullmatch(name):
         return base("llm.lm_head.weight").float().clone()

@@ -113,3 +113,19 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         x = timestep_features(t, self.freq_dim).to(self.fc1.weight.dtype)
         return self.fc2(F.silu(self.fc1(x)))
+
+
+class GuidanceEmbedder(nn.Module):
+    """Guidance scales (N, 2) = (text, image) -> (N, hidden), embedded like the timestep: the
+    sinusoid features of each scale minus 1 (1 = no guidance), concatenated, Linear -> SiLU ->
+    Linear. Its last layer starts at zero (bagel/model/init.py), so a fresh student is its teacher."""
+
+    def __init__(self, hidden: int, freq_dim: int = 128):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = nn.Linear(2 * freq_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, scales: torch.Tensor) -> torch.Tensor:
+        feats = torch.cat([timestep_features(scales[:, k] - 1, self.freq_dim) for k in range(2)], dim=-1)
+        return self.fc2(F.silu(self.fc1(feats.to(self.fc1.weight.dtype))))

@@ -41,7 +41,8 @@ class RLConfig:
     checkpoint_every: int = 10
     keep: int = 2  # checkpoints kept
     resume: str = "auto"  # auto | none
-    eval_limit: int = 100  # held-out images / chains for the before/after report (0: no evaluation)
+    evaluate: bool = True  # report.md: the demo's four scores before and after (the digits tasks)
+    eval_limit: int = 0  # held-out images the report understands and edits (0: all 359, as the demo)
     tensorboard: bool = True
 
     def __post_init__(self):

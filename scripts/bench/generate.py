@@ -1,6 +1,17 @@
-"""Inference speed: batched CFG vs branches in sequence vs no cache; cached text decoding.
+"""Inference speed: batched CFG vs branches in sequence vs no cache; cached text decoding; and, on
+the digits demo model, every way of drawing with less work (step cache, distilled students).
 
     python scripts/bench/generate.py [--reps 5] [--threads 2]
+    python scripts/bench/generate.py --digits runs/digits/model [--guidance-student runs/digits_distill_guidance/model]
+        [--fewstep-student runs/digits_distill/model] [--cache auto] [--seeds 10] [--edits 359]
+
+--digits: the demo model with its own sampler (its generation.json: 19 steps, 2 guidance branches
+for text-to-image, 3 for editing) against, in the same run and on the same inputs: the step cache
+(`--cache`), a guidance-distilled student (one branch; bagel-distill with steps: null), a few-step
+student (one branch, its generation.json's steps) and the few-step student with the cache. Printed:
+model work (decoder-layer evaluations per image) and time per image as how many times less than
+the demo model's sampler, and the judged accuracy with its change in points
+(scripts/bench/digits_images.py).
 
 Model: random weights in the performance-target geometry (LLM hidden 256, 4 MoT layers, 8/2
 heads, vocab 1000; ViT hidden 128, 2 layers; 16 latent channels), float32, CPU. Cases:
@@ -135,13 +146,44 @@ def text_case(model, reps: int, n_new: int = 64) -> dict[str, float]:
     return {k: n_new / min(v) for k, v in times.items()}
 
 
+def digits(args) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from digits_images import Setting, compare
+
+    from bagel.inference.engine import Engine
+
+    def setting(label: str, model_dir: str, cache: str = "off") -> Setting:
+        engine = Engine.from_pretrained(model_dir)
+        d = engine.defaults
+        return Setting(label, engine, d.text_to_image.replace(cache=cache), d.edit.replace(cache=cache))
+
+    settings = [setting("demo model, its sampler", args.digits), setting(f"cache {args.cache}", args.digits, args.cache)]
+    if args.guidance_student:
+        settings.append(setting("guidance-distilled", args.guidance_student))
+    if args.fewstep_student:
+        settings += [setting("few-step", args.fewstep_student),
+                     setting(f"few-step + cache {args.cache}", args.fewstep_student, args.cache)]
+    compare(settings, args.seeds, args.edits)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--digits", metavar="MODEL", help="compare the ways of drawing with less work on this demo model")
+    p.add_argument("--guidance-student", metavar="DIR", help="--digits: a guidance-distilled student of MODEL")
+    p.add_argument("--fewstep-student", metavar="DIR", help="--digits: a few-step student of MODEL")
+    p.add_argument("--cache", default="auto", help="--digits: the step-cache setting (default: auto)")
+    p.add_argument("--seeds", type=int, default=10, help="--digits: generated images per digit")
+    p.add_argument("--edits", type=int, default=359, help="--digits: held-out images to edit")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.digits:
+        return digits(args)
     model = small_model()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.reps}")
     for name, edit in (("text-to-image 256x256, 2 branches", False), ("edit 224x224, 3 branches", True)):

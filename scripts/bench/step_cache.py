@@ -20,27 +20,8 @@ may skip says little about a trained model; the time per skipped layer does.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
-
-
-def run(engine, sampler, prompts_or_images, edit: bool, batch: int = 32):
-    """Images in the eval's batches and seeds; returns (images, seconds, layers run, layers plain)."""
-    from eval.digits import EDIT
-
-    out, layers, plain = [], 0, 0
-    t0 = time.perf_counter()
-    for start in range(0, len(prompts_or_images), batch):
-        chunk = prompts_or_images[start:start + batch]
-        if edit:
-            imgs, _ = engine.edit(chunk, [EDIT] * len(chunk), sampler, seed=start)
-        else:
-            imgs, _ = engine.text_to_image(chunk, None, sampler, seed=start)
-        out += imgs
-        layers += engine.cache_stats.get("layer_evaluations", 0)
-        plain += engine.cache_stats.get("full_layer_evaluations", 0)
-    return out, time.perf_counter() - t0, layers, plain
 
 
 def official_geometry(thresholds: list[str], repeats: int) -> None:
@@ -93,41 +74,18 @@ def main() -> None:
     if not args.model:
         p.error("--model is required (or --official-geometry)")
 
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from digits_images import Setting, compare
+
     from bagel.inference.engine import Engine
-    from data_pipelines.digits import caption, digit_image
-    from eval.digits import Judge, load_split
 
     engine = Engine.from_pretrained(args.model)
-    judge = Judge()
-    digits = [d for d in range(10) for _ in range(args.seeds)]
-    prompts = [caption(d) for d in digits]
-    images, labels = load_split("test")
-    side = engine.vae_transform.max_size
-    pil = [digit_image(x, side) for x in images[: args.edits]]
-    labels = labels[: args.edits]
-    rows = []
-    for setting in ["off", *args.thresholds]:
-        t2i = engine.defaults.text_to_image.replace(cache=setting)
-        ed = engine.defaults.edit.replace(cache=setting)
-        gen, gen_s, gen_layers, gen_plain = run(engine, t2i, prompts, edit=False)
-        edited, edit_s, edit_layers, edit_plain = run(engine, ed, pil, edit=True)
-        rows.append({"setting": setting, "gen_acc": float((judge(gen) == np.array(digits)).mean()),
-                     "edit_acc": float((judge(edited) == (labels + 1) % 10).mean()),
-                     "gen_s": gen_s / len(gen), "edit_s": edit_s / len(edited),
-                     "gen_layers": gen_plain / gen_layers if gen_layers else 1.0,
-                     "edit_layers": edit_plain / edit_layers if edit_layers else 1.0})
-        print(f"... {setting}: done", flush=True)
-    base = rows[0]
-    print(f"\n{len(digits)} generated images, {len(pil)} edits; ratios = how many times less than cache off\n")
-    print(f"{'cache':<8} {'gen layers':>10} {'gen time':>9} {'gen acc':>14} {'edit layers':>11} {'edit time':>9} "
-          f"{'edit acc':>14}")
-    for r in rows:
-        print(f"{r['setting']:<8} {r['gen_layers']:>9.2f}x {base['gen_s'] / r['gen_s']:>8.2f}x "
-              f"{100 * r['gen_acc']:>6.1f}% ({100 * (r['gen_acc'] - base['gen_acc']):+.1f}) "
-              f"{r['edit_layers']:>10.2f}x {base['edit_s'] / r['edit_s']:>8.2f}x "
-              f"{100 * r['edit_acc']:>6.1f}% ({100 * (r['edit_acc'] - base['edit_acc']):+.1f})")
-    print(f"\ncache off: {1000 * base['gen_s']:.1f} ms per generated image, {1000 * base['edit_s']:.1f} ms per edit "
-          f"(batches of 32)")
+    d = engine.defaults
+    compare([Setting(f"cache {s}", engine, d.text_to_image.replace(cache=s), d.edit.replace(cache=s))
+             for s in ["off", *args.thresholds]], args.seeds, args.edits)
 
 
 if __name__ == "__main__":

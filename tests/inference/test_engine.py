@@ -12,7 +12,7 @@ from bagel.inference.generate_image import generate_latents
 from bagel.inference.generate_text import sample_next
 from bagel.inference.kv_cache import KVCache
 from bagel.packing import Text, pack_samples
-from bagel.sampling import ImageGenConfig, SamplingConfig
+from bagel.sampling import GenerationDefaults, ImageGenConfig, SamplingConfig
 from bagel.transforms import ResizeSpec
 
 
@@ -204,6 +204,30 @@ def test_interleaved_output_follows_the_model_hints(engine, monkeypatch):
     engine.add_image(s, [image], vae=True, vit=True, generator=g)
     text = engine.generate_text(s, sampling, generator=g)[0][0]
     assert out[0].tobytes() == image.tobytes() and out[1] == text
+
+
+def test_an_image_drawn_after_an_image_takes_the_edit_settings(engine, monkeypatch):
+    """GenerationDefaults.for_context: the first image of a chain uses `cfg`, the next ones (after
+    an image, where text guidance has nothing to remove) `cfg_after_image`, by default the edit
+    settings."""
+    from bagel.inference import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "next_hints", lambda model, hidden: [engine.tokens.start_of_image
+                                                                            for _ in hidden])
+    used = []
+    draw = engine.generate_image
+    monkeypatch.setattr(engine, "generate_image", lambda s, size, cfg, **kw: used.append(cfg) or draw(s, size, cfg, **kw))
+    first, after = ImageGenConfig(num_timesteps=2), ImageGenConfig(num_timesteps=3, cfg_img_scale=2.0)
+    engine.interleave(["Count up from one:"], max_blocks=3, size=(32, 32), cfg=first, cfg_after_image=after)
+    assert used == [first, after, after]
+    used.clear()
+    defaults = engine.defaults
+    engine.defaults = GenerationDefaults(ImageGenConfig(num_timesteps=2), ImageGenConfig(num_timesteps=3))
+    try:
+        engine.interleave(["Count up from one:"], max_blocks=2, size=(32, 32))
+        assert used == [engine.defaults.text_to_image, engine.defaults.edit]
+    finally:
+        engine.defaults = defaults
 
 
 def test_sampling_rules():

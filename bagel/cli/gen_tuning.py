@@ -1,0 +1,244 @@
+"""What the generation fine-tuning runs share (`bagel-rl`, `bagel-distill`): the digits prompts, the
+trainable parameters (a LoRA adapter on the generation expert, or that expert whole), the
+iteration loop with a progress bar, and checkpoints with exact resume.
+
+Checkpoints (`RUN_DIR/checkpoints/iter_XXXXXX/`: trainable weights, optimizer, iteration, history)
+are written to a temporary folder and renamed; `resume: auto` continues from the newest. A
+subclass supplies `step()` (one iteration -> a metrics record) and `postfix(record)`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bagel.checkpoint.strict import CheckpointError
+from bagel.inference.engine import Engine
+from bagel.model import lora
+from bagel.progress import track
+
+ADAPTER = "default"
+GEN_PATH = ("vae2llm", "llm2vae", "time_embedder", "guidance_embedder")  # the generation path outside the LLM
+
+
+def stable_seed(*parts) -> int:
+    from data_pipelines.shards import stable_seed as seed
+
+    return seed(*parts)
+
+
+# Prompts ------------------------------------------------------------------------------------------
+
+@dataclass
+class Prompt:
+    task: str
+    text: str
+    targets: list[int]  # the digit each generated image should show (count: three)
+    image: Image.Image | None = None  # the edit input
+
+
+class DigitsPrompts:
+    """The digits tasks on the training split (never the held-out digits the reports evaluate)."""
+
+    def __init__(self, size: int):
+        from data_pipelines.digits import EDIT_INSTRUCTION, caption, count_prompt, digit_image
+        from eval.digits import load_split
+
+        self.images, self.labels = load_split("train")
+        self.size, self.edit_text = size, EDIT_INSTRUCTION
+        self.caption, self.count_prompt, self.digit_image = caption, count_prompt, digit_image
+
+    def draw(self, task: str, rng: np.random.Generator) -> Prompt:
+        if task == "t2i":
+            d = int(rng.integers(10))
+            return Prompt(task, self.caption(d), [d])
+        if task == "edit":
+            j = int(rng.integers(len(self.labels)))
+            return Prompt(task, self.edit_text, [(int(self.labels[j]) + 1) % 10],
+                          self.digit_image(self.images[j], self.size))
+        d = int(rng.integers(10))
+        return Prompt(task, self.count_prompt(d), [(d + k) % 10 for k in range(3)])
+
+
+def draw_prompts(tasks: dict[str, float], total: int, rng: np.random.Generator, source: DigitsPrompts) -> list[Prompt]:
+    """`total` prompts, each task its share by weight (the remainder drawn by weight), each task's
+    prompts listed together."""
+    names = sorted(tasks)
+    share = np.array([tasks[n] for n in names], dtype=np.float64)
+    share = share / share.sum() * total
+    counts = np.floor(share).astype(int)
+    rest = total - counts.sum()
+    if rest:
+        extra = rng.choice(len(names), size=rest, replace=False, p=(share - counts) / (share - counts).sum())
+        counts[extra] += 1
+    return [source.draw(n, rng) for n, c in zip(names, counts) for _ in range(c)]
+
+
+# The run ------------------------------------------------------------------------------------------
+
+class TuningRun:
+    """One fine-tuning run of the generation path of `engine.model` (trained in place)."""
+
+    name = "tuning"
+
+    def __init__(self, cfg, engine: Engine, spec: lora.LoraSpec | None, prompts: DigitsPrompts | None = None,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.log, self.spec = cfg, log, spec
+        self.run_dir = Path(cfg.run_dir)
+        self.engine = engine
+        self.model = engine.model
+        self.prompts = prompts or DigitsPrompts(engine.vae_transform.max_size)
+        self._make_trainable()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.iteration = 0
+        self.skipped: Counter = Counter()
+        self.history: list[dict] = []
+
+    def _make_trainable(self) -> None:
+        if self.spec is not None:
+            lora.attach(self.model, self.spec, ADAPTER)
+            with torch.no_grad():  # a start that depends on the seed only (peft draws from the global RNG)
+                for name, p in self.model.named_parameters():
+                    if lora.is_adapter_param(name):
+                        base = name.split(".lora_")[0] + ".base_layer.weight"
+                        p.copy_(lora.initial_adapter_tensor(name, tuple(p.shape), self.cfg.seed,
+                                                            lambda b=base: self.model.get_parameter(b)))
+            return
+        for name, p in self.model.named_parameters():  # the generation expert, whole
+            p.requires_grad_(".gen." in name or name.startswith(GEN_PATH))
+
+    def draw(self) -> list:
+        rng = np.random.default_rng(stable_seed(self.cfg.seed, "prompts", self.iteration))
+        return draw_prompts(self.cfg.tasks, self.cfg.prompts_per_step, rng, self.prompts)
+
+    def step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def postfix(self, record: dict) -> dict[str, str]:
+        return {}
+
+    # checkpoints --------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save(self) -> Path:
+        from bagel.checkpoint.files import save_safetensors
+
+        root = self.run_dir / "checkpoints"
+        final = root / f"iter_{self.iteration:06d}"
+        tmp = root / f".tmp_iter_{self.iteration:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_safetensors(self.trainable_state(), tmp / "trainable.safetensors")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"iteration": self.iteration, "skipped": dict(self.skipped),
+                                                    "history": self.history}) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+        for old in sorted(root.glob("iter_*"))[:-self.cfg.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, path: Path) -> None:
+        from bagel.checkpoint.files import load_safetensors
+
+        values = load_safetensors(path / "trainable.safetensors")
+        params = dict(self.model.named_parameters())
+        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in values)
+        if missing or set(values) - set(params):
+            raise CheckpointError(f"{path}: its trainable weights do not match this run's (missing {missing[:3]}); "
+                                  "a checkpoint resumes only with the same model and adapter settings")
+        with torch.no_grad():
+            for n, v in values.items():
+                params[n].copy_(v)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        state = json.loads((path / "state.json").read_text())
+        self.iteration, self.history = int(state["iteration"]), list(state["history"])
+        self.skipped = Counter(state["skipped"])
+
+    def latest(self) -> Path | None:
+        found = sorted((self.run_dir / "checkpoints").glob("iter_*"))
+        return found[-1] if found else None
+
+    # the loop -----------------------------------------------------------------------------------
+    def run(self, on_record: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
+        cfg = self.cfg
+        if cfg.resume == "auto" and self.latest() is not None:
+            path = self.latest()
+            self.load(path)
+            self.log(f"[bagel-{self.name}] resumed from {path} (iteration {self.iteration})")
+        bar = track(total=cfg.iterations, desc=self.name, unit="it", enabled=progress)
+        bar.update(self.iteration)
+        while self.iteration < cfg.iterations:
+            record = self.step()
+            self.history.append(record)
+            if on_record is not None:
+                on_record(record)
+            bar.set_postfix(**self.postfix(record))
+            bar.update()
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+                self.save()
+        bar.close()
+        return self.history
+
+
+# What the command-line tools share ----------------------------------------------------------------
+
+def check_run_dir(run_dir: str | Path, resume: str, what: str) -> None:
+    """Refuse to start a new run (`resume: none`) in a directory that holds one."""
+    root = Path(run_dir) / "checkpoints"
+    if resume == "none" and root.is_dir() and any(root.glob("iter_*")):
+        raise ValueError(f"run_dir {run_dir} already holds {what}: --resume=auto continues it, or choose "
+                         "another run_dir (nothing is deleted)")
+
+
+def digits_scores(engine, limit: int) -> dict:
+    """The demo's four held-out scores (eval.digits.evaluate)."""
+    from eval.digits import DigitsEvalConfig, evaluate
+
+    m = evaluate(engine, DigitsEvalConfig(limit=limit), progress=False)
+    return {k: m[k] for k in ("understanding_accuracy", "generation_accuracy", "edit_accuracy", "interleaved_accuracy")}
+
+
+def score_table(before: dict, after: dict) -> str:
+    rows = "\n".join(f"| {k.replace('_accuracy', '')} | {before[k]:.1%} | {after[k]:.1%} | "
+                     f"{100 * (after[k] - before[k]):+.1f} |" for k in before)
+    return f"| task | before | after | change (points) |\n|---|---|---|---|\n{rows}\n"
+
+
+class RecordLog:
+    """A run's records to `metrics.jsonl` and TensorBoard (`tag/key`). A resumed run replays the
+    iterations after its checkpoint: the first record trims the file back, so each is logged once."""
+
+    def __init__(self, run_dir: Path, tool: str, tag: str, tensorboard: bool):
+        from bagel.train.run_log import open_tensorboard
+
+        self.path, self.tag = Path(run_dir) / "metrics.jsonl", tag
+        self.tb = open_tensorboard(run_dir, tool) if tensorboard else None
+        self.trimmed = False
+
+    def __call__(self, record: dict) -> None:
+        from bagel.train.run_log import trim_metrics
+
+        if not self.trimmed:
+            trim_metrics(self.path, record["iteration"] - 1, key="iteration")
+            self.trimmed = True
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    self.tb.add_scalar(f"{self.tag}/{k}", v, record["iteration"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
