@@ -90,6 +90,15 @@ def tune_allocator() -> bool:
         return False
 
 
+def recipe_parser(prog: str, description: str, recipes: str) -> Parser:
+    """The parser of a recipe-driven tool (bagel-rl, bagel-distill): --config, --print-config, and
+    the recipe's keys as dotted overrides."""
+    p = Parser(prog=prog, description=description, progress=True)
+    p.add_argument("--config", default=None, metavar="RECIPE.yaml", help=f"a {recipes}/*.yaml recipe")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    return p
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR_OR_HUB_ID",
                    help="model directory (our layout or the released BAGEL layout), or a Hugging Face Hub id "

@@ -26,32 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-from bagel.cli.common import USER_ERRORS, Parser
+from bagel.cli.common import USER_ERRORS, recipe_parser
 
 
-def _parser() -> Parser:
-    p = Parser(prog="bagel-distill", description=__doc__, progress=True)
-    p.add_argument("--config", default=None, metavar="RECIPE.yaml", help="a configs/distill/*.yaml recipe")
-    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    return p
+def _parser():
+    return recipe_parser("bagel-distill", __doc__, "configs/distill")
 
 
 def plot_loss(history: list[dict], out: Path) -> Path:
-    import matplotlib
+    from bagel.train.plot import plot_lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot([r["iteration"] for r in history], [r["relative_error"] for r in history], lw=1.2)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("|v_student - target| / |target|")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return plot_lines({"relative error": [(r["iteration"], r["relative_error"]) for r in history]}, out, "iteration",
+                      "|v_student - target| / |target|", log_y=True)
 
 
 def export_student(run, cfg) -> Path:
@@ -100,24 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        from bagel.cli.gen_tuning import RecordLog, check_run_dir, digits_scores
+        from bagel.cli.gen_tuning import RecordLog, digits_scores, score_change, scores_before, start_run_dir
 
-        check_run_dir(cfg.run_dir, cfg.resume, "a distillation run")
-        if not Path(cfg.model).is_dir():
-            raise FileNotFoundError(f"model {cfg.model} does not exist (make demo writes runs/digits/model)")
+        run_dir = start_run_dir(cfg, "a distillation run")
         from bagel.cli.distill_run import DistillRun
 
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
         run = DistillRun(cfg)
-        before = None
-        if cfg.evaluate:
-            if (run_dir / "before.json").is_file():
-                before = json.loads((run_dir / "before.json").read_text())
-            else:
-                before = digits_scores(run.teacher, cfg.eval_limit)
-                (run_dir / "before.json").write_text(json.dumps(before, indent=1) + "\n")
+        before = scores_before(run_dir, run.teacher, cfg.eval_limit) if cfg.evaluate else None
         log = RecordLog(run_dir, "bagel-distill", "distill", cfg.tensorboard)
         t0 = time.time()
         history = run.run(log)
@@ -130,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
             after = digits_scores(Engine.from_pretrained(out), cfg.eval_limit)
             (run_dir / "report.md").write_text(_report(cfg, before, after, history, time.time() - t0))
-            print("[bagel-distill] teacher -> student: " + ", ".join(
-                f"{k.replace('_accuracy', '')} {before[k]:.1%} -> {after[k]:.1%}" for k in before))
+            print(f"[bagel-distill] teacher -> student: {score_change(before, after)}")
         print(f"[bagel-distill] done: {out} (report.md, loss.png, metrics.jsonl in {run_dir})")
         return 0
     except USER_ERRORS as e:

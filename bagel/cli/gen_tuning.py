@@ -193,12 +193,19 @@ class TuningRun:
 
 # What the command-line tools share ----------------------------------------------------------------
 
-def check_run_dir(run_dir: str | Path, resume: str, what: str) -> None:
-    """Refuse to start a new run (`resume: none`) in a directory that holds one."""
-    root = Path(run_dir) / "checkpoints"
-    if resume == "none" and root.is_dir() and any(root.glob("iter_*")):
+def start_run_dir(cfg, what: str) -> Path:
+    """Check that a run may start or continue in cfg.run_dir (a new run, `resume: none`, is refused
+    where one was made) and that cfg.model exists; create the folder and write config.yaml."""
+    run_dir = Path(cfg.run_dir)
+    root = run_dir / "checkpoints"
+    if cfg.resume == "none" and root.is_dir() and any(root.glob("iter_*")):
         raise ValueError(f"run_dir {run_dir} already holds {what}: --resume=auto continues it, or choose "
                          "another run_dir (nothing is deleted)")
+    if not Path(cfg.model).is_dir():
+        raise FileNotFoundError(f"model {cfg.model} does not exist (make demo writes runs/digits/model)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir
 
 
 def digits_scores(engine, limit: int) -> dict:
@@ -207,6 +214,20 @@ def digits_scores(engine, limit: int) -> dict:
 
     m = evaluate(engine, DigitsEvalConfig(limit=limit), progress=False)
     return {k: m[k] for k in ("understanding_accuracy", "generation_accuracy", "edit_accuracy", "interleaved_accuracy")}
+
+
+def scores_before(run_dir: Path, engine, limit: int) -> dict:
+    """The scores before the run: measured once, kept in before.json (a resumed run reads them)."""
+    path = run_dir / "before.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    before = digits_scores(engine, limit)
+    path.write_text(json.dumps(before, indent=1) + "\n")
+    return before
+
+
+def score_change(before: dict, after: dict) -> str:
+    return ", ".join(f"{k.replace('_accuracy', '')} {before[k]:.1%} -> {after[k]:.1%}" for k in before)
 
 
 def score_table(before: dict, after: dict) -> str:

@@ -25,37 +25,20 @@ import sys
 import time
 from pathlib import Path
 
-from bagel.cli.common import USER_ERRORS, Parser
+from bagel.cli.common import USER_ERRORS, recipe_parser
 
 
-def _parser() -> Parser:
-    p = Parser(prog="bagel-rl", description=__doc__, progress=True)
-    p.add_argument("--config", default=None, metavar="RECIPE.yaml", help="a configs/rl/*.yaml recipe")
-    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    return p
+def _parser():
+    return recipe_parser("bagel-rl", __doc__, "configs/rl")
 
 
 def plot_rewards(history: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bagel.train.plot import plot_lines
 
     tasks = sorted({k[len("reward_"):] for r in history for k in r if k.startswith("reward_")} - {"mean", "std"})
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    its = [r["iteration"] for r in history]
-    ax.plot(its, [r["reward_mean"] for r in history], lw=1.6, label="mean")
-    for t in tasks:
-        pts = [(r["iteration"], r[f"reward_{t}"]) for r in history if f"reward_{t}" in r]
-        ax.plot(*zip(*pts), lw=0.9, alpha=0.7, label=t)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    series = {"mean": [(r["iteration"], r["reward_mean"]) for r in history]}
+    series.update({t: [(r["iteration"], r[f"reward_{t}"]) for r in history if f"reward_{t}" in r] for t in tasks})
+    return plot_lines(series, out, "iteration", "reward")
 
 
 def _report(cfg, before: dict, after: dict, history: list[dict], seconds: float) -> str:
@@ -98,23 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        from bagel.cli.gen_tuning import RecordLog, check_run_dir, digits_scores
+        from bagel.cli.gen_tuning import RecordLog, digits_scores, score_change, scores_before, start_run_dir
 
-        check_run_dir(cfg.run_dir, cfg.resume, "an RL run")
-        if not Path(cfg.model).is_dir():
-            raise FileNotFoundError(f"model {cfg.model} does not exist (make demo writes runs/digits/model)")
+        run_dir = start_run_dir(cfg, "an RL run")
         from bagel.cli.rl_run import RLRun
 
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
         run = RLRun(cfg)
         digits_report = cfg.evaluate and cfg.reward == "digits"
-        before = digits_scores(run.engine, cfg.eval_limit) if digits_report and run.latest() is None else None
-        if before is not None:
-            (run_dir / "before.json").write_text(json.dumps(before, indent=1) + "\n")
-        elif (run_dir / "before.json").is_file():
-            before = json.loads((run_dir / "before.json").read_text())
+        before = scores_before(run_dir, run.engine, cfg.eval_limit) if digits_report else None
         log = RecordLog(run_dir, "bagel-rl", "rl", cfg.tensorboard)
         t0 = time.time()
         history = run.run(log)
@@ -122,11 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         _export(run, cfg)
         if history:
             plot_rewards(history, run_dir / "reward.png")
-        if digits_report and before is not None:
+        if before is not None:
             after = digits_scores(run.engine, cfg.eval_limit)
             (run_dir / "report.md").write_text(_report(cfg, before, after, history, time.time() - t0))
-            print("[bagel-rl] " + ", ".join(f"{k.replace('_accuracy', '')} {before[k]:.1%} -> {after[k]:.1%}"
-                                            for k in before))
+            print(f"[bagel-rl] {score_change(before, after)}")
         print(f"[bagel-rl] done: {run_dir} (model/, adapter/, reward.png, metrics.jsonl)")
         return 0
     except USER_ERRORS as e:

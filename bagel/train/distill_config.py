@@ -10,7 +10,7 @@ import yaml
 
 from bagel.config import ConfigError
 from bagel.train.config import load_recipe
-from bagel.train.rl_config import TASKS
+from bagel.train.rl_config import check_ranges, check_tasks
 
 
 @dataclass
@@ -44,11 +44,7 @@ class DistillConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown or not self.tasks:
-            raise ConfigError(f"tasks: unknown task(s) {unknown or '(none given)'}; expected some of {list(TASKS)}")
-        if any(not w > 0 for w in self.tasks.values()):
-            raise ConfigError(f"tasks: weights must be > 0, got {self.tasks}")
+        check_tasks(self.tasks)
         for name in ("text_scales", "image_scales"):
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or not 1.0 <= lo_hi[0] <= lo_hi[1]:
@@ -60,9 +56,7 @@ class DistillConfig:
                   "lr": self.lr > 0, "max_grad_norm": self.max_grad_norm > 0,
                   "checkpoint_every": self.checkpoint_every >= 1, "keep": self.keep >= 1,
                   "resume": self.resume in ("auto", "none"), "eval_limit": self.eval_limit >= 0}
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"{bad[0]}={getattr(self, bad[0])!r} is out of range (see bagel/train/distill_config.py)")
+        check_ranges(self, checks, "bagel/train/distill_config.py")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)

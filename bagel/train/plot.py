@@ -1,4 +1,5 @@
-"""Loss curves of a run: RUN_DIR/metrics.jsonl -> RUN_DIR/loss_curves.png (matplotlib, lazily)."""
+"""Loss curves of a run: RUN_DIR/metrics.jsonl -> RUN_DIR/loss_curves.png; and one panel of curves
+(the RL reward, the distillation error). Matplotlib is imported lazily."""
 
 from __future__ import annotations
 
@@ -40,3 +41,28 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_lines(series: dict[str, list[tuple[float, float]]], out: str | Path, xlabel: str, ylabel: str,
+               log_y: bool = False) -> Path:
+    """One panel, one line per entry of `series` (label -> (x, y) points; the first drawn bolder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, (label, pts) in enumerate(series.items()):
+        if pts:
+            ax.plot(*zip(*pts), lw=1.6 if i == 0 else 0.9, alpha=1.0 if i == 0 else 0.7, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

@@ -46,11 +46,7 @@ class RLConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown or not self.tasks:
-            raise ConfigError(f"tasks: unknown task(s) {unknown or '(none given)'}; expected some of {list(TASKS)}")
-        if any(not w > 0 for w in self.tasks.values()):
-            raise ConfigError(f"tasks: weights must be > 0, got {self.tasks}")
+        check_tasks(self.tasks)
         if self.group_size < 2:
             raise ConfigError(f"group_size={self.group_size}: a group needs >= 2 samples to compare")
         checks = {"prompts_per_step": self.prompts_per_step >= 1, "iterations": self.iterations >= 0,
@@ -60,12 +56,27 @@ class RLConfig:
                   "keep": self.keep >= 1, "resume": self.resume in ("auto", "none")}
         if self.kl_weight > 0 and self.lora_rank == 0:
             raise ConfigError("kl_weight > 0 needs an adapter (lora_rank > 0): its reference is the adapter-free model")
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"{bad[0]}={getattr(self, bad[0])!r} is out of range (see bagel/train/rl_config.py)")
+        check_ranges(self, checks, "bagel/train/rl_config.py")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+# The checks the generation fine-tuning recipes share (bagel-rl, bagel-distill) -----------------------
+
+def check_tasks(tasks: dict[str, float]) -> None:
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ConfigError(f"tasks: unknown task(s) {unknown or '(none given)'}; expected some of {list(TASKS)}")
+    if any(not w > 0 for w in tasks.values()):
+        raise ConfigError(f"tasks: weights must be > 0, got {tasks}")
+
+
+def check_ranges(cfg, checks: dict[str, bool], source: str) -> None:
+    """`checks`: setting -> whether its value is allowed; the first that is not is a ConfigError."""
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise ConfigError(f"{bad[0]}={getattr(cfg, bad[0])!r} is out of range (see {source})")
 
 
 def load_rl_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RLConfig:
