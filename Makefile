@@ -18,7 +18,7 @@ test: venv
 	$(PY) -m pytest -q
 
 # The embedded default: data, tokenizer, first-stage VAE and ViT, unified pretraining, evaluation, report
-# (runs/digits/report.md). 562 s measured on 2 quiet CPU cores after the install (README, Digits demo).
+# (runs/digits/report.md). 537-562 s measured on 2 quiet CPU cores after the install (README, Digits demo).
 demo: venv
 	$(PY) scripts/digits_demo.py
 
