@@ -43,6 +43,7 @@ def plot_loss(history: list[dict], out: Path) -> Path:
 def export_student(run, cfg) -> Path:
     """The student in our layout, with the teacher's companions and a generation.json of its own
     step count."""
+    import dataclasses
     import shutil
 
     from bagel.checkpoint.files import write_text
@@ -54,9 +55,9 @@ def export_student(run, cfg) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     save_pretrained(run.model, out)
     defaults = run.teacher.defaults
-    student = type(defaults)(text_to_image=defaults.text_to_image.replace(num_timesteps=run.student_steps("t2i") + 1),
-                             edit=defaults.edit.replace(num_timesteps=run.student_steps("edit") + 1),
-                             vocabulary=defaults.vocabulary)
+    student = dataclasses.replace(
+        defaults, text_to_image=defaults.text_to_image.replace(num_timesteps=run.student_steps("t2i") + 1),
+        edit=defaults.edit.replace(num_timesteps=run.student_steps("edit") + 1))
     write_text(out / GENERATION_FILE, student.to_json_text())
     write_companions(Path(cfg.model), out)
     return out
@@ -93,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
         run = DistillRun(cfg)
         before = scores_before(run_dir, run.teacher, cfg.eval_limit) if cfg.evaluate else None
-        log = RecordLog(run_dir, "bagel-distill", "distill", cfg.tensorboard)
         t0 = time.time()
-        history = run.run(log)
-        log.close()
+        with RecordLog(run_dir, "bagel-distill", "distill", cfg.tensorboard) as log:
+            history = run.run(log)
         out = export_student(run, cfg)
         if history:
             plot_loss(history, run_dir / "loss.png")

@@ -55,12 +55,14 @@ def segment_targets(states: list[torch.Tensor], grid: list[float]) -> list[torch
 @dataclass
 class Unit:
     """One batch of teacher trajectories: the student's contexts for them, the teacher's states at
-    the student's grid points (K + 1 entries of one (n_tok, C) tensor per trajectory) and the
-    student's sampler (its scales and grid)."""
+    the student's K + 1 grid points and the velocities between them (each (B, n_tok, C)), and the
+    student's sampler (its scales, its grid `times` and the latent grid)."""
 
     branches: list[Branches]
-    states: list[list[torch.Tensor]]
+    states: list[torch.Tensor]
+    targets: list[torch.Tensor]
     cfg: ImageGenConfig
+    times: list[float]
     grid: tuple[int, int]
 
 
@@ -107,8 +109,7 @@ class DistillRun(TuningRun):
             engine.add_image(sessions, [p.image for p in prompts], generator=torch.Generator().manual_seed(seed))
         engine.add_text(sessions, [p.text for p in prompts])
         S = self.cfg.samples_per_prompt
-        return [Session(s.full.fork(), s.text_uncond.fork(), s.img_uncond.fork(), s.image_size)
-                for s in sessions for _ in range(S)]
+        return [s.fork() for s in sessions for _ in range(S)]
 
     @torch.no_grad()
     def trajectories(self, prompts: list[Prompt], scales: tuple[float, float], generator: torch.Generator) -> list[Unit]:
@@ -132,8 +133,10 @@ class DistillRun(TuningRun):
             final = generate_latents(self.teacher.model, self.teacher.tokens, [s.branches() for s in teachers], grid,
                                      teacher_cfg, generator=generator, on_step=keep)
             states[len(states)] = final
-            units.append(Unit([Branches(s.full.fork()) for s in students], [states[k] for k in sorted(states)],
-                              student_cfg, grid))
+            stacked = [torch.stack(states[k]) for k in sorted(states)]
+            times = flow.sampling_timesteps(student_cfg.num_timesteps, student_cfg.timestep_shift).tolist()
+            units.append(Unit([Branches(s.full.fork()) for s in students], stacked, segment_targets(stacked, times),
+                              student_cfg, times, grid))
             if task == "count":  # the next stage is drawn after this one, in both contexts
                 images = [to_pil(d) for d in decode_latents(self.teacher.model, self.teacher.vae, final, grid)]
                 self.teacher.add_image(teachers, images, generator=torch.Generator().manual_seed(seed + 1))
@@ -167,13 +170,12 @@ class DistillRun(TuningRun):
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, rel = 0.0, 0.0
         for unit, k in work:
-            times = flow.sampling_timesteps(unit.cfg.num_timesteps, unit.cfg.timestep_shift).tolist()
-            target = segment_targets([torch.stack(unit.states[k]), torch.stack(unit.states[k + 1])], times[k:k + 2])[0]
+            target = unit.targets[k]
             # a fresh workspace per forward: a step writes its keys and values into it
             ws = guidance_workspace(self.model, unit.branches, unit.cfg, unit.grid[0] * unit.grid[1])
             with torch.enable_grad():
-                v = torch.stack(step_velocities(self.model, self.engine.tokens, ws, unit.states[k], times[k],
-                                                unit.grid, unit.cfg))
+                v = torch.stack(step_velocities(self.model, self.engine.tokens, ws, list(unit.states[k]),
+                                                unit.times[k], unit.grid, unit.cfg))
                 loss = (v - target).pow(2).mean()
                 (loss / len(work)).backward()
             loss_sum += float(loss.detach()) / len(work)

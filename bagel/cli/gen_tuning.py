@@ -260,6 +260,9 @@ class RecordLog:
                 if isinstance(v, (int, float)) and k != "iteration":
                     self.tb.add_scalar(f"{self.tag}/{k}", v, record["iteration"])
 
-    def close(self) -> None:
+    def __enter__(self) -> "RecordLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.tb is not None:
             self.tb.close()

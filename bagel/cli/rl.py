@@ -89,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         run = RLRun(cfg)
         digits_report = cfg.evaluate and cfg.reward == "digits"
         before = scores_before(run_dir, run.engine, cfg.eval_limit) if digits_report else None
-        log = RecordLog(run_dir, "bagel-rl", "rl", cfg.tensorboard)
         t0 = time.time()
-        history = run.run(log)
-        log.close()
+        with RecordLog(run_dir, "bagel-rl", "rl", cfg.tensorboard) as log:
+            history = run.run(log)
         _export(run, cfg)
         if history:
             plot_rewards(history, run_dir / "reward.png")

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from bagel.cli.gen_tuning import ADAPTER, DigitsPrompts, Prompt, TuningRun, stable_seed
-from bagel.inference.engine import Engine, Session
+from bagel.inference.engine import Engine
 from bagel.inference.generate_image import Branches, decode_latents
 from bagel.inference.rollout import Rollout, sde_rollout, step_logprobs, step_transitions
 from bagel.model import lora
@@ -53,10 +53,6 @@ class Unit:
     samples: list[int]
 
 
-def _forks(session) -> Branches:
-    return Branches(session.full.fork(), session.text_uncond.fork(), session.img_uncond.fork())
-
-
 def rollout_task(engine: Engine, prompts: list[Prompt], first_sample: int, G: int, cfg: ImageGenConfig,
                  noise_level: float, generator: torch.Generator, size: tuple[int, int],
                  cfg_after_image: ImageGenConfig | None = None) -> tuple[list[Unit], list[list[Image.Image]]]:
@@ -72,17 +68,17 @@ def rollout_task(engine: Engine, prompts: list[Prompt], first_sample: int, G: in
     grid = latent_grid(engine.model.cfg, size)
     samples = [first_sample + i for i in range(len(prompts) * G)]
     if task != "count":  # one image per sample: the G samples share their prompt's contexts
-        branches = [_forks(s) for s in sessions for _ in range(G)]
+        branches = [s.fork().branches() for s in sessions for _ in range(G)]
         out = sde_rollout(engine.model, engine.tokens, branches, grid, cfg, noise_level, generator)
         images = [to_pil(d) for d in decode_latents(engine.model, engine.vae, out.latents, grid)]
         return [Unit(branches, out, cfg, samples)], [[im] for im in images]
     # count: each sample continues its own chain, so it gets its own (forked) session
     chains = [[] for _ in samples]
-    own = [Session(s.full.fork(), s.text_uncond.fork(), s.img_uncond.fork()) for s in sessions for _ in range(G)]
+    own = [s.fork() for s in sessions for _ in range(G)]
     units = []
     for stage in range(3):
         stage_cfg = cfg if stage == 0 else cfg_after_image or cfg
-        branches = [_forks(s) for s in own]  # a snapshot of this stage's contexts
+        branches = [s.fork().branches() for s in own]  # a snapshot of this stage's contexts
         out = sde_rollout(engine.model, engine.tokens, branches, grid, stage_cfg, noise_level, generator)
         images = [to_pil(d) for d in decode_latents(engine.model, engine.vae, out.latents, grid)]
         units.append(Unit(branches, out, stage_cfg, samples))

@@ -15,6 +15,8 @@ image, `<|im_start|>` -> a text segment, anything else -> the turn is over.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,11 @@ class Session:
 
     def branches(self) -> Branches:
         return Branches(self.full, self.text_uncond, self.img_uncond)
+
+    def fork(self) -> "Session":
+        """A copy that continues on its own (copy-on-write contexts: nothing is copied now)."""
+        return dataclasses.replace(self, full=self.full.fork(), text_uncond=self.text_uncond.fork(),
+                                   img_uncond=self.img_uncond.fork())
 
 
 class Engine:
