@@ -98,7 +98,8 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
                      step_fn: StepFunction | None = None) -> list[torch.Tensor]:
     """Sample one image per `Branches` entry -> patchified latents, (h*w, p*p*C) each. With
     `stats` (a dict, if given) receives the decoder-layer evaluations made (one per layer, context
-    row and step) and those the same sampler makes without `cfg.cache`. `step_fn` replaces the Euler step (the SDE sampler of RL rollouts)."""
+    row and step) and those the same sampler makes without `cfg.cache`. `step_fn` replaces the
+    Euler step (the SDE sampler of RL rollouts)."""
     h, w = grid
     n_tok, dim = h * w, model.cfg.patch_latent_dim
     device = model.llm.embed_tokens.weight.device

@@ -43,7 +43,6 @@ class StepCache:
     num_layers: int
     branches: dict[int, BranchState] = field(default_factory=dict)
     layer_evaluations: int = 0  # decoder layers run, summed over branches and steps
-    full_layer_evaluations: int = 0  # what they would have been without the cache
 
     def decide(self, step: int, last_step: int, rows: list[int], residuals: list[torch.Tensor]) -> list[bool]:
         """For each active branch (workspace row, its first-layer residual at this step): whether
@@ -62,7 +61,6 @@ class StepCache:
             s.last_step = step
             run_full.append(full)
             self.layer_evaluations += self.num_layers if full else 1
-            self.full_layer_evaluations += self.num_layers
         return run_full
 
     def remember(self, row: int, tail: torch.Tensor) -> None:
