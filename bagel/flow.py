@@ -133,7 +133,7 @@ def _norm_ratio(ref: torch.Tensor, guided: torch.Tensor, per_token: bool, renorm
     if per_token:
         ratio = ref.norm(dim=-1, keepdim=True) / (guided.norm(dim=-1, keepdim=True) + 1e-8)
     else:
-        ratio = ref.norm() / (guided.norm() + 1e-8)
+        ratio = ref.norm(dim=(-2, -1), keepdim=True) / (guided.norm(dim=(-2, -1), keepdim=True) + 1e-8)
     return ratio.clamp(min=renorm_min, max=1.0)
 
 
@@ -141,8 +141,8 @@ def apply_cfg(v: torch.Tensor, v_text: torch.Tensor | None, v_img: torch.Tensor 
               scale_img: float, renorm_type: str = "global", renorm_min: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance over text and image conditions, exactly as the release combines it.
 
-    v: full-context velocity (N, C) of one image; v_text: without the last text; v_img: without
-    images. Guidance applies only when scale_text > 1 (then image guidance too, if scale_img > 1).
+    v: full-context velocity (N, C) of one image, or (B, N, C) of B images; v_text: without the
+    last text; v_img: without images. Guidance applies only when scale_text > 1 (then image guidance too, if scale_img > 1).
     `global` renorms by the norm over the whole image, `channel` per token; `text_channel`
     renorms per token after the text step only (arXiv 2412.07730's rescale, per the release).
     """

@@ -26,12 +26,19 @@ def _marker_embeds(model, tokens: SpecialTokens, device) -> torch.Tensor:
 
 def image_block(model, tokens: SpecialTokens, inner: torch.Tensor, rope: int, gen: bool) -> Query:
     """[<|vision_start|>] + inner (n, D) + [<|vision_end|>] at one RoPE id, bidirectional."""
+    return image_blocks(model, tokens, inner[None], [rope], gen)[0]
+
+
+def image_blocks(model, tokens: SpecialTokens, inner: torch.Tensor, ropes: list[int], gen: bool) -> list[Query]:
+    """`image_block` of each inner[r] (R, n, D) at RoPE id ropes[r], built in one go (the rows of a
+    denoising step: every guidance branch of every image)."""
+    R, n = inner.shape[0], inner.shape[1] + 2
     start, end = _marker_embeds(model, tokens, inner.device).to(inner.dtype)
-    embeds = torch.cat([start[None], inner, end[None]])
-    n = embeds.shape[0]
+    embeds = torch.cat([start.expand(R, 1, -1), inner, end.expand(R, 1, -1)], dim=1)
+    positions = torch.tensor(ropes, device=inner.device)[:, None].expand(R, n)
     gen_rows = torch.zeros(n, dtype=torch.bool, device=inner.device)
     gen_rows[1:-1] = gen
-    return Query(embeds, torch.full((n,), rope, device=inner.device), gen_rows, causal=False)
+    return [Query(embeds[r], positions[r], gen_rows, causal=False) for r in range(R)]
 
 
 def text_query(model, tokens: SpecialTokens, ids: list[int], rope: int) -> Query:

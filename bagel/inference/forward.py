@@ -4,8 +4,8 @@ Each context of the batch gets one `Query` (embeddings, RoPE ids, which rows the
 expert owns, causal or not). The blocks are padded to a common length and run through the
 decoder layers in one pass (projections and MLPs batched); in every layer each block's
 keys/values are written into its context's cache row right after the cached prefix, and each
-block attends over its row (cache + block) through `bagel.model.attention.cached_attention`,
-with the backend the model's config names.
+block attends over its row (cache + block) through `bagel.model.attention.row_attention`, with
+the backend the model's config names and a plan made once per forward.
 
 The layers are passed explicitly as a `DecoderStack` (the LLM's, or an MTP drafter's one-block
 stack), so the same code serves both.
@@ -21,9 +21,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.rnn import pad_sequence
 
 from bagel.inference.kv_cache import Context
-from bagel.model.attention import CAUSAL, FULL, cached_attention, resolve_cached_backend
+from bagel.model.attention import CAUSAL, FULL, RowPlan, plan_rows, resolve_cached_backend, row_attention
 from bagel.model.mot import Routing
 
 
@@ -122,8 +123,7 @@ class Blocks:
     positions: torch.Tensor  # (B, q_max)
     gen: torch.Tensor  # (B, q_max) bool: generation-expert rows
     valid: torch.Tensor  # (B, q_max) bool: real (not padding) rows
-    masks: list
-    backend: str
+    attention: RowPlan
     rope: Callable
 
     @property
@@ -138,8 +138,8 @@ class Blocks:
         cache = contexts[0].cache
         if any(c.cache is not cache for c in contexts):
             raise ValueError("all contexts of one forward must live in the same KVCache")
-        B, q_lens = len(contexts), [len(q) for q in queries]
-        q_max, d = max(q_lens), queries[0].embeds.shape[-1]
+        q_lens = [len(q) for q in queries]
+        q_max = max(q_lens)
         taken: set[int] = set()
         for ctx, n in zip(contexts, q_lens):
             cache.reserve(ctx, n, taken)
@@ -147,22 +147,21 @@ class Blocks:
         device = queries[0].embeds.device
         lens, rows = [c.length for c in contexts], [c.row for c in contexts]
         # Pad the blocks to (B * q_max) packed rows; padding rows use the und expert at position 0.
-        x = queries[0].embeds.new_zeros(B, q_max, d)
-        positions = torch.zeros(B, q_max, dtype=torch.long, device=device)
-        gen = torch.zeros(B, q_max, dtype=torch.bool, device=device)
-        valid = torch.zeros(B, q_max, dtype=torch.bool, device=device)
-        for b, q in enumerate(queries):
-            n = len(q)
-            x[b, :n], positions[b, :n], gen[b, :n], valid[b, :n] = q.embeds, q.positions, q.gen_rows, True
+        x = pad_sequence([q.embeds for q in queries], batch_first=True)
+        positions = pad_sequence([q.positions for q in queries], batch_first=True)
+        gen = pad_sequence([q.gen_rows for q in queries], batch_first=True)
+        valid = torch.arange(q_max, device=device)[None] < torch.tensor(q_lens, device=device)[:, None]
         masks = [_block_mask(q, n, device) for q, n in zip(queries, lens)]
-        return cls(cache, q_lens, q_max, lens, rows, positions, gen, valid, masks,
-                   resolve_cached_backend(stack.backend, device, x.dtype), stack.rope), x
+        plan = plan_rows(rows, lens, q_lens, masks, resolve_cached_backend(stack.backend, device, x.dtype), device)
+        return cls(cache, q_lens, q_max, lens, rows, positions, gen, valid, plan, stack.rope), x
 
     def subset(self, keep: list[int]) -> "Blocks":
         """The blocks `keep` alone (their padding unchanged)."""
-        return Blocks(self.cache, [self.q_lens[b] for b in keep], self.q_max, [self.lens[b] for b in keep],
-                      [self.rows[b] for b in keep], self.positions[keep], self.gen[keep], self.valid[keep],
-                      [self.masks[b] for b in keep], self.backend, self.rope)
+        q_lens, lens, rows = [self.q_lens[b] for b in keep], [self.lens[b] for b in keep], [self.rows[b] for b in keep]
+        a = self.attention
+        plan = plan_rows(rows, lens, q_lens, [a.masks[b] for b in keep], a.backend, self.positions.device)
+        return Blocks(self.cache, q_lens, self.q_max, lens, rows, self.positions[keep], self.gen[keep],
+                      self.valid[keep], plan, self.rope)
 
     def unpad(self, h: torch.Tensor) -> list[torch.Tensor]:
         h = h.reshape(self.B, self.q_max, -1)
@@ -179,20 +178,13 @@ class Blocks:
         b_idx, i_idx = self.valid.nonzero(as_tuple=True)
         row_idx = torch.tensor(self.rows, device=device)[b_idx]
         slot_idx = torch.tensor(self.lens, device=device)[b_idx] + i_idx
-        q_lens, rows, lens, masks, backend = self.q_lens, self.rows, self.lens, self.masks, self.backend
+        plan = self.attention
 
         def attend(layer: int):
             def fn(q, k, v):  # q: (B*q_max, Hq, hd), k/v: (B*q_max, Hkv, hd)
                 cache.keys[layer, row_idx, slot_idx] = k.reshape(B, q_max, *k.shape[1:])[b_idx, i_idx]
                 cache.values[layer, row_idx, slot_idx] = v.reshape(B, q_max, *v.shape[1:])[b_idx, i_idx]
-                q = q.reshape(B, q_max, *q.shape[1:])
-                outs = cached_attention([q[b, :n] for b, n in enumerate(q_lens)],
-                                        [cache.keys[layer, r, : l + n] for r, l, n in zip(rows, lens, q_lens)],
-                                        [cache.values[layer, r, : l + n] for r, l, n in zip(rows, lens, q_lens)],
-                                        masks, backend)
-                out = torch.zeros_like(q)
-                for b, (o, n) in enumerate(zip(outs, q_lens)):
-                    out[b, :n] = o
+                out = row_attention(plan, q.reshape(B, q_max, *q.shape[1:]), cache.keys[layer], cache.values[layer])
                 return out.reshape(B * q_max, *out.shape[2:])
             return fn
 

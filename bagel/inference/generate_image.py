@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from bagel import flow
-from bagel.inference.context import embed_latents, image_block
+from bagel.inference.context import embed_latents, image_blocks
 from bagel.inference.forward import Query, forward_queries_early_exit, llm_stack, run_queries
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.inference.step_cache import StepCache
@@ -147,20 +147,17 @@ def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[tor
     ctxs = ws[: n_branches * B]
     inner = embed_latents(model, [xb.to(dtype) for xb in x], t, grid,  # each image's, shared by its branches
                           (s_text, s_img) if student else None)
-    queries = [image_block(model, tokens, inner[j % B], c.rope, gen=True) for j, c in enumerate(ctxs)]
+    queries = image_blocks(model, tokens, torch.stack(inner).repeat(n_branches, 1, 1), [c.rope for c in ctxs], gen=True)
     if cache is None:
         hidden = run_queries(llm_stack(model), ctxs, queries, commit=False)
     else:
         hidden = _cached_forward(model, cache, step, last_step, ctxs, queries)
-    v = [model.llm2vae(hid[1:-1]).float() for hid in hidden]  # latents sit between the markers
+    v = model.llm2vae(torch.stack([hid[1:-1] for hid in hidden])).float()  # latents sit between the markers
     if student:
-        return v
-    out = []
-    for b in range(B):
-        v_text = v[B + b] if n_branches > 1 else None
-        v_img = v[2 * B + b] if n_branches > 2 else None
-        out.append(flow.apply_cfg(v[b], v_text, v_img, s_text, s_img, cfg.cfg_renorm_type, cfg.cfg_renorm_min))
-    return out
+        return list(v)
+    v_text = v[B: 2 * B] if n_branches > 1 else None
+    v_img = v[2 * B: 3 * B] if n_branches > 2 else None
+    return list(flow.apply_cfg(v[:B], v_text, v_img, s_text, s_img, cfg.cfg_renorm_type, cfg.cfg_renorm_min))
 
 
 def _cached_forward(model, cache: StepCache, step: int, last_step: int, ctxs: list[Context],

@@ -47,14 +47,15 @@ class StepCache:
     def decide(self, step: int, last_step: int, rows: list[int], residuals: list[torch.Tensor]) -> list[bool]:
         """For each active branch (workspace row, its first-layer residual at this step): whether
         it must run the rest of the decoder. Updates the states and the counts."""
+        states = [self.branches.setdefault(row, BranchState()) for row in rows]
+        fresh = [s.anchor is None or s.last_step != step - 1 or s.tail is None or s.full_steps < 2 or step == last_step
+                 for s in states]
+        compared = [j for j, f in enumerate(fresh) if not f]
+        changes = dict(zip(compared, relative_change([residuals[j] for j in compared],
+                                                     [states[j].anchor for j in compared])))
         run_full = []
-        for row, r in zip(rows, residuals):
-            s = self.branches.setdefault(row, BranchState())
-            fresh = s.anchor is None or s.last_step != step - 1 or s.tail is None or s.full_steps < 2
-            change = 0.0
-            if not fresh and step != last_step:
-                change = float((r - s.anchor).abs().mean() / s.anchor.abs().mean().clamp_min(1e-12))
-            full = fresh or step == last_step or change >= self.threshold
+        for j, (s, r) in enumerate(zip(states, residuals)):
+            full = fresh[j] or changes[j] >= self.threshold
             if full:
                 s.full_steps += 1
                 s.anchor = r
@@ -68,3 +69,12 @@ class StepCache:
 
     def reuse(self, row: int, first: torch.Tensor) -> torch.Tensor:
         return first + self.branches[row].tail
+
+
+def relative_change(now: list[torch.Tensor], before: list[torch.Tensor]) -> list[float]:
+    """|now - before|_1 / |before|_1 of each pair (mean absolute values), in one computation."""
+    if not now:
+        return []
+    a, b = torch.stack(now), torch.stack(before)
+    dims = tuple(range(1, a.dim()))
+    return ((a - b).abs().mean(dim=dims) / b.abs().mean(dim=dims).clamp_min(1e-12)).tolist()

@@ -9,13 +9,24 @@ Each block b has queries q_b (n_b, Hq, D) that are the LAST n_b positions of its
             top-left aligned, so SDPA gets an explicit mask);
 - a (n, S) bool tensor (tree attention for speculative decoding).
 
+Two entry points. `cached_attention` takes the blocks as lists of tensors. `row_attention`
+takes them where inference keeps them: padded query blocks (B, q_max, Hq, D) and one layer of a
+KV cache whose row r holds a block's cached prefix followed by the block's own keys. Its plan
+(`plan_rows`) is made once per forward, not per layer: blocks with one query length, one key
+length and one mask kind form a group, and a group is ONE SDPA call (the guidance branches and
+images of a denoising step, or of a batched prefill or decoding step). Where the group's blocks
+and rows are consecutive (a denoising step's contexts, copied into consecutive rows) the call
+reads views of the cache, with no copies; no per-block Python runs per layer.
+
 Backends follow `BagelConfig.attn_backend` (`resolve_cached_backend`): `dense` is the float
 reference; `flash` runs the FULL blocks in one flash-attn varlen call and the CAUSAL blocks in
 another (keys gathered into one packed tensor), tensor masks through SDPA; every other backend
-runs SDPA per block on views of the cache (no copies).
+runs SDPA on views of the cache (no copies).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,26 +75,89 @@ def cached_attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[to
 
 
 def _sdpa_blocks(qs, ks, vs, masks) -> list:
-    """SDPA per group of blocks that share query length, key length and mask kind (FULL or
-    CAUSAL): one call over the stacked group instead of one per block (the CFG branches and images
-    of a batch; the same numbers, bit for bit, as block by block). Tensor masks run alone."""
-    groups: dict[tuple, list[int]] = {}
-    for b, (q, k, m) in enumerate(zip(qs, ks, masks)):
-        kind = "tensor" if isinstance(m, torch.Tensor) else (FULL if m == FULL or q.shape[0] == 1 else CAUSAL)
-        groups.setdefault((kind, q.shape[0], k.shape[0]) if kind != "tensor" else ("tensor", b), []).append(b)
-    outs: list = [None] * len(qs)
-    for key, members in groups.items():
-        if len(members) == 1 or key[0] == "tensor" or key[1] == 0:
-            for b in members:
-                outs[b] = _sdpa_block(qs[b], ks[b], vs[b], masks[b])
+    return [_sdpa_block(q, k, v, m) for q, k, v, m in zip(qs, ks, vs, masks)]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Query blocks of one shape (n queries, `keys` keys each) and one mask: `blocks` of the padded
+    queries, their cache `rows` in the same order. Slices where they are consecutive (views, no
+    copies), index tensors otherwise."""
+
+    blocks: slice | torch.Tensor
+    rows: slice | torch.Tensor
+    n: int
+    keys: int
+    mask: Mask
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """`row_attention`'s plan for one forward: the groups, or for `dense` / `flash` the blocks."""
+
+    backend: str
+    groups: tuple[RowGroup, ...]
+    rows: tuple[int, ...]
+    lens: tuple[int, ...]  # cached keys before each block
+    q_lens: tuple[int, ...]
+    masks: tuple
+
+
+def plan_rows(rows: list[int], lens: list[int], q_lens: list[int], masks: list[Mask], backend: str,
+              device=None) -> RowPlan:
+    """Block b: cache row rows[b], lens[b] cached keys, q_lens[b] queries, mask masks[b]."""
+    kernels.check_backend(backend)
+    members: dict[tuple, list[int]] = {}
+    for b, (cached, n, m) in enumerate(zip(lens, q_lens, masks)):
+        if isinstance(m, torch.Tensor):
+            if tuple(m.shape) != (n, cached + n):
+                raise ValueError(f"cached_attention: block {b}'s mask has shape {tuple(m.shape)}, expected "
+                                 f"{(n, cached + n)}")
+            members[("tensor", b)] = [b]
             continue
-        kind, n, s = key
-        q, k, v = (torch.stack([t[b] for b in members]).transpose(1, 2) for t in (qs, ks, vs))  # (G, H, n|S, D)
-        mask = None if kind == FULL else bottom_right_causal_mask(n, s, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)  # (G, n, H, D)
-        for i, b in enumerate(members):
-            outs[b] = out[i]
-    return outs
+        if m not in (FULL, CAUSAL):
+            raise ValueError(f"cached_attention: mask {m!r}; expected {FULL!r}, {CAUSAL!r} or a bool tensor")
+        kind = FULL if n == 1 else m  # one query at the end sees every key
+        members.setdefault((kind, n, cached + n), []).append(b)
+
+    def index(ids: list[int]) -> slice | torch.Tensor:
+        if ids == list(range(ids[0], ids[0] + len(ids))):
+            return slice(ids[0], ids[0] + len(ids))
+        return torch.tensor(ids, device=device)
+
+    groups = tuple(RowGroup(index(bs), index([rows[b] for b in bs]), q_lens[bs[0]], lens[bs[0]] + q_lens[bs[0]],
+                            masks[bs[0]] if key[0] == "tensor" else key[0]) for key, bs in members.items())
+    return RowPlan(backend, groups, tuple(rows), tuple(lens), tuple(q_lens), tuple(masks))
+
+
+def row_attention(plan: RowPlan, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """q (B, q_max, Hq, D): padded query blocks; keys/values (rows, capacity, Hkv, D): one layer
+    of the KV cache, each block's own keys already written after its prefix -> (B, q_max, Hq, D),
+    zero on padding. `sdpa`: one call per group, the same numbers as block by block (blocks of
+    one query: to the last bit; SDPA's CPU kernel is not batch-invariant there)."""
+    out = torch.zeros_like(q)
+    if plan.backend in ("dense", "flash"):
+        outs = cached_attention([q[b, :n] for b, n in enumerate(plan.q_lens)],
+                                [keys[r, : c + n] for r, c, n in zip(plan.rows, plan.lens, plan.q_lens)],
+                                [values[r, : c + n] for r, c, n in zip(plan.rows, plan.lens, plan.q_lens)],
+                                list(plan.masks), plan.backend)
+        for b, (o, n) in enumerate(zip(outs, plan.q_lens)):
+            out[b, :n] = o
+        return out
+    kernels.check_qkv(q[0], keys[0], values[0])
+    for g in plan.groups:
+        if g.n == 0:
+            continue
+        qh = q[g.blocks, : g.n].transpose(1, 2)  # (G, Hq, n, D)
+        kh, vh = (t[g.rows, : g.keys].transpose(1, 2) for t in (keys, values))  # (G, Hkv, S, D)
+        if torch.is_grad_enabled() and keys.requires_grad:  # autograd keeps SDPA's inputs, and later
+            kh, vh = kh.clone(), vh.clone()  # layers' writes into the cache would change these views
+        if isinstance(g.mask, torch.Tensor):
+            mask = g.mask.to(q.device)
+        else:
+            mask = None if g.mask == FULL else bottom_right_causal_mask(g.n, g.keys, q.device)
+        out[g.blocks, : g.n] = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    return out
 
 
 def _explicit(m: Mask, q, k) -> torch.Tensor:
