@@ -142,7 +142,8 @@ def apply_cfg(v: torch.Tensor, v_text: torch.Tensor | None, v_img: torch.Tensor 
     """Classifier-free guidance over text and image conditions, exactly as the release combines it.
 
     v: full-context velocity (N, C) of one image, or (B, N, C) of B images; v_text: without the
-    last text; v_img: without images. Guidance applies only when scale_text > 1 (then image guidance too, if scale_img > 1).
+    last text; v_img: without images. Guidance applies only when scale_text > 1 (then image
+    guidance too, if scale_img > 1).
     `global` renorms by the norm over the whole image, `channel` per token; `text_channel`
     renorms per token after the text step only (arXiv 2412.07730's rescale, per the release).
     """

@@ -5,7 +5,7 @@ import torch
 
 from bagel.config import ConfigError
 from bagel.inference.generate_image import generate_latents
-from bagel.inference.step_cache import StepCache
+from bagel.inference.step_cache import StepCache, relative_change
 from bagel.sampling import AUTO_THRESHOLD, ImageGenConfig, cache_threshold
 from tests.inference.test_engine import engine, image  # noqa: F401  (the module-scoped engine fixture)
 
@@ -104,3 +104,11 @@ def test_setting_values(value, want):
 def test_bad_settings(value, match):
     with pytest.raises(ConfigError, match=match):
         ImageGenConfig(cache=value)
+
+
+def test_relative_change_is_per_branch():
+    g = torch.Generator().manual_seed(0)
+    now, before = [torch.randn(5, 8, generator=g) for _ in range(3)], [torch.randn(5, 8, generator=g) for _ in range(3)]
+    expected = [float((a - b).abs().mean() / b.abs().mean()) for a, b in zip(now, before)]
+    assert relative_change(now, before) == pytest.approx(expected, rel=1e-6)
+    assert relative_change([], []) == []

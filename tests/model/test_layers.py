@@ -56,6 +56,20 @@ def test_flow_conventions():
     torch.testing.assert_close(x, x0, atol=1e-5, rtol=1e-5)
 
 
+def test_guidance_of_a_batch_of_images_is_per_image():
+    """apply_cfg over (B, N, C) (a denoising step's images at once) equals B calls on (N, C): the
+    global renorm is taken per image, never over the batch."""
+    g = torch.Generator().manual_seed(0)
+    v, v_text, v_img = (torch.randn(3, 12, 16, generator=g) * (1 + torch.arange(3.0))[:, None, None] for _ in range(3))
+    for renorm in flow.RENORM_TYPES:
+        batch = flow.apply_cfg(v, v_text, v_img, 4.0, 1.5, renorm, 0.0)
+        for b in range(3):
+            one = flow.apply_cfg(v[b], v_text[b], v_img[b], 4.0, 1.5, renorm, 0.0)
+            torch.testing.assert_close(batch[b], one, atol=1e-6, rtol=1e-6)
+    one_norm = flow.apply_cfg(v.flatten(0, 1), v_text.flatten(0, 1), v_img.flatten(0, 1), 4.0, 1.5, "global", 0.0)
+    assert not torch.allclose(flow.apply_cfg(v, v_text, v_img, 4.0, 1.5, "global", 0.0), one_norm.view(3, 12, 16))
+
+
 def test_shift_and_grid_match_fixture(reference):
     grid = flow.sampling_timesteps(7, 3.0)
     torch.testing.assert_close(grid[:-1], torch.tensor(reference.meta["infer"]["t2i"]["steps_t"]))

@@ -71,10 +71,6 @@ def cached_attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[to
         return [kernels.dense_attention(q, k, v, _explicit(m, q, k)) for q, k, v, m in zip(qs, ks, vs, masks)]
     if backend == "flash":
         return _flash_blocks(qs, ks, vs, masks)
-    return _sdpa_blocks(qs, ks, vs, masks)
-
-
-def _sdpa_blocks(qs, ks, vs, masks) -> list:
     return [_sdpa_block(q, k, v, m) for q, k, v, m in zip(qs, ks, vs, masks)]
 
 
