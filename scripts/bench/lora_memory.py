@@ -2,7 +2,7 @@
 official code was timed on (scripts/bench/official_geometry.py: LLM 256 wide, 4 MoT layers, the
 2048-token pack), each in a fresh child process.
 
-    python scripts/bench/lora_memory.py [--steps 3] [--rank 16] [--checkpointing]
+    python scripts/bench/lora_memory.py [--steps 3] [--rank 16] [--checkpointing] [--malloc tuned|default|tight]
 
 Per mode: the resident memory once the model is built (before any step), the peak over the steps
 (AdamW included), the step's own memory (peak - built), the median step time, and the tensor
@@ -12,12 +12,17 @@ clear_refs) before the first step, so the peak is the steps' own (torch's profil
 allocator's slack; the resident figures include that slack). The LoRA mode
 adapts both experts' attention and MLP (bagel.model.lora) with the rest frozen. --checkpointing
 recomputes each MoT layer and ViT block in backward in both modes (train.activation_checkpointing).
+--malloc: `tuned` is what the console scripts use (bagel.cli.common.tune_allocator: freed buffers
+stay in the process), `default` glibc's own, `tight` maps every buffer of 64 KiB or more on its own
+and unmaps it when freed (MALLOC_MMAP_THRESHOLD_), so resident memory follows the live tensors.
+"runtime" is the process with torch and bagel imported, before anything is built.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -54,6 +59,7 @@ def child(mode: str, steps: int, rank: int, checkpointing: bool) -> dict:
     from bagel.train import losses
 
     tune_allocator()
+    runtime = status_mb("VmRSS")
     torch.manual_seed(0)
     cfg = geometry(1)
     model = Bagel(cfg)
@@ -92,7 +98,7 @@ def child(mode: str, steps: int, rank: int, checkpointing: bool) -> dict:
         times.append(time.perf_counter() - t0)
     peak = status_mb("VmHWM")
 
-    return {"built_mb": built, "peak_mb": peak, "step_mb": peak - built, "step_s": sorted(times)[len(times) // 2],
+    return {"runtime_mb": runtime, "built_mb": built, "peak_mb": peak, "step_mb": peak - built, "step_s": sorted(times)[len(times) // 2],
             "tensor_peak_mb": tensor_peak_mb(step), "trainable": sum(p.numel() for p in params),
             "total": sum(p.numel() for p in model.parameters())}
 
@@ -117,23 +123,29 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both modes")
+    p.add_argument("--malloc", choices=["tuned", "default", "tight"], default="tuned", help="the children's allocator")
     p.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.rank, args.checkpointing)))
         return
+    env = dict(os.environ)
+    if args.malloc != "tuned":
+        env["BAGEL_MALLOC"] = "default"
+    if args.malloc == "tight":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     rows = {}
     for mode in ("full", "lora"):
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--rank",
                               str(args.rank), *(["--checkpointing"] if args.checkpointing else [])],
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True, env=env).stdout
         rows[mode] = json.loads(out.strip().splitlines()[-1])
     f, lo = rows["full"], rows["lora"]
     print(f"{'':<22} {'full fine-tune':>15} {'LoRA r' + str(args.rank):>12} {'ratio':>7}")
     print(f"{'trainable parameters':<22} {f['trainable']:>15,} {lo['trainable']:>12,} "
           f"{f['trainable'] / lo['trainable']:6.1f}x   ({lo['trainable'] / f['total']:.2%} of the model)")
     for key, label in (("peak_mb", "peak RSS (MB)"), ("step_mb", "step memory (MB)"), ("built_mb", "model built (MB)"),
-                       ("tensor_peak_mb", "tensor peak (MB)"), ("step_s", "step time (s)")):
+                       ("runtime_mb", "runtime (MB)"), ("tensor_peak_mb", "tensor peak (MB)"), ("step_s", "step time (s)")):
         print(f"{label:<22} {f[key]:>15.1f} {lo[key]:>12.1f} {f[key] / lo[key]:6.2f}x")
 
 
