@@ -35,7 +35,7 @@ rl-demo: venv
 # Guidance and step distillation of the demo model: a 4-step student that draws in one guidance
 # branch (runs/digits_distill/), one in the teacher's 19 steps (runs/digits_distill_guidance/), each
 # with a report.md of the demo's scores, then scripts/bench/generate.py --digits: the plain sampler,
-# the step cache and both students in one run. Needs `make demo`. About 23 minutes on 2 cores.
+# the step cache and both students in one run. Needs `make demo`. About 18 minutes on 2 cores.
 distill-demo: venv
 	$(VENV)/bin/bagel-distill --config configs/distill/digits_fewstep.yaml
 	$(VENV)/bin/bagel-distill --config configs/distill/digits_guidance.yaml
