@@ -112,19 +112,19 @@ def forward_queries_early_exit(stack: DecoderStack, contexts: list[Context], que
 @dataclass
 class Blocks:
     """Query blocks padded into one batch against their cache rows: everything a decoder layer
-    needs besides the hidden states (routing, RoPE positions, cache slots, masks), built once per
-    forward."""
+    needs besides the hidden states (routing, RoPE tables, cache slots, the attention plan), built
+    once per forward; `subset` keeps the rows it needs (the step cache's second pass)."""
 
     cache: object
     q_lens: list[int]
     q_max: int  # the padded block length
     lens: list[int]  # cached length of each context
     rows: list[int]  # cache row of each context
-    positions: torch.Tensor  # (B, q_max)
+    cos: torch.Tensor  # (B, q_max, head_dim) RoPE tables at each row's position
+    sin: torch.Tensor
     gen: torch.Tensor  # (B, q_max) bool: generation-expert rows
     valid: torch.Tensor  # (B, q_max) bool: real (not padding) rows
     attention: RowPlan
-    rope: Callable
 
     @property
     def B(self) -> int:
@@ -153,15 +153,16 @@ class Blocks:
         valid = torch.arange(q_max, device=device)[None] < torch.tensor(q_lens, device=device)[:, None]
         masks = [_block_mask(q, n, device) for q, n in zip(queries, lens)]
         plan = plan_rows(rows, lens, q_lens, masks, resolve_cached_backend(stack.backend, device, x.dtype), device)
-        return cls(cache, q_lens, q_max, lens, rows, positions, gen, valid, plan, stack.rope), x
+        cos, sin = (t.view(len(queries), q_max, -1) for t in stack.rope(positions.flatten(), x.dtype))
+        return cls(cache, q_lens, q_max, lens, rows, cos, sin, gen, valid, plan), x
 
     def subset(self, keep: list[int]) -> "Blocks":
         """The blocks `keep` alone (their padding unchanged)."""
         q_lens, lens, rows = [self.q_lens[b] for b in keep], [self.lens[b] for b in keep], [self.rows[b] for b in keep]
         a = self.attention
-        plan = plan_rows(rows, lens, q_lens, [a.masks[b] for b in keep], a.backend, self.positions.device)
-        return Blocks(self.cache, q_lens, self.q_max, lens, rows, self.positions[keep], self.gen[keep],
-                      self.valid[keep], plan, self.rope)
+        plan = plan_rows(rows, lens, q_lens, [a.masks[b] for b in keep], a.backend, self.gen.device)
+        return Blocks(self.cache, q_lens, self.q_max, lens, rows, self.cos[keep], self.sin[keep], self.gen[keep],
+                      self.valid[keep], plan)
 
     def unpad(self, h: torch.Tensor) -> list[torch.Tensor]:
         h = h.reshape(self.B, self.q_max, -1)
@@ -189,7 +190,7 @@ class Blocks:
             return fn
 
         h = x.reshape(B * q_max, d)
-        cos, sin = self.rope(self.positions.flatten(), h.dtype)
+        cos, sin = self.cos.flatten(0, 1), self.sin.flatten(0, 1)
         for i, layer in enumerate(layers, start=first_layer):
             h = layer(h, cos, sin, route, attend(i))
         if final_norm is not None:
