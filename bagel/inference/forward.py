@@ -78,11 +78,13 @@ def forward_queries(stack: DecoderStack, contexts: list[Context], queries: list[
 
 
 def run_queries(stack: DecoderStack, contexts: list[Context], queries: list[Query],
-                commit: bool) -> list[torch.Tensor]:
+                commit: bool, blocks: Blocks | None = None) -> list[torch.Tensor]:
     """`forward_queries` with autograd as the caller has it (RL recomputes a step's velocity with
-    gradients through the query blocks; the cached context is a constant)."""
-    blocks, x = Blocks.prepare(stack, contexts, queries)
-    h = blocks.run(stack.layers, stack.first_layer, x, stack.final_norm)
+    gradients through the query blocks; the cached context is a constant). `blocks`: prepared
+    earlier for the same contexts and query shapes (`Blocks.prepare`; every step of a generation
+    reuses its first step's)."""
+    blocks = Blocks.prepare(stack, contexts, queries) if blocks is None else blocks.check(contexts, queries)
+    h = blocks.run(stack.layers, stack.first_layer, blocks.embeddings(queries), stack.final_norm)
     if commit:
         for ctx, n in zip(contexts, blocks.q_lens):
             ctx.length += n
@@ -91,12 +93,14 @@ def run_queries(stack: DecoderStack, contexts: list[Context], queries: list[Quer
 
 @torch.no_grad()
 def forward_queries_early_exit(stack: DecoderStack, contexts: list[Context], queries: list[Query], k: int,
-                               go_on: Callable[[list[torch.Tensor]], list[bool]]) -> tuple[list, list]:
+                               go_on: Callable[[list[torch.Tensor]], list[bool]],
+                               blocks: Blocks | None = None) -> tuple[list, list]:
     """The first `k` layers for every query, then the rest (and the final norm) only for the
     queries `go_on(hidden after k layers)` keeps: returns (hidden after k layers, final hidden
-    or None) per query. Scratch only (nothing is committed); the step cache's forward."""
-    blocks, x = Blocks.prepare(stack, contexts, queries)
-    first = blocks.run(stack.layers[:k], stack.first_layer, x, None)
+    or None) per query. Scratch only (nothing is committed); the step cache's forward. `blocks`:
+    as for `run_queries`."""
+    blocks = Blocks.prepare(stack, contexts, queries) if blocks is None else blocks.check(contexts, queries)
+    first = blocks.run(stack.layers[:k], stack.first_layer, blocks.embeddings(queries), None)
     first_list = blocks.unpad(first)
     keep = [b for b, more in enumerate(go_on(first_list)) if more]
     final: list[torch.Tensor | None] = [None] * len(queries)
@@ -109,11 +113,42 @@ def forward_queries_early_exit(stack: DecoderStack, contexts: list[Context], que
     return first_list, final
 
 
+@dataclass(frozen=True)
+class CacheSlots:
+    """Where a forward's real (not padding) query rows write their keys and values: the cache
+    rows `rows` at offsets `offsets`, and which padded rows (`blocks`, `index`) those are. When
+    every block is unpadded and the blocks sit in consecutive rows at one offset (decoding one
+    sequence; a batch of equal contexts) `rows` and `offsets` are slices and the write is one
+    copy into a view of the cache."""
+
+    rows: torch.Tensor | slice
+    offsets: torch.Tensor | slice
+    blocks: torch.Tensor | None = None  # (n_real,): padded block of each real row; None: all rows
+    index: torch.Tensor | None = None  # (n_real,): its row inside the block
+
+    @classmethod
+    def of(cls, rows: list[int], lens: list[int], q_lens: list[int], q_max: int, valid: torch.Tensor) -> "CacheSlots":
+        B = len(rows)
+        if (rows == list(range(rows[0], rows[0] + B)) and len(set(lens)) == 1
+                and all(n == q_max for n in q_lens)):
+            return cls(slice(rows[0], rows[0] + B), slice(lens[0], lens[0] + q_max))
+        device = valid.device
+        b_idx, i_idx = valid.nonzero(as_tuple=True)
+        return cls(torch.tensor(rows, device=device)[b_idx], torch.tensor(lens, device=device)[b_idx] + i_idx,
+                   b_idx, i_idx)
+
+    def write(self, store: torch.Tensor, new: torch.Tensor) -> None:
+        """store: one layer of the cache (rows, capacity, H, hd); new: (B, q_max, H, hd)."""
+        store[self.rows, self.offsets] = new if self.blocks is None else new[self.blocks, self.index]
+
+
 @dataclass
 class Blocks:
     """Query blocks padded into one batch against their cache rows: everything a decoder layer
     needs besides the hidden states (routing, RoPE tables, cache slots, the attention plan), built
-    once per forward; `subset` keeps the rows it needs (the step cache's second pass)."""
+    once per forward, or once per generation for the denoising steps, whose blocks change only in
+    their embeddings (`check` makes sure a reused one still fits); `subset` keeps the rows it
+    needs (the step cache's second pass)."""
 
     cache: object
     q_lens: list[int]
@@ -125,14 +160,16 @@ class Blocks:
     gen: torch.Tensor  # (B, q_max) bool: generation-expert rows
     valid: torch.Tensor  # (B, q_max) bool: real (not padding) rows
     attention: RowPlan
+    route: Routing  # the experts' rows of the flattened (B * q_max) batch
+    slots: CacheSlots
 
     @property
     def B(self) -> int:
         return len(self.q_lens)
 
     @classmethod
-    def prepare(cls, stack: DecoderStack, contexts: list[Context], queries: list[Query]) -> tuple["Blocks", torch.Tensor]:
-        """The blocks of `queries` against `contexts`, and their padded embeddings (B, q_max, D)."""
+    def prepare(cls, stack: DecoderStack, contexts: list[Context], queries: list[Query]) -> "Blocks":
+        """The blocks of `queries` against `contexts` (their embeddings: `embeddings`)."""
         if len(contexts) != len(queries) or not contexts:
             raise ValueError(f"need one query per context, got {len(queries)} queries for {len(contexts)} contexts")
         cache = contexts[0].cache
@@ -144,25 +181,39 @@ class Blocks:
         for ctx, n in zip(contexts, q_lens):
             cache.reserve(ctx, n, taken)
             taken.add(ctx.row)
-        device = queries[0].embeds.device
+        device, dtype = queries[0].embeds.device, queries[0].embeds.dtype
         lens, rows = [c.length for c in contexts], [c.row for c in contexts]
         # Pad the blocks to (B * q_max) packed rows; padding rows use the und expert at position 0.
-        x = pad_sequence([q.embeds for q in queries], batch_first=True)
         positions = pad_sequence([q.positions for q in queries], batch_first=True)
         gen = pad_sequence([q.gen_rows for q in queries], batch_first=True)
         valid = torch.arange(q_max, device=device)[None] < torch.tensor(q_lens, device=device)[:, None]
         masks = [_block_mask(q, n, device) for q, n in zip(queries, lens)]
-        plan = plan_rows(rows, lens, q_lens, masks, resolve_cached_backend(stack.backend, device, x.dtype), device)
-        cos, sin = (t.view(len(queries), q_max, -1) for t in stack.rope(positions.flatten(), x.dtype))
-        return cls(cache, q_lens, q_max, lens, rows, cos, sin, gen, valid, plan), x
+        plan = plan_rows(rows, lens, q_lens, masks, resolve_cached_backend(stack.backend, device, dtype), device)
+        cos, sin = (t.view(len(queries), q_max, -1) for t in stack.rope(positions.flatten(), dtype))
+        return cls(cache, q_lens, q_max, lens, rows, cos, sin, gen, valid, plan, _routing(gen),
+                   CacheSlots.of(rows, lens, q_lens, q_max, valid))
+
+    def check(self, contexts: list[Context], queries: list[Query]) -> "Blocks":
+        """self, after making sure it was prepared for these contexts (rows, lengths) and query
+        lengths."""
+        now = ([c.row for c in contexts], [c.length for c in contexts], [len(q) for q in queries])
+        if now != (self.rows, self.lens, self.q_lens):
+            raise ValueError(f"prepared blocks (rows, cached lengths, query lengths) "
+                             f"{(self.rows, self.lens, self.q_lens)} do not fit this forward's {now}")
+        return self
+
+    def embeddings(self, queries: list[Query]) -> torch.Tensor:
+        """The queries' embeddings, padded like the blocks: (B, q_max, D)."""
+        return pad_sequence([q.embeds for q in queries], batch_first=True)
 
     def subset(self, keep: list[int]) -> "Blocks":
         """The blocks `keep` alone (their padding unchanged)."""
         q_lens, lens, rows = [self.q_lens[b] for b in keep], [self.lens[b] for b in keep], [self.rows[b] for b in keep]
         a = self.attention
         plan = plan_rows(rows, lens, q_lens, [a.masks[b] for b in keep], a.backend, self.gen.device)
-        return Blocks(self.cache, q_lens, self.q_max, lens, rows, self.cos[keep], self.sin[keep], self.gen[keep],
-                      self.valid[keep], plan)
+        gen, valid = self.gen[keep], self.valid[keep]
+        return Blocks(self.cache, q_lens, self.q_max, lens, rows, self.cos[keep], self.sin[keep], gen, valid, plan,
+                      _routing(gen), CacheSlots.of(rows, lens, q_lens, self.q_max, valid))
 
     def unpad(self, h: torch.Tensor) -> list[torch.Tensor]:
         h = h.reshape(self.B, self.q_max, -1)
@@ -172,19 +223,12 @@ class Blocks:
         """`layers` (cache layers first_layer, first_layer + 1, ...) over x (B, q_max, D), then
         `final_norm` if given -> (B * q_max, D)."""
         B, q_max, d = self.B, self.q_max, x.shape[-1]
-        device, cache = x.device, self.cache
-        flat = torch.arange(B * q_max, device=device)
-        route = Routing(und=flat[~self.gen.flatten()], gen=flat[self.gen.flatten()], skip_empty=True)
-        # Where each valid query token's key/value goes in the cache.
-        b_idx, i_idx = self.valid.nonzero(as_tuple=True)
-        row_idx = torch.tensor(self.rows, device=device)[b_idx]
-        slot_idx = torch.tensor(self.lens, device=device)[b_idx] + i_idx
-        plan = self.attention
+        cache, plan, slots = self.cache, self.attention, self.slots
 
         def attend(layer: int):
             def fn(q, k, v):  # q: (B*q_max, Hq, hd), k/v: (B*q_max, Hkv, hd)
-                cache.keys[layer, row_idx, slot_idx] = k.reshape(B, q_max, *k.shape[1:])[b_idx, i_idx]
-                cache.values[layer, row_idx, slot_idx] = v.reshape(B, q_max, *v.shape[1:])[b_idx, i_idx]
+                slots.write(cache.keys[layer], k.reshape(B, q_max, *k.shape[1:]))
+                slots.write(cache.values[layer], v.reshape(B, q_max, *v.shape[1:]))
                 out = row_attention(plan, q.reshape(B, q_max, *q.shape[1:]), cache.keys[layer], cache.values[layer])
                 return out.reshape(B * q_max, *out.shape[2:])
             return fn
@@ -192,7 +236,14 @@ class Blocks:
         h = x.reshape(B * q_max, d)
         cos, sin = self.cos.flatten(0, 1), self.sin.flatten(0, 1)
         for i, layer in enumerate(layers, start=first_layer):
-            h = layer(h, cos, sin, route, attend(i))
+            h = layer(h, cos, sin, self.route, attend(i))
         if final_norm is not None:
-            h = final_norm(h, route)
+            h = final_norm(h, self.route)
         return h
+
+
+def _routing(gen: torch.Tensor) -> Routing:
+    """The experts' rows of padded blocks flattened to (B * q_max) rows; gen: (B, q_max) bool."""
+    gen = gen.flatten()
+    flat = torch.arange(gen.numel(), device=gen.device)
+    return Routing(und=flat[~gen], gen=flat[gen], skip_empty=True)

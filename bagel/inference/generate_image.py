@@ -25,7 +25,7 @@ import torch
 
 from bagel import flow
 from bagel.inference.context import embed_latents, image_blocks
-from bagel.inference.forward import Query, forward_queries_early_exit, llm_stack, run_queries
+from bagel.inference.forward import Blocks, Query, forward_queries_early_exit, llm_stack, run_queries
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.inference.step_cache import StepCache
 from bagel.packing import unpatchify
@@ -117,11 +117,12 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
     if stats is not None:
         stats.clear()
     ws = guidance_workspace(model, branches, cfg, n_tok)
+    prepared: dict[int, Blocks] = {}  # every step's blocks but for their embeddings, by row count
     plain_work = 0
 
     for i in track(range(len(grid_t) - 1), desc="denoising", unit="step", enabled=progress):
         t, t_next = grid_t[i], grid_t[i + 1]
-        guided = step_velocities(model, tokens, ws, x, t, grid, cfg, cache, i, len(grid_t) - 2)
+        guided = step_velocities(model, tokens, ws, x, t, grid, cfg, cache, i, len(grid_t) - 2, prepared)
         plain_work += active_branches(model, cfg, t) * B * len(model.llm.layers)
         for b in range(B):
             if on_step is not None:
@@ -135,10 +136,12 @@ def generate_latents(model, tokens: SpecialTokens, branches: list[Branches], gri
 
 def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[torch.Tensor], t: float,
                     grid: tuple[int, int], cfg: ImageGenConfig, cache: StepCache | None = None, step: int = 0,
-                    last_step: int = 0) -> list[torch.Tensor]:
+                    last_step: int = 0, prepared: dict[int, Blocks] | None = None) -> list[torch.Tensor]:
     """The guided velocity of every image at time t: the active branches of all images (workspace
     rows: all full contexts, then text_uncond, then img_uncond) in one forward. Autograd follows
-    the caller (generate_latents runs it without; RL recomputes a step with gradients)."""
+    the caller (generate_latents runs it without; RL recomputes a step with gradients).
+    `prepared`: the query blocks of earlier steps over `ws`, by number of rows (filled here):
+    their RoPE tables, routing, cache slots and attention plan are the same at every step."""
     B = len(x)
     dtype = model.llm.embed_tokens.weight.dtype
     s_text, s_img = cfg.scales_at(t)
@@ -148,10 +151,15 @@ def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[tor
     inner = embed_latents(model, [xb.to(dtype) for xb in x], t, grid,  # each image's, shared by its branches
                           (s_text, s_img) if student else None)
     queries = image_blocks(model, tokens, torch.stack(inner).repeat(n_branches, 1, 1), [c.rope for c in ctxs], gen=True)
+    blocks = None
+    if prepared is not None:
+        if len(ctxs) not in prepared:
+            prepared[len(ctxs)] = Blocks.prepare(llm_stack(model), ctxs, queries)
+        blocks = prepared[len(ctxs)]
     if cache is None:
-        hidden = run_queries(llm_stack(model), ctxs, queries, commit=False)
+        hidden = run_queries(llm_stack(model), ctxs, queries, commit=False, blocks=blocks)
     else:
-        hidden = _cached_forward(model, cache, step, last_step, ctxs, queries)
+        hidden = _cached_forward(model, cache, step, last_step, ctxs, queries, blocks)
     v = model.llm2vae(torch.stack([hid[1:-1] for hid in hidden])).float()  # latents sit between the markers
     if student:
         return list(v)
@@ -161,13 +169,13 @@ def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[tor
 
 
 def _cached_forward(model, cache: StepCache, step: int, last_step: int, ctxs: list[Context],
-                    queries: list[Query]) -> list[torch.Tensor]:
+                    queries: list[Query], blocks: Blocks | None) -> list[torch.Tensor]:
     """One denoising forward through the step cache: the first layer for every branch, the rest
     only for the branches the cache says must run (bagel/inference/step_cache.py)."""
     rows = list(range(len(ctxs)))
     first, final = forward_queries_early_exit(
         llm_stack(model), ctxs, queries, 1,
-        lambda hidden: cache.decide(step, last_step, rows, [h - q.embeds for h, q in zip(hidden, queries)]))
+        lambda hidden: cache.decide(step, last_step, rows, [h - q.embeds for h, q in zip(hidden, queries)]), blocks)
     out = []
     for j, (f, h) in enumerate(zip(first, final)):
         if h is None:

@@ -86,11 +86,12 @@ def step_transitions(model, tokens: SpecialTokens, branches: list[Branches], rol
     device = model.llm.embed_tokens.weight.device
     ws = guidance_workspace(model, branches, cfg, rollout.grid[0] * rollout.grid[1])
     t_cap = _t_cap(rollout.timesteps)
+    prepared: dict = {}
     out = []
     for i in steps:
         t, t_next = rollout.timesteps[i], rollout.timesteps[i + 1]
         x = [xb.to(device) for xb in rollout.states[i]]
-        v = step_velocities(model, tokens, ws, x, t, rollout.grid, cfg)
+        v = step_velocities(model, tokens, ws, x, t, rollout.grid, cfg, prepared=prepared)
         out.append([flow.sde_transition(xb, vb, t, t_next, rollout.noise_level, t_cap) for xb, vb in zip(x, v)])
     return out
 

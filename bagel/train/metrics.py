@@ -24,7 +24,7 @@ import time
 import torch
 
 from bagel.batch import PackedBatch
-from bagel.config import BagelConfig
+from bagel.config import BagelConfig, LLMConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0,
@@ -47,12 +47,17 @@ def attention_pairs(sample_lens: list[int], split_lens: list[int], attn_modes: l
     return pairs
 
 
+def expert_macs(llm: LLMConfig) -> int:
+    """Multiply-adds of one token through one MoT expert of one layer (q, k, v, o, SwiGLU)."""
+    d, hd, hq, hkv = llm.hidden_size, llm.head_dim, llm.num_attention_heads, llm.num_key_value_heads
+    return d * hq * hd + 2 * d * hkv * hd + hq * hd * d + 3 * d * llm.intermediate_size
+
+
 def batch_flops(cfg: BagelConfig, batch: PackedBatch) -> float:
     """Forward + backward FLOPs of one training step on `batch`."""
     llm, vit = cfg.llm, cfg.vit
-    d, hd, hq, hkv = llm.hidden_size, llm.head_dim, llm.num_attention_heads, llm.num_key_value_heads
-    expert = d * hq * hd + 2 * d * hkv * hd + hq * hd * d + 3 * d * llm.intermediate_size
-    macs = batch.sequence_length * llm.num_hidden_layers * expert
+    d, hd, hq = llm.hidden_size, llm.head_dim, llm.num_attention_heads
+    macs = batch.sequence_length * llm.num_hidden_layers * expert_macs(llm)
     macs += batch.num_ce_tokens * d * llm.vocab_size
     macs += attention_pairs(batch.sample_lens, batch.split_lens, batch.attn_modes) * 2 * hd * hq * llm.num_hidden_layers
     if batch.vit_tokens is not None and batch.vit_tokens.numel():

@@ -1,6 +1,7 @@
 """Our speed on the geometry the official code was timed on (OFFICIAL below: this machine class).
 
     python scripts/bench/official_geometry.py [--repeats 5] [--threads 2]
+    python scripts/bench/official_geometry.py --dtype bf16 [--scale 4]               # bf16 on CPU
     python scripts/bench/official_geometry.py --device cuda --dtype bf16 --scale 4   # GPU, scaled up
 
 A random model of exactly that geometry (LLM 256 wide, MLP 1024, 4 MoT layers, 8/2 heads, vocab
@@ -10,11 +11,21 @@ latent channels; max_latent_size 32), the same 2048-token pack (two understandin
 the same image through the ViT at 224 px, the instruction and a noisy 256 px target: 256
 text/marker positions, 768 ViT tokens, 1024 latent tokens, 110 CE and 768 MSE positions) and the
 same inference inputs. Each row is the median over `--repeats` timed runs after a warm-up; a
-1024^3 float32 matmul is timed beside them as the machine's calibration (the official figures were
-measured while it read 150-270 GFLOP/s). Ratios are against the official figures (OFFICIAL below,
-measured in another session: compare them with the calibration in mind). `--scale k` multiplies
-every width by k (heads by k, head_dim unchanged) for accelerators, where the CPU geometry is too
-small to measure anything but launch overhead; then no official figure applies.
+1024^3 matmul in fp32 and in bf16 is timed beside them as the machine's calibration (the official
+figures were measured while the fp32 one read 150-270 GFLOP/s). Ratios are against the official
+figures (OFFICIAL below, measured in another session: compare them with the calibration in mind).
+
+MFU rows divide the model FLOPs of a training step (`bagel.train.metrics.batch_flops`) or of a
+denoising step (`step_flops`) by the time and by the calibration of the run's dtype. A text token
+is memory-bound instead: its row gives the weight bytes a token reads and the rate it reads them.
+In fp32 on CPU a last table says what issue 13's speed-ups would take: each compute row's target
+time and the share of the fp32 calibration that time needs (over 100%: beyond this machine's
+matmul peak for the same FLOPs).
+
+`--dtype bf16`: training under autocast (fp32 master weights), inference with bf16 weights.
+`--scale k` multiplies every width by k (heads by k, head_dim unchanged): for accelerators, where
+the CPU geometry is too small to measure anything but launch overhead, and for bf16 on CPU at a
+width where matmuls dominate; then no official figure applies.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from bagel.packing import Text, VaeImage, VitImage, pack_samples
 from bagel.sampling import ImageGenConfig, SamplingConfig
 from bagel.tokenizer import SpecialTokens
 from bagel.train import losses
-from bagel.train.metrics import batch_flops
+from bagel.train.metrics import batch_flops, expert_macs
 
 # The official code (commit 056b5fd, unmodified, CPU fp32, 2 threads, tuned malloc) on this machine
 # class, medians measured by the project on 2026-11-29 with the calibration at 150-270 GFLOP/s.
@@ -80,10 +91,11 @@ def median_time(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def calibration(device) -> float:
-    """GFLOP/s of a 1024^3 float32 matmul (best of 5)."""
-    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
-    return 2 * 1024**3 / median_time(lambda: a @ b, 5, device) / 1e9
+def calibration(device, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of a 1024^3 matmul in `dtype`, best of 10: the machine's practical peak (a median
+    moves with whatever else the host runs; one slow moment read 101 against 184 GFLOP/s)."""
+    a, b = (torch.randn(1024, 1024, device=device).to(dtype) for _ in range(2))
+    return max(2 * 1024**3 / median_time(lambda: a @ b, 1, device) / 1e9 for _ in range(10))
 
 
 def training_rows(model, vae, batch, repeats, device) -> dict:
@@ -140,13 +152,29 @@ def image_inputs(model, vae, side: int, edit: bool, g: torch.Generator, device) 
     return [Branches(full, text_uncond, img_uncond if edit else None)], (side // 16, side // 16), cfg
 
 
+def step_flops(cfg: BagelConfig, branches: Branches, grid: tuple[int, int]) -> float:
+    """Forward FLOPs of one denoising step of one image, as this code runs it: every guidance
+    branch's block (the latents and two markers) through every layer against its context and
+    through the velocity head; the latents' embedding (vae2llm, timestep MLP) once, shared."""
+    llm, d = cfg.llm, cfg.llm.hidden_size
+    n_lat = grid[0] * grid[1]
+    n = n_lat + 2
+    macs = n_lat * (cfg.patch_latent_dim * d + 256 * d + d * d)
+    for ctx in (branches.full, branches.text_uncond, branches.img_uncond):
+        if ctx is not None:
+            macs += n * llm.num_hidden_layers * (expert_macs(llm) + (ctx.length + n) * 2 * llm.head_dim * llm.num_attention_heads)
+            macs += n_lat * d * cfg.patch_latent_dim
+    return 2.0 * macs
+
+
 def image_rows(model, vae, repeats, device) -> dict:
     g = torch.Generator().manual_seed(2)
     out = {}
-    for name, side, edit in (("t2i_step_s", 256, False), ("edit_step_s", 224, True)):
+    for name, side, edit in (("t2i_step", 256, False), ("edit_step", 224, True)):
         branches, grid, cfg = image_inputs(model, vae, side, edit, g, device)
         total = median_time(lambda: generate_latents(model, TOKENS, branches, grid, cfg, generator=g), repeats, device)
-        out[name] = total / 10  # 11 grid points: 10 steps, guidance at every one
+        out[f"{name}_s"] = total / 10  # 11 grid points: 10 steps, guidance at every one
+        out[f"{name}_gflop"] = step_flops(model.cfg, branches[0], grid) / 1e9
     z = torch.randn(1, 16, 32, 32, generator=g).to(device)
     with torch.no_grad():
         out["vae_decode_s"] = median_time(lambda: vae.decode(z), repeats, device)
@@ -169,7 +197,11 @@ def text_row(model, repeats, device) -> dict:
 
     answer()
     secs = statistics.median(answer() for _ in range(repeats))
-    return {"greedy_tok_per_s": 64 / secs, "greedy_ms_per_token": 1e3 * secs / 64}
+    # A decoded token reads the understanding expert of every layer and the LM head once.
+    weights = [p for layer in model.llm.layers for p in layer.und.parameters()] + [model.llm.lm_head.weight]
+    mb = sum(p.numel() * p.element_size() for p in weights) / 1e6
+    return {"greedy_tok_per_s": 64 / secs, "greedy_ms_per_token": 1e3 * secs / 64,
+            "greedy_weight_mb_per_token": mb, "greedy_weight_gb_per_s": mb * 64 / secs / 1e3}
 
 
 def main() -> None:
@@ -194,19 +226,24 @@ def main() -> None:
     vae = VAE(cfg.vae).to(device).eval()
     batch = pack_samples(the_pack(torch.Generator().manual_seed(0)), cfg, TOKENS).to(device)
     assert args.scale > 1 or (batch.sequence_length, batch.num_ce_tokens, batch.num_mse_tokens) == (2048, 110, 768)
-    gflops = calibration(device)
+    peaks = {"fp32": calibration(device), "bf16": calibration(device, torch.bfloat16)}
+    peak = peaks[args.dtype]  # the run's own dtype: MFU is against it
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {args.dtype}, scale {args.scale}; "
           f"{sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters; pack {batch.sequence_length} tokens; "
-          f"calibration: 1024^3 fp32 matmul {gflops:.0f} GFLOP/s; malloc {allocator}")
+          f"calibration: 1024^3 matmul fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; "
+          f"malloc {allocator}")
     rows = {}
     if "train" not in args.skip:
         model.train()
         rows.update(training_rows(model, vae, batch, args.repeats, device))
+        rows["train_mfu"] = rows["train_tflops"] * 1e3 / peak
     model.eval()
     if DTYPE != torch.float32:
         model.to(DTYPE)
     if "image" not in args.skip:
         rows.update(image_rows(model, vae, args.repeats, device))
+        for name in ("t2i_step", "edit_step"):
+            rows[f"{name}_mfu"] = rows[f"{name}_gflop"] / rows[f"{name}_s"] / peak
     if "text" not in args.skip:
         rows.update(text_row(model, args.repeats, device))
     official = args.scale == 1 and device.type == "cpu" and args.dtype == "fp32"
@@ -215,7 +252,21 @@ def main() -> None:
         ref = OFFICIAL.get(key) if official else None
         ratio = "" if ref is None else f"{(value / ref if 'per_s' in key else ref / value):.2f}x"
         print(f"{key:<36} {value:12.4g} {ref if ref is not None else '':>10} {ratio:>7}")
+    if official:
+        print_targets(rows, peaks["fp32"])
 
+
+def print_targets(rows: dict, peak: float) -> None:
+    """What issue 13's speed-ups over the official figures would take: each compute row's time at
+    the target and the share of this run's fp32 matmul calibration that time would need."""
+    print(f"\n{'target (issue 13)':<36} {'time':>12} {'needs':>10} {'now':>7}")
+    for key, factor, flop in (("train_fwd_bwd_s", 2.0, rows.get("train_tflops", 0) * 1e12 * rows.get("train_fwd_bwd_s", 0)),
+                              ("t2i_step_s", 2.5, rows.get("t2i_step_gflop", 0) * 1e9),
+                              ("edit_step_s", 2.5, rows.get("edit_step_gflop", 0) * 1e9)):
+        if key in rows:
+            target = OFFICIAL[key] / factor
+            print(f"{key + f' at {factor}x':<36} {target:12.4g} {flop / target / 1e9 / peak:9.0%} "
+                  f"{flop / rows[key] / 1e9 / peak:6.0%}")
 
 DTYPE = torch.float32
 

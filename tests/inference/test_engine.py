@@ -327,3 +327,42 @@ def test_text_decoding_runs_only_the_understanding_expert(engine):
         for h in hooks:
             h.remove()
     assert calls["gen"] == 0 and calls["und"] >= 2 * len(engine.model.llm.layers)
+
+
+def test_cache_slots_write_views_where_they_can():
+    """Unpadded blocks in consecutive rows at one offset write through one view of the cache;
+    anything else through index tensors; both put every real row in the same place."""
+    from bagel.inference.forward import CacheSlots
+
+    g = torch.Generator().manual_seed(0)
+    new = torch.randn(3, 4, 2, 8, generator=g)  # (B, q_max, H, hd)
+    cases = [([2, 3, 4], [5, 5, 5], [4, 4, 4], True),  # consecutive, one offset, unpadded: a view
+             ([2, 4, 3], [5, 5, 5], [4, 4, 4], False), ([2, 3, 4], [5, 6, 5], [4, 4, 4], False),
+             ([2, 3, 4], [5, 5, 5], [4, 2, 4], False)]
+    for rows, lens, q_lens, view in cases:
+        valid = torch.arange(4)[None] < torch.tensor(q_lens)[:, None]
+        slots = CacheSlots.of(rows, lens, q_lens, 4, valid)
+        assert isinstance(slots.rows, slice) == view
+        store = torch.zeros(6, 12, 2, 8)
+        slots.write(store, new)
+        expected = torch.zeros(6, 12, 2, 8)
+        for b, (r, c, n) in enumerate(zip(rows, lens, q_lens)):
+            expected[r, c:c + n] = new[b, :n]
+        assert torch.equal(store, expected)
+
+
+def test_prepared_blocks_refuse_another_forward(engine):
+    """A denoising step reuses the first step's blocks; a forward they were not made for is an error."""
+    from bagel.inference.forward import Blocks, run_queries
+
+    model, tok = engine.model, engine.tokens
+    s = engine.new_sessions(2)
+    engine.add_text(s, ["A cat.", "A much longer prompt about a dog."])
+    ctxs = [x.full.fork() for x in s]
+    queries = [C.latent_query(model, tok, torch.zeros(4, model.cfg.patch_latent_dim), 1.0, (2, 2), c.rope) for c in ctxs]
+    blocks = Blocks.prepare(llm_stack(model), ctxs, queries)
+    plain = run_queries(llm_stack(model), ctxs, queries, commit=False)
+    again = run_queries(llm_stack(model), ctxs, queries, commit=False, blocks=blocks)
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))
+    with pytest.raises(ValueError, match="prepared blocks .* do not fit"):
+        run_queries(llm_stack(model), ctxs[::-1], queries[::-1], commit=False, blocks=blocks)

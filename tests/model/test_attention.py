@@ -402,3 +402,20 @@ def test_row_attention_equals_block_by_block(backend):
         assert not out[b, n:].any()
     with pytest.raises(ValueError, match=r"mask has shape \(4, 9\), expected \(4, 10\)"):
         plan_rows([0], [6], [4], [masks[-1]], backend)
+
+
+def test_row_attention_of_one_covering_group_is_its_call():
+    """Blocks of one shape in consecutive rows (decoding; a denoising step's branches) are one
+    SDPA call whose output comes back as it is: the numbers of one call per block."""
+    from bagel.model.attention import plan_rows, row_attention
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 6, 4, 16, generator=g)
+    keys, values = torch.randn(5, 20, 2, 16, generator=g), torch.randn(5, 20, 2, 16, generator=g)
+    plan = plan_rows([1, 2, 3], [9, 9, 9], [6, 6, 6], [FULL] * 3, "sdpa")
+    assert len(plan.groups) == 1
+    out = row_attention(plan, q, keys, values)
+    assert out.shape == q.shape
+    for b in range(3):
+        ref = cached_attention([q[b]], [keys[b + 1, :15]], [values[b + 1, :15]], [FULL], "sdpa")[0]
+        assert torch.equal(out[b], ref)

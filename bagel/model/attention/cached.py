@@ -131,8 +131,8 @@ def row_attention(plan: RowPlan, q: torch.Tensor, keys: torch.Tensor, values: to
     of the KV cache, each block's own keys already written after its prefix -> (B, q_max, Hq, D),
     zero on padding. `sdpa`: one call per group, the same numbers as block by block (blocks of
     one query: to the last bit; SDPA's CPU kernel is not batch-invariant there)."""
-    out = torch.zeros_like(q)
     if plan.backend in ("dense", "flash"):
+        out = torch.zeros_like(q)
         outs = cached_attention([q[b, :n] for b, n in enumerate(plan.q_lens)],
                                 [keys[r, : c + n] for r, c, n in zip(plan.rows, plan.lens, plan.q_lens)],
                                 [values[r, : c + n] for r, c, n in zip(plan.rows, plan.lens, plan.q_lens)],
@@ -141,6 +141,9 @@ def row_attention(plan: RowPlan, q: torch.Tensor, keys: torch.Tensor, values: to
             out[b, :n] = o
         return out
     kernels.check_qkv(q[0], keys[0], values[0])
+    # One group of every block at full length (decoding; a denoising step's blocks of one shape):
+    # that call's output is the whole output, with no zero-filled copy.
+    out = None if len(plan.groups) == 1 and _covers(plan.groups[0], q) else torch.zeros_like(q)
     for g in plan.groups:
         if g.n == 0:
             continue
@@ -152,8 +155,16 @@ def row_attention(plan: RowPlan, q: torch.Tensor, keys: torch.Tensor, values: to
             mask = g.mask.to(q.device)
         else:
             mask = None if g.mask == FULL else bottom_right_causal_mask(g.n, g.keys, q.device)
-        out[g.blocks, : g.n] = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        if out is None:
+            return o
+        out[g.blocks, : g.n] = o
     return out
+
+
+def _covers(g: RowGroup, q: torch.Tensor) -> bool:
+    """Whether group g is every block of q (B, q_max, ...) at full length."""
+    return isinstance(g.blocks, slice) and g.blocks == slice(0, q.shape[0]) and g.n == q.shape[1] > 0
 
 
 def _explicit(m: Mask, q, k) -> torch.Tensor:
