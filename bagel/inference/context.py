@@ -26,17 +26,23 @@ def _marker_embeds(model, tokens: SpecialTokens, device) -> torch.Tensor:
 
 def image_block(model, tokens: SpecialTokens, inner: torch.Tensor, rope: int, gen: bool) -> Query:
     """[<|vision_start|>] + inner (n, D) + [<|vision_end|>] at one RoPE id, bidirectional."""
-    return image_blocks(model, tokens, inner[None], [rope], gen)[0]
+    return image_queries(image_embeddings(model, tokens, inner[None]), [rope], gen)[0]
 
 
-def image_blocks(model, tokens: SpecialTokens, inner: torch.Tensor, ropes: list[int], gen: bool) -> list[Query]:
-    """`image_block` of each inner[r] (R, n, D) at RoPE id ropes[r], built in one go (the rows of a
-    denoising step: every guidance branch of every image)."""
-    R, n = inner.shape[0], inner.shape[1] + 2
+def image_embeddings(model, tokens: SpecialTokens, inner: torch.Tensor) -> torch.Tensor:
+    """(R, n, D) image tokens -> (R, n + 2, D) with the <|vision_start|> / <|vision_end|> markers
+    around each row (the embeddings of a denoising step: every guidance branch of every image)."""
+    R = inner.shape[0]
     start, end = _marker_embeds(model, tokens, inner.device).to(inner.dtype)
-    embeds = torch.cat([start.expand(R, 1, -1), inner, end.expand(R, 1, -1)], dim=1)
-    positions = torch.tensor(ropes, device=inner.device)[:, None].expand(R, n)
-    gen_rows = torch.zeros(n, dtype=torch.bool, device=inner.device)
+    return torch.cat([start.expand(R, 1, -1), inner, end.expand(R, 1, -1)], dim=1)
+
+
+def image_queries(embeds: torch.Tensor, ropes: list[int], gen: bool) -> list[Query]:
+    """The image blocks of `image_embeddings` rows, row r at RoPE id ropes[r]; the inner tokens
+    belong to the generation expert when `gen`."""
+    R, n = embeds.shape[:2]
+    positions = torch.tensor(ropes, device=embeds.device)[:, None].expand(R, n)
+    gen_rows = torch.zeros(n, dtype=torch.bool, device=embeds.device)
     gen_rows[1:-1] = gen
     return [Query(embeds[r], positions[r], gen_rows, causal=False) for r in range(R)]
 

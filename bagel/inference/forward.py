@@ -78,12 +78,9 @@ def forward_queries(stack: DecoderStack, contexts: list[Context], queries: list[
 
 
 def run_queries(stack: DecoderStack, contexts: list[Context], queries: list[Query],
-                commit: bool, blocks: Blocks | None = None) -> list[torch.Tensor]:
-    """`forward_queries` with autograd as the caller has it (RL recomputes a step's velocity with
-    gradients through the query blocks; the cached context is a constant). `blocks`: prepared
-    earlier for the same contexts and query shapes (`Blocks.prepare`; every step of a generation
-    reuses its first step's)."""
-    blocks = Blocks.prepare(stack, contexts, queries) if blocks is None else blocks.check(contexts, queries)
+                commit: bool) -> list[torch.Tensor]:
+    """`forward_queries` with autograd as the caller has it."""
+    blocks = Blocks.prepare(stack, contexts, queries)
     h = blocks.run(stack.layers, stack.first_layer, blocks.embeddings(queries), stack.final_norm)
     if commit:
         for ctx, n in zip(contexts, blocks.q_lens):
@@ -91,26 +88,20 @@ def run_queries(stack: DecoderStack, contexts: list[Context], queries: list[Quer
     return blocks.unpad(h)
 
 
-@torch.no_grad()
-def forward_queries_early_exit(stack: DecoderStack, contexts: list[Context], queries: list[Query], k: int,
-                               go_on: Callable[[list[torch.Tensor]], list[bool]],
-                               blocks: Blocks | None = None) -> tuple[list, list]:
-    """The first `k` layers for every query, then the rest (and the final norm) only for the
-    queries `go_on(hidden after k layers)` keeps: returns (hidden after k layers, final hidden
-    or None) per query. Scratch only (nothing is committed); the step cache's forward. `blocks`:
-    as for `run_queries`."""
-    blocks = Blocks.prepare(stack, contexts, queries) if blocks is None else blocks.check(contexts, queries)
-    first = blocks.run(stack.layers[:k], stack.first_layer, blocks.embeddings(queries), None)
-    first_list = blocks.unpad(first)
-    keep = [b for b, more in enumerate(go_on(first_list)) if more]
-    final: list[torch.Tensor | None] = [None] * len(queries)
-    if keep:
-        sub = blocks if len(keep) == len(queries) else blocks.subset(keep)
-        h = sub.run(stack.layers[k:], stack.first_layer + k, first.reshape(blocks.B, blocks.q_max, -1)[keep],
-                    stack.final_norm)
-        for b, out in zip(keep, sub.unpad(h)):
-            final[b] = out
-    return first_list, final
+def run_early_exit(stack: DecoderStack, blocks: Blocks, x: torch.Tensor, k: int,
+                   go_on: Callable[[torch.Tensor], list[bool]]) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    """The first `k` layers for every block of x (B, q_max, D), then the rest (and the final
+    norm) only for the blocks `go_on(hidden after k layers, (B, q_max, D))` keeps -> (hidden after
+    k layers (B, q_max, D), the kept blocks, their final hidden (len(kept), q_max, D) or None).
+    Scratch only (nothing is committed); the step cache's forward."""
+    B, q_max = blocks.B, blocks.q_max
+    first = blocks.run(stack.layers[:k], stack.first_layer, x, None).view(B, q_max, -1)
+    keep = [b for b, more in enumerate(go_on(first)) if more]
+    if not keep:
+        return first, keep, None
+    sub = blocks if len(keep) == B else blocks.subset(keep)
+    final = sub.run(stack.layers[k:], stack.first_layer + k, first[keep] if len(keep) < B else first, stack.final_norm)
+    return first, keep, final.view(len(keep), q_max, -1)
 
 
 @dataclass(frozen=True)
@@ -148,7 +139,7 @@ class Blocks:
     needs besides the hidden states (routing, RoPE tables, cache slots, the attention plan), built
     once per forward, or once per generation for the denoising steps, whose blocks change only in
     their embeddings (`check` makes sure a reused one still fits); `subset` keeps the rows it
-    needs (the step cache's second pass)."""
+    needs (the step cache's second pass). `run` takes the padded embeddings."""
 
     cache: object
     q_lens: list[int]
@@ -193,13 +184,13 @@ class Blocks:
         return cls(cache, q_lens, q_max, lens, rows, cos, sin, gen, valid, plan, _routing(gen),
                    CacheSlots.of(rows, lens, q_lens, q_max, valid))
 
-    def check(self, contexts: list[Context], queries: list[Query]) -> "Blocks":
-        """self, after making sure it was prepared for these contexts (rows, lengths) and query
-        lengths."""
-        now = ([c.row for c in contexts], [c.length for c in contexts], [len(q) for q in queries])
-        if now != (self.rows, self.lens, self.q_lens):
-            raise ValueError(f"prepared blocks (rows, cached lengths, query lengths) "
-                             f"{(self.rows, self.lens, self.q_lens)} do not fit this forward's {now}")
+    def check(self, contexts: list[Context], x: torch.Tensor) -> "Blocks":
+        """self, after making sure it was prepared for these contexts (rows, cached lengths) and
+        padded embeddings of x's shape (B, q_max, D)."""
+        now = ([c.row for c in contexts], [c.length for c in contexts], tuple(x.shape[:2]))
+        if now != (self.rows, self.lens, (self.B, self.q_max)):
+            raise ValueError(f"prepared blocks (rows, cached lengths, blocks x length) "
+                             f"{(self.rows, self.lens, (self.B, self.q_max))} do not fit this forward's {now}")
         return self
 
     def embeddings(self, queries: list[Query]) -> torch.Tensor:

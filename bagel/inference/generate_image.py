@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from bagel import flow
-from bagel.inference.context import embed_latents, image_blocks
-from bagel.inference.forward import Blocks, Query, forward_queries_early_exit, llm_stack, run_queries
+from bagel.inference.context import embed_latents, image_embeddings, image_queries
+from bagel.inference.forward import Blocks, llm_stack, run_early_exit
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.inference.step_cache import StepCache
 from bagel.packing import unpatchify
@@ -150,17 +150,19 @@ def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[tor
     ctxs = ws[: n_branches * B]
     inner = embed_latents(model, [xb.to(dtype) for xb in x], t, grid,  # each image's, shared by its branches
                           (s_text, s_img) if student else None)
-    queries = image_blocks(model, tokens, torch.stack(inner).repeat(n_branches, 1, 1), [c.rope for c in ctxs], gen=True)
-    blocks = None
-    if prepared is not None:
-        if len(ctxs) not in prepared:
-            prepared[len(ctxs)] = Blocks.prepare(llm_stack(model), ctxs, queries)
-        blocks = prepared[len(ctxs)]
+    embeds = image_embeddings(model, tokens, torch.stack(inner).repeat(n_branches, 1, 1))  # (rows, n, D)
+    stack = llm_stack(model)
+    blocks = None if prepared is None else prepared.get(len(ctxs))
+    if blocks is None:
+        blocks = Blocks.prepare(stack, ctxs, image_queries(embeds, [c.rope for c in ctxs], gen=True))
+        if prepared is not None:
+            prepared[len(ctxs)] = blocks
+    blocks.check(ctxs, embeds)
     if cache is None:
-        hidden = run_queries(llm_stack(model), ctxs, queries, commit=False, blocks=blocks)
+        hidden = blocks.run(stack.layers, stack.first_layer, embeds, stack.final_norm).view(embeds.shape)
     else:
-        hidden = _cached_forward(model, cache, step, last_step, ctxs, queries, blocks)
-    v = model.llm2vae(torch.stack([hid[1:-1] for hid in hidden])).float()  # latents sit between the markers
+        hidden = _cached_forward(stack, cache, step, last_step, blocks, embeds)
+    v = model.llm2vae(hidden[:, 1:-1]).float()  # latents sit between the markers
     if student:
         return list(v)
     v_text = v[B: 2 * B] if n_branches > 1 else None
@@ -168,21 +170,17 @@ def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[tor
     return list(flow.apply_cfg(v[:B], v_text, v_img, s_text, s_img, cfg.cfg_renorm_type, cfg.cfg_renorm_min))
 
 
-def _cached_forward(model, cache: StepCache, step: int, last_step: int, ctxs: list[Context],
-                    queries: list[Query], blocks: Blocks | None) -> list[torch.Tensor]:
+def _cached_forward(stack, cache: StepCache, step: int, last_step: int, blocks: Blocks,
+                    embeds: torch.Tensor) -> torch.Tensor:
     """One denoising forward through the step cache: the first layer for every branch, the rest
-    only for the branches the cache says must run (bagel/inference/step_cache.py)."""
-    rows = list(range(len(ctxs)))
-    first, final = forward_queries_early_exit(
-        llm_stack(model), ctxs, queries, 1,
-        lambda hidden: cache.decide(step, last_step, rows, [h - q.embeds for h, q in zip(hidden, queries)]), blocks)
-    out = []
-    for j, (f, h) in enumerate(zip(first, final)):
-        if h is None:
-            out.append(cache.reuse(j, f))
-        else:
-            cache.remember(j, h - f)
-            out.append(h)
+    only for the branches the cache says must run (bagel/inference/step_cache.py) -> (rows, n, D)."""
+    rows = list(range(blocks.B))
+    first, keep, final = run_early_exit(stack, blocks, embeds, 1,
+                                        lambda first: cache.decide(step, last_step, rows, first - embeds))
+    out = cache.reuse([r for r in rows if r not in set(keep)], first)
+    for j, r in enumerate(keep):
+        cache.remember(r, final[j] - first[r])
+        out[r] = final[j]
     return out
 
 

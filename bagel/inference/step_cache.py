@@ -44,9 +44,10 @@ class StepCache:
     branches: dict[int, BranchState] = field(default_factory=dict)
     layer_evaluations: int = 0  # decoder layers run, summed over branches and steps
 
-    def decide(self, step: int, last_step: int, rows: list[int], residuals: list[torch.Tensor]) -> list[bool]:
-        """For each active branch (workspace row, its first-layer residual at this step): whether
-        it must run the rest of the decoder. Updates the states and the counts."""
+    def decide(self, step: int, last_step: int, rows: list[int], residuals) -> list[bool]:
+        """For each active branch (workspace row, its first-layer residual at this step; residuals:
+        a list or a tensor with one row per branch): whether it must run the rest of the decoder.
+        Updates the states and the counts."""
         states = [self.branches.setdefault(row, BranchState()) for row in rows]
         fresh = [s.anchor is None or s.last_step != step - 1 or s.tail is None or s.full_steps < 2 or step == last_step
                  for s in states]
@@ -58,7 +59,7 @@ class StepCache:
             full = fresh[j] or changes[j] >= self.threshold
             if full:
                 s.full_steps += 1
-                s.anchor = r
+                s.anchor = r.clone()  # not a view: it would keep the whole step's residuals alive
             s.last_step = step
             run_full.append(full)
             self.layer_evaluations += self.num_layers if full else 1
@@ -67,8 +68,14 @@ class StepCache:
     def remember(self, row: int, tail: torch.Tensor) -> None:
         self.branches[row].tail = tail
 
-    def reuse(self, row: int, first: torch.Tensor) -> torch.Tensor:
-        return first + self.branches[row].tail
+    def reuse(self, rows: list[int], first: torch.Tensor) -> torch.Tensor:
+        """first: the first layer's output of every branch (one row each) -> a copy where each of
+        `rows` (branches that skip the rest of the decoder) gets back what the rest added at its
+        last full step."""
+        out = first.clone()
+        if rows:
+            out[rows] += torch.stack([self.branches[r].tail for r in rows])
+        return out
 
 
 def relative_change(now: list[torch.Tensor], before: list[torch.Tensor]) -> list[float]:

@@ -359,10 +359,14 @@ def test_prepared_blocks_refuse_another_forward(engine):
     s = engine.new_sessions(2)
     engine.add_text(s, ["A cat.", "A much longer prompt about a dog."])
     ctxs = [x.full.fork() for x in s]
-    queries = [C.latent_query(model, tok, torch.zeros(4, model.cfg.patch_latent_dim), 1.0, (2, 2), c.rope) for c in ctxs]
-    blocks = Blocks.prepare(llm_stack(model), ctxs, queries)
-    plain = run_queries(llm_stack(model), ctxs, queries, commit=False)
-    again = run_queries(llm_stack(model), ctxs, queries, commit=False, blocks=blocks)
+    embeds = C.image_embeddings(model, tok, torch.randn(2, 4, model.cfg.llm.hidden_size))
+    queries = C.image_queries(embeds, [c.rope for c in ctxs], gen=True)
+    stack = llm_stack(model)
+    blocks = Blocks.prepare(stack, ctxs, queries)
+    plain = run_queries(stack, ctxs, queries, commit=False)
+    again = blocks.check(ctxs, embeds).run(stack.layers, 0, embeds, stack.final_norm).view(embeds.shape)
     assert all(torch.equal(a, b) for a, b in zip(plain, again))
     with pytest.raises(ValueError, match="prepared blocks .* do not fit"):
-        run_queries(llm_stack(model), ctxs[::-1], queries[::-1], commit=False, blocks=blocks)
+        blocks.check(ctxs[::-1], embeds)
+    with pytest.raises(ValueError, match="prepared blocks .* do not fit"):
+        blocks.check(ctxs, embeds[:, :3])

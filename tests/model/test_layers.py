@@ -3,7 +3,7 @@ import math
 import torch
 
 from bagel import flow
-from bagel.model.layers import apply_rope, rope_cos_sin, sincos_2d_table, timestep_features
+from bagel.model.layers import RMSNorm, apply_rope, rope_cos_sin, sincos_2d_table, timestep_features
 
 
 def test_sincos_tables_equal_the_stored_official_ones(official_dir):
@@ -12,6 +12,27 @@ def test_sincos_tables_equal_the_stored_official_ones(official_dir):
     state = load_file(str(official_dir / "ema.safetensors"))
     assert torch.equal(sincos_2d_table(16, 64), state["latent_pos_embed.pos_embed"])
     assert torch.equal(sincos_2d_table(16, 64), state["vit_pos_embed.pos_embed"])
+
+
+def test_rms_norm_fast_path_is_the_qwen2_formula_bit_for_bit():
+    """fp32 RMSNorm runs one fused op; it gives Qwen2's float32 formula exactly, forward and
+    backward, so fixture parity and training numerics do not move."""
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32, generator=g))
+    x = torch.randn(5, 3, 32, generator=g, requires_grad=True)
+    upstream = torch.randn(5, 3, 32, generator=g)
+
+    def qwen2(x):
+        x32 = x.float()
+        return norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
+
+    fast, ref = norm(x), qwen2(x)
+    assert torch.equal(fast, ref)
+    for a, b in zip(torch.autograd.grad(fast, (x, norm.weight), upstream),
+                    torch.autograd.grad(ref, (x, norm.weight), upstream)):
+        assert torch.equal(a, b)
 
 
 def test_sincos_layout_column_first():
