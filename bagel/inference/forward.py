@@ -74,12 +74,6 @@ def forward_queries(stack: DecoderStack, contexts: list[Context], queries: list[
                     commit: bool) -> list[torch.Tensor]:
     """Run `queries[b]` against `contexts[b]` for all b in one batch -> hidden states after the
     final norm, one (n_b, D) tensor per query."""
-    return run_queries(stack, contexts, queries, commit)
-
-
-def run_queries(stack: DecoderStack, contexts: list[Context], queries: list[Query],
-                commit: bool) -> list[torch.Tensor]:
-    """`forward_queries` with autograd as the caller has it."""
     blocks = Blocks.prepare(stack, contexts, queries)
     h = blocks.run(stack.layers, stack.first_layer, blocks.embeddings(queries), stack.final_norm)
     if commit:

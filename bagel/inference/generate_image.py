@@ -177,7 +177,8 @@ def _cached_forward(stack, cache: StepCache, step: int, last_step: int, blocks: 
     rows = list(range(blocks.B))
     first, keep, final = run_early_exit(stack, blocks, embeds, 1,
                                         lambda first: cache.decide(step, last_step, rows, first - embeds))
-    out = cache.reuse([r for r in rows if r not in set(keep)], first)
+    kept = set(keep)
+    out = cache.reuse([r for r in rows if r not in kept], first)
     for j, r in enumerate(keep):
         cache.remember(r, final[j] - first[r])
         out[r] = final[j]

@@ -353,7 +353,7 @@ def test_cache_slots_write_views_where_they_can():
 
 def test_prepared_blocks_refuse_another_forward(engine):
     """A denoising step reuses the first step's blocks; a forward they were not made for is an error."""
-    from bagel.inference.forward import Blocks, run_queries
+    from bagel.inference.forward import Blocks
 
     model, tok = engine.model, engine.tokens
     s = engine.new_sessions(2)
@@ -363,7 +363,7 @@ def test_prepared_blocks_refuse_another_forward(engine):
     queries = C.image_queries(embeds, [c.rope for c in ctxs], gen=True)
     stack = llm_stack(model)
     blocks = Blocks.prepare(stack, ctxs, queries)
-    plain = run_queries(stack, ctxs, queries, commit=False)
+    plain = forward_queries(stack, ctxs, queries, commit=False)
     again = blocks.check(ctxs, embeds).run(stack.layers, 0, embeds, stack.final_norm).view(embeds.shape)
     assert all(torch.equal(a, b) for a, b in zip(plain, again))
     with pytest.raises(ValueError, match="prepared blocks .* do not fit"):
