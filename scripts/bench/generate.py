@@ -166,7 +166,7 @@ def digits(args) -> None:
     if args.fewstep_student:
         settings += [setting("few-step", args.fewstep_student),
                      setting(f"few-step + cache {args.cache}", args.fewstep_student, args.cache)]
-    compare(settings, args.seeds, args.edits)
+    compare(settings, args.seeds, args.edits, rounds=args.rounds)
 
 
 def main() -> None:
@@ -179,6 +179,8 @@ def main() -> None:
     p.add_argument("--cache", default="auto", help="--digits: the step-cache setting (default: auto)")
     p.add_argument("--seeds", type=int, default=10, help="--digits: generated images per digit")
     p.add_argument("--edits", type=int, default=359, help="--digits: held-out images to edit")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--digits: timed rounds, settings interleaved batch by batch (best per batch)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

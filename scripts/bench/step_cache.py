@@ -64,7 +64,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="the digits demo model (runs/digits/model)")
     p.add_argument("--official-geometry", action="store_true", help="time and PSNR on the performance-target geometry")
-    p.add_argument("--repeats", type=int, default=3, help="--official-geometry: timed runs per setting")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per setting (--model: rounds, settings interleaved batch by batch; best per batch)")
     p.add_argument("--thresholds", nargs="+", default=["auto", "0.2", "0.4"])
     p.add_argument("--seeds", type=int, default=10, help="generated images per digit")
     p.add_argument("--edits", type=int, default=359, help="held-out images to edit")
@@ -85,7 +86,7 @@ def main() -> None:
     engine = Engine.from_pretrained(args.model)
     d = engine.defaults
     compare([Setting(f"cache {s}", engine, d.text_to_image.replace(cache=s), d.edit.replace(cache=s))
-             for s in ["off", *args.thresholds]], args.seeds, args.edits)
+             for s in ["off", *args.thresholds]], args.seeds, args.edits, rounds=args.repeats)
 
 
 if __name__ == "__main__":
