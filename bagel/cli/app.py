@@ -26,7 +26,7 @@ import sys
 import threading
 
 from bagel.cli.common import Parser, USER_ERRORS, add_model_args, load_engine, run
-from bagel.sampling import RENORM_TYPES
+from bagel.sampling import AUTO_THRESHOLD, RENORM_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,9 +143,9 @@ def guidance_controls(gr, cfg, prefix: str) -> list:
             end = gr.Slider(0.0, 1.0, end, step=0.05, label="CFG interval end")
             renorm = gr.Dropdown(list(RENORM_TYPES), value=renorm, label="CFG renorm type")
             renorm_min = gr.Slider(0.0, 1.0, renorm_min, step=0.05, label="CFG renorm min")
-        cache = gr.Dropdown(["off", "auto", "0.05", "0.2"], value=cache, allow_custom_value=True, label="Step cache",
-                            info="skip most layers for a guidance branch that barely changed: off, auto (0.3) or a "
-                                 "threshold")
+        cache = gr.Dropdown(["off", "auto", "0.1", "0.2"], value=cache, allow_custom_value=True, label="Step cache",
+                            info="skip the decoder for a guidance branch whose input barely changed: off, auto "
+                                 f"({AUTO_THRESHOLD}) or a threshold")
     return [steps, shift, text, img, start, end, renorm, renorm_min, cache]
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bagel.cli.common import (Parser, add_model_args, check_writable_dir, load_engine, lora_args, resolve_model, run,
                               warn)
-from bagel.sampling import RENORM_TYPES
+from bagel.sampling import AUTO_THRESHOLD, RENORM_TYPES
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-renorm-min", type=float, default=None, help="lower bound of the renorm ratio "
                    "(preset 0)")
     g.add_argument("--cache", default=None, metavar="off|auto|T",
-                   help="step cache: skip most of the decoder for a guidance branch whose input barely changed "
-                        "since its last full step (auto = threshold 0.3; 0 never skips; preset off)")
+                   help="step cache: skip the decoder for a guidance branch whose input barely changed since its "
+                        f"last full step (auto = threshold {AUTO_THRESHOLD}; 0 never skips; preset off)")
     return p
 
 

@@ -82,22 +82,6 @@ def forward_queries(stack: DecoderStack, contexts: list[Context], queries: list[
     return blocks.unpad(h)
 
 
-def run_early_exit(stack: DecoderStack, blocks: Blocks, x: torch.Tensor, k: int,
-                   go_on: Callable[[torch.Tensor], list[bool]]) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
-    """The first `k` layers for every block of x (B, q_max, D), then the rest (and the final
-    norm) only for the blocks `go_on(hidden after k layers, (B, q_max, D))` keeps -> (hidden after
-    k layers (B, q_max, D), the kept blocks, their final hidden (len(kept), q_max, D) or None).
-    Scratch only (nothing is committed); the step cache's forward."""
-    B, q_max = blocks.B, blocks.q_max
-    first = blocks.run(stack.layers[:k], stack.first_layer, x, None).view(B, q_max, -1)
-    keep = [b for b, more in enumerate(go_on(first)) if more]
-    if not keep:
-        return first, keep, None
-    sub = blocks if len(keep) == B else blocks.subset(keep)
-    final = sub.run(stack.layers[k:], stack.first_layer + k, first[keep] if len(keep) < B else first, stack.final_norm)
-    return first, keep, final.view(len(keep), q_max, -1)
-
-
 @dataclass(frozen=True)
 class CacheSlots:
     """Where a forward's real (not padding) query rows write their keys and values: the cache

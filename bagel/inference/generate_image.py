@@ -25,7 +25,7 @@ import torch
 
 from bagel import flow
 from bagel.inference.context import embed_latents, image_embeddings, image_queries
-from bagel.inference.forward import Blocks, llm_stack, run_early_exit
+from bagel.inference.forward import Blocks, llm_stack
 from bagel.inference.kv_cache import Context, KVCache
 from bagel.inference.step_cache import StepCache
 from bagel.packing import unpatchify
@@ -172,16 +172,19 @@ def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[tor
 
 def _cached_forward(stack, cache: StepCache, step: int, last_step: int, blocks: Blocks,
                     embeds: torch.Tensor) -> torch.Tensor:
-    """One denoising forward through the step cache: the first layer for every branch, the rest
-    only for the branches the cache says must run (bagel/inference/step_cache.py) -> (rows, n, D)."""
+    """One denoising forward through the step cache: the decoder for the branches the cache says
+    must run, the others' residuals reused (bagel/inference/step_cache.py) -> (rows, n, D)."""
     rows = list(range(blocks.B))
-    first, keep, final = run_early_exit(stack, blocks, embeds, 1,
-                                        lambda first: cache.decide(step, last_step, rows, first - embeds))
-    kept = set(keep)
-    out = cache.reuse([r for r in rows if r not in kept], first)
-    for j, r in enumerate(keep):
-        cache.remember(r, final[j] - first[r])
-        out[r] = final[j]
+    run = cache.decide(step, last_step, rows, embeds)
+    keep = [r for r in rows if run[r]]
+    out = cache.reuse([r for r in rows if not run[r]], embeds)
+    if keep:
+        sub = blocks if len(keep) == blocks.B else blocks.subset(keep)
+        x = embeds if len(keep) == blocks.B else embeds[keep]
+        final = sub.run(stack.layers, stack.first_layer, x, stack.final_norm).view(x.shape)
+        for j, r in enumerate(keep):
+            cache.remember(r, final[j] - x[j])
+            out[r] = final[j]
     return out
 
 

@@ -41,8 +41,8 @@ def test_a_large_threshold_skips_all_but_the_forced_steps(engine, sessions):  # 
     stats = {}
     plain, cached = edit_run(engine, sessions, "off"), edit_run(engine, sessions, 1e9, stats)
     layers, steps, branches = len(engine.model.llm.layers), 7, 6
-    # every branch runs in full on its first two steps and the last; the 4 others run one layer
-    assert stats["layer_evaluations"] == branches * (3 * layers + 4 * 1)
+    # every branch runs in full on its first two steps and the last; the 4 others run no layer
+    assert stats["layer_evaluations"] == branches * 3 * layers
     assert stats["full_layer_evaluations"] == branches * steps * layers
     assert all(torch.isfinite(c).all() and not torch.equal(c, p) for c, p in zip(cached, plain))
 
@@ -55,42 +55,57 @@ def test_decisions_are_per_branch():
     for step in range(6):
         calm = calm * 1.01  # 1% per step: 3% from its last full step by step 4, under 0.1
         busy = busy * (-1.5)  # changes sign and grows: a large relative change every step
-        runs.append(cache.decide(step, last_step=5, rows=[0, 1], residuals=[calm, busy]))
+        runs.append(cache.decide(step, last_step=5, rows=[0, 1], inputs=[calm, busy]))
         for row, full in enumerate(runs[-1]):
             if full:  # what the generation loop does after running the rest of the decoder
                 cache.remember(row, torch.zeros(6))
     assert runs[0] == runs[1] == [True, True]  # first two steps: both in full
     assert runs[2] == runs[3] == runs[4] == [False, True]  # the decision differs between branches
     assert runs[5] == [True, True]  # the last step: in full
-    assert cache.layer_evaluations == 4 * 3 + 1 * 3 + 4 * 6
+    assert cache.layer_evaluations == 4 * 3 + 0 * 3 + 4 * 6  # a skipped branch runs no layer
     # a branch that sat out a step (guidance interval) runs in full when it comes back
-    assert cache.decide(7, last_step=9, rows=[0], residuals=[calm]) == [True]
+    assert cache.decide(7, last_step=9, rows=[0], inputs=[calm]) == [True]
 
 
-def test_real_branches_diverge(engine, sessions, monkeypatch):  # noqa: F811
-    """On the real edit run, a threshold between the branches' changes at step 2 makes them decide
-    differently there (one decision for all would have to pick one)."""
+def test_each_branch_reuses_its_own_residual(engine, sessions, monkeypatch):  # noqa: F811
+    """On a real edit run, a skipped branch gets back what the decoder added for that branch: the
+    conditional and unconditional branches of an image carry different residuals (one cache for
+    all of them would drop the guidance)."""
+    reused = []
+    real_reuse = StepCache.reuse
+
+    def spy(self, rows, inputs):
+        reused.extend((row, self.branches[row].residual.clone()) for row in rows)
+        return real_reuse(self, rows, inputs)
+
+    monkeypatch.setattr(StepCache, "reuse", spy)
+    edit_run(engine, sessions, 1e9)
+    by_row = dict(reused)
+    assert sorted(by_row) == list(range(6))  # 2 images x 3 branches, workspace rows
+    for image in range(2):  # rows image, image + 2, image + 4: full, text-unconditional, image-unconditional
+        full, text_uncond, img_uncond = (by_row[image + 2 * k] for k in range(3))
+        assert not torch.equal(full, text_uncond) and not torch.equal(full, img_uncond)
+
+
+def test_decisions_differ_where_branch_histories_do(engine, sessions, monkeypatch):  # noqa: F811
+    """Guidance from t <= 0.6 on: the unconditional branches join mid-run and run their first two
+    steps in full while the conditional branch of the same image keeps skipping."""
+    seen = []
     real_decide = StepCache.decide
-    changes, seen = {}, {}
 
-    def spy(self, step, last_step, rows, residuals):
-        if step == 2:
-            for row, r in zip(rows, residuals):
-                prev = self.branches[row].anchor  # steps 0 and 1 ran in full: step 1's
-                changes.setdefault(row, float((r - prev).abs().mean() / prev.abs().mean()))
-        out = real_decide(self, step, last_step, rows, residuals)
-        if step == 2:
-            seen.update(zip(rows, out))
+    def spy(self, step, last_step, rows, inputs):
+        out = real_decide(self, step, last_step, rows, inputs)
+        seen.append((step, out))
         return out
 
     monkeypatch.setattr(StepCache, "decide", spy)
-    edit_run(engine, sessions, 1e9)
-    low, high = min(changes.values()), max(changes.values())
-    assert low < high
-    threshold = (low + high) / 2
-    edit_run(engine, sessions, threshold)
-    assert set(seen.values()) == {True, False}
-    assert all(seen[row] == (changes[row] >= threshold) for row in seen)
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(12, engine.model.cfg.patch_latent_dim, generator=g) for _ in range(2)]
+    generate_latents(engine.model, engine.tokens, [s.branches() for s in sessions], (3, 4),
+                     EDIT.replace(cache=1e9, cfg_interval=(0.0, 0.6)), noise=noise)
+    joined = next((step, out) for step, out in seen if len(out) == 6)
+    step, out = joined
+    assert step >= 2 and out == [False, False, True, True, True, True]
 
 
 @pytest.mark.parametrize("value,want", [("off", None), (None, None), ("auto", AUTO_THRESHOLD), ("0", 0.0),
