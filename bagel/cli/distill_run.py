@@ -144,15 +144,40 @@ class DistillRun(TuningRun):
         return units
 
     # one iteration --------------------------------------------------------------------------------
-    def step(self) -> dict[str, float]:
+    def iteration_units(self) -> tuple[list[Unit], np.random.Generator]:
+        """The teacher's trajectories of this iteration's prompts, scales and noise (all seeded by
+        the iteration), and the generator the update draws its steps from."""
         cfg = self.cfg
-        t0 = time.time()
         prompts = self.draw()
         rng = np.random.default_rng(stable_seed(cfg.seed, "scales", self.iteration))
         generator = torch.Generator().manual_seed(stable_seed(cfg.seed, "noise", self.iteration) % 2**62)
         units = []
         for task in dict.fromkeys(p.task for p in prompts):  # draw() lists each task's prompts together
             units += self.trajectories([p for p in prompts if p.task == task], self.draw_scales(task, rng), generator)
+        return units, rng
+
+    @torch.no_grad()
+    def held_out_error(self, iterations: list[int]) -> float:
+        """The student's mean relative velocity error against its teacher's targets over every
+        student step of the trajectories of `iterations` (pick indexes the run never reaches:
+        prompts, scales and noise it has not trained on). Changes nothing."""
+        trained, errors = self.iteration, []
+        try:
+            for self.iteration in iterations:
+                for unit in self.iteration_units()[0]:
+                    for k, target in enumerate(unit.targets):
+                        ws = guidance_workspace(self.model, unit.branches, unit.cfg, unit.grid[0] * unit.grid[1])
+                        v = torch.stack(step_velocities(self.model, self.engine.tokens, ws, list(unit.states[k]),
+                                                        unit.times[k], unit.grid, unit.cfg))
+                        errors.append(float((v - target).norm() / target.norm().clamp_min(1e-8)))
+        finally:
+            self.iteration = trained
+        return sum(errors) / len(errors)
+
+    def step(self) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.time()
+        units, rng = self.iteration_units()
         t_teacher = time.time() - t0
         totals = {"loss": 0.0, "relative_error": 0.0, "grad_norm": 0.0}
         for _ in range(cfg.updates_per_iteration):

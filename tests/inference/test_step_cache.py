@@ -82,8 +82,8 @@ def test_each_branch_reuses_its_own_residual(engine, sessions, monkeypatch):  # 
     edit_run(engine, sessions, 1e9)
     by_row = dict(reused)
     assert sorted(by_row) == list(range(6))  # 2 images x 3 branches, workspace rows
-    for image in range(2):  # rows image, image + 2, image + 4: full, text-unconditional, image-unconditional
-        full, text_uncond, img_uncond = (by_row[image + 2 * k] for k in range(3))
+    for b in range(2):  # rows b, b + 2, b + 4: image b's full, text-unconditional, image-unconditional
+        full, text_uncond, img_uncond = (by_row[b + 2 * k] for k in range(3))
         assert not torch.equal(full, text_uncond) and not torch.equal(full, img_uncond)
 
 
