@@ -33,6 +33,8 @@ ATTENTION_BACKENDS = ("dense", "sdpa", "sdpa_loop", "flex", "flash")
 # Compute / weight dtypes by the names every CLI and recipe uses (torch names them in parse_dtype,
 # imported late so that a CLI's --help does not pay for importing torch).
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+# int8 experts (bagel/model/quant.py): torch's own ops, or the same two through torchao
+QUANT_MODES = ("int8", "int8-dynamic", "torchao-int8", "torchao-int8-dynamic")
 
 
 class ConfigError(ValueError):

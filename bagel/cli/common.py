@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from bagel import __version__
-from bagel.config import DTYPE_NAMES
+from bagel.config import DTYPE_NAMES, QUANT_MODES
 from bagel.progress import MODES, set_mode
 
 USER_ERRORS = (ValueError, OSError)
@@ -116,9 +116,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=("none", "int8", "int8-dynamic"), default="none",
+    p.add_argument("--quantize", choices=("none", *QUANT_MODES), default="none",
                    help="int8 weights for the LLM experts (a quarter of their fp32 bytes); int8-dynamic also "
-                        "multiplies in int8 (faster on CPU at large sizes, a little less exact)")
+                        "multiplies in int8 (faster on CPU at large sizes, a little less exact); torchao-*: the "
+                        "same through torchao, if installed")
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:

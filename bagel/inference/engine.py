@@ -76,7 +76,7 @@ class Engine:
         self.model_dir: Path | None = None  # set by from_pretrained (adapters check it for merged copies)
         self.cache_stats: dict = {}  # decoder layers run / a plain run's, of the last image generation with cfg.cache on
         self.loras: dict[str, tuple[str, float]] = {}  # adapter name -> (directory, scale)
-        self.quantized: str | None = None  # "int8" / "int8-dynamic" once Engine.quantize ran
+        self.quantized: str | None = None  # the mode once Engine.quantize ran (bagel.config.QUANT_MODES)
 
     # LoRA adapters ----------------------------------------------------------------------------
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
@@ -115,9 +115,9 @@ class Engine:
         return [self.load_lora(path, scale) for path, scale in adapters]
 
     def quantize(self, mode: str) -> dict[str, int]:
-        """int8 weights for the LLM experts (bagel/model/quant.py: "int8" or "int8-dynamic"), in
-        place; returns the layer count and their bytes before and after. Adapters must be merged
-        first (bagel-lora merge)."""
+        """int8 weights for the LLM experts, in place (bagel/model/quant.py: "int8", "int8-dynamic",
+        or the same through torchao: "torchao-int8", "torchao-int8-dynamic"); returns the layer
+        count and their bytes before and after. Adapters must be merged first (bagel-lora merge)."""
         from bagel.model.quant import quantize_experts
 
         report = quantize_experts(self.model, mode)
@@ -147,7 +147,7 @@ class Engine:
 
         `vae_device` / `vit_device` let the VAE and the ViT live elsewhere (e.g. on CPU next to a
         GPU LLM) to save accelerator memory. `loras`: (adapter directory, scale) pairs put on the
-        model (Engine.use_loras); `quantize`: "int8" or "int8-dynamic" experts (Engine.quantize)."""
+        model (Engine.use_loras); `quantize`: int8 experts (Engine.quantize, bagel.config.QUANT_MODES)."""
         from bagel.checkpoint.hub import resolve_model_dir
         from bagel.checkpoint.pretrained import VAE_NAME, from_pretrained
         from bagel.checkpoint.vae import load_vae

@@ -2,6 +2,8 @@
 
     quantize_experts(model, "int8")          # weights int8, multiplied in the activations' dtype
     quantize_experts(model, "int8-dynamic")  # activations quantized per row too: int8 x int8 matmuls
+    quantize_experts(model, "torchao-int8")          # the same two through torchao, when installed
+    quantize_experts(model, "torchao-int8-dynamic")
 
 Every q/k/v/o projection and MLP projection of both experts becomes an `Int8Linear`: the weight
 rounded per output channel to int8 (symmetric, scale = max|w| / 127) with one float scale per
@@ -14,9 +16,12 @@ projections and the VAE are left as they are (small, or where precision shows fi
   int8 x int8 with int32 accumulation (`torch._int_mm`): faster than float32 on CPU at large
   shapes (scripts/bench/quantize.py), a little less exact.
 
-Why not torchao: torchao 0.18 on the pinned torch 2.13 loads none of its C++ extensions and, once
-installed, makes every diffusers import print warnings; its int8 modes reduce to the same two
-kernels on CPU. These two use torch's own ops.
+`torchao-int8` / `torchao-int8-dynamic` hand the same projections to torchao's
+`Int8WeightOnlyConfig` / `Int8DynamicActivationInt8WeightConfig` (`pip install torchao`). torchao
+0.18 on the pinned torch 2.13 runs both on CPU through torch ops: its compiled extensions do not
+load (it says so once at import), and once installed it makes every diffusers import print
+warnings, so it is not a dependency; the default modes above use torch's own ops and behave the
+same (README, int8 experts: both measured).
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bagel.config import QUANT_MODES
 from bagel.model.lora import is_adapter_param
 
-MODES = ("int8", "int8-dynamic")
+MODES = QUANT_MODES
 
 
 class QuantizeError(ValueError):
@@ -78,22 +84,55 @@ def quantize_experts(model: nn.Module, mode: str) -> dict[str, int]:
         raise QuantizeError(f"quantize={mode!r}: expected one of {', '.join(MODES)}")
     if any(is_adapter_param(name) for name, _ in model.named_parameters()):
         raise QuantizeError("this model carries LoRA adapters: merge them first (bagel-lora merge), then quantize")
-    dynamic = mode == "int8-dynamic"
-    if dynamic:
+    if mode.endswith("int8-dynamic"):
         _check_int_mm(next(model.parameters()).device)
     before = after = count = 0
     for layer in model.llm.layers:
         for expert in (layer.und, layer.gen):
             for parent, attr in expert.linears():
                 linear = getattr(parent, attr)
-                if isinstance(linear, Int8Linear):
+                if isinstance(linear, Int8Linear) or _is_torchao(linear):
                     raise QuantizeError("the model is already quantized")
-                before += sum(t.numel() * t.element_size() for t in linear.state_dict().values())
-                q = Int8Linear(linear, dynamic)
-                after += sum(t.numel() * t.element_size() for t in q.state_dict().values())
-                setattr(parent, attr, q)
+                before += _bytes(linear)
+                setattr(parent, attr, quantize_linear(linear, mode))
+                after += _bytes(getattr(parent, attr))
                 count += 1
     return {"layers": count, "bytes_before": before, "bytes_after": after}
+
+
+def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
+    """One projection in `mode`: an Int8Linear, or (torchao modes) the same module with torchao's
+    int8 weight in place."""
+    if not mode.startswith("torchao-"):
+        return Int8Linear(linear, dynamic=mode == "int8-dynamic")
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise QuantizeError(f"quantize={mode}: torchao is not installed (pip install torchao; 0.18 runs on "
+                            f"torch {torch.__version__.split('+')[0]} through torch ops); or use "
+                            f"{mode.removeprefix('torchao-')}") from None
+    quantize_(linear, Int8DynamicActivationInt8WeightConfig() if mode.endswith("dynamic") else Int8WeightOnlyConfig())
+    return linear
+
+
+def _is_torchao(linear: nn.Module) -> bool:
+    weight = getattr(linear, "weight", None)
+    return weight is not None and type(weight).__module__.startswith("torchao")
+
+
+def _bytes(module: nn.Module) -> int:
+    """Bytes of a projection's weights, scales and bias; a torchao weight counts its inner tensors."""
+    total = 0
+    for t in module.state_dict().values():
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass: what it stores, not its logical shape
+            total += sum(_bytes_of(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+        else:
+            total += _bytes_of(t)
+    return total
+
+
+def _bytes_of(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _check_int_mm(device: torch.device) -> None:

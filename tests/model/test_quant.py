@@ -33,17 +33,21 @@ def test_expert_bytes_shrink(dtype, ratio):
     assert isinstance(model.llm.lm_head, torch.nn.Linear) and isinstance(model.vae2llm, torch.nn.Linear)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "torchao-int8", "torchao-int8-dynamic"])
 def test_quantized_engine_generates_close_to_float(engine, mode):  # noqa: F811
     import copy
 
     from bagel.inference.engine import Engine
     from bagel.sampling import ImageGenConfig
 
+    if mode.startswith("torchao-"):
+        pytest.importorskip("torchao", reason="torchao is optional (pip install torchao)")
+
     q = Engine(copy.deepcopy(engine.model), engine.vae, engine.tokenizer, vae_transform=engine.vae_transform,
                vit_transform=engine.vit_transform)
     report = q.quantize(mode)
     assert report["layers"] == len(engine.model.llm.layers) * 14
+    assert report["bytes_before"] / report["bytes_after"] >= 1.9
     cfg = ImageGenConfig(num_timesteps=4, cfg_img_scale=1.0)
     noise = [torch.randn(4, engine.model.cfg.patch_latent_dim, generator=torch.Generator().manual_seed(0))]
     outs = []
@@ -59,7 +63,7 @@ def test_quantized_engine_generates_close_to_float(engine, mode):  # noqa: F811
 
 def test_refusals():
     model = Bagel(BagelConfig.digits())
-    with pytest.raises(QuantizeError, match="expected one of int8, int8-dynamic"):
+    with pytest.raises(QuantizeError, match="expected one of int8, int8-dynamic, torchao-int8"):
         quantize_experts(model, "int4")
     quantize_experts(model, "int8")
     with pytest.raises(QuantizeError, match="already quantized"):
@@ -68,3 +72,16 @@ def test_refusals():
     lora.attach(adapted, lora.LoraSpec(rank=2, experts="gen", kinds="mlp"))
     with pytest.raises(QuantizeError, match="merge them first"):
         quantize_experts(adapted, "int8")
+
+
+def test_torchao_modes_without_torchao_are_one_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without it imports
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    model = Bagel(BagelConfig.digits())
+    for mode, fallback in (("torchao-int8", "use int8$"), ("torchao-int8-dynamic", "use int8-dynamic$")):
+        with pytest.raises(QuantizeError, match=f"quantize={mode}: torchao is not installed .*{fallback}"):
+            quantize_experts(model, mode)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())  # nothing changed
+
