@@ -163,7 +163,8 @@ class DistillRun(TuningRun):
         prompts, scales and noise it has not trained on). Changes nothing."""
         trained, errors = self.iteration, []
         try:
-            for self.iteration in iterations:
+            for iteration in iterations:
+                self.iteration = iteration  # the prompts, scales and noise are drawn from it
                 for unit in self.iteration_units()[0]:
                     for k, target in enumerate(unit.targets):
                         ws = guidance_workspace(self.model, unit.branches, unit.cfg, unit.grid[0] * unit.grid[1])

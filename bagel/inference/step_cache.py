@@ -14,8 +14,9 @@ Measured against the first-layer-residual rule this module had before (every bra
 layer and compared its residual; a skipped branch added the other layers' old contribution to a
 fresh first layer), on the digits demo model, 2026-11-30: that rule at 0.3 ran 2.0x fewer layers
 and its images sat at 23 dB PSNR from the uncached ones; this rule at 0.15 runs 2.3x fewer at 37
-dB, at 0.2 2.7x fewer at 34 dB, judged accuracy kept in both (README, Step cache). Summing the
-step-to-step changes instead (TeaCache's accumulation) had skipped less for the same accuracy.
+dB, at 0.2 2.7x fewer at 34 dB, judged accuracy kept in both (README, Step cache). With the
+first-layer rule, summing the step-to-step changes (TeaCache's accumulation) had skipped less for
+the same accuracy; not re-measured with this rule.
 
 Per branch matters: with classifier-free guidance each branch keeps its own reference and its own
 residual, so a skipped branch reuses what the decoder added for that branch and never another's
