@@ -166,11 +166,7 @@ class DistillRun(TuningRun):
             for iteration in iterations:
                 self.iteration = iteration  # the prompts, scales and noise are drawn from it
                 for unit in self.iteration_units()[0]:
-                    for k, target in enumerate(unit.targets):
-                        ws = guidance_workspace(self.model, unit.branches, unit.cfg, unit.grid[0] * unit.grid[1])
-                        v = torch.stack(step_velocities(self.model, self.engine.tokens, ws, list(unit.states[k]),
-                                                        unit.times[k], unit.grid, unit.cfg))
-                        errors.append(float((v - target).norm() / target.norm().clamp_min(1e-8)))
+                    errors += [_relative_error(self.velocity(unit, k), target) for k, target in enumerate(unit.targets)]
         finally:
             self.iteration = trained
         return sum(errors) / len(errors)
@@ -197,20 +193,28 @@ class DistillRun(TuningRun):
         loss_sum, rel = 0.0, 0.0
         for unit, k in work:
             target = unit.targets[k]
-            # a fresh workspace per forward: a step writes its keys and values into it
-            ws = guidance_workspace(self.model, unit.branches, unit.cfg, unit.grid[0] * unit.grid[1])
             with torch.enable_grad():
-                v = torch.stack(step_velocities(self.model, self.engine.tokens, ws, list(unit.states[k]),
-                                                unit.times[k], unit.grid, unit.cfg))
+                v = self.velocity(unit, k)
                 loss = (v - target).pow(2).mean()
                 (loss / len(work)).backward()
             loss_sum += float(loss.detach()) / len(work)
-            rel += float((v.detach() - target).norm() / target.norm().clamp_min(1e-8)) / len(work)
+            rel += _relative_error(v.detach(), target) / len(work)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         for group in self.optimizer.param_groups:  # cosine to 0 over the run (a function of the iteration: resumable)
             group["lr"] = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * self.iteration / max(self.cfg.iterations, 1)))
         self.optimizer.step()
         return {"loss": loss_sum, "relative_error": rel, "grad_norm": float(norm)}
 
+    def velocity(self, unit: Unit, k: int) -> torch.Tensor:
+        """The student's one-branch velocity at its step k of `unit` (autograd as the caller has it)."""
+        # a fresh workspace per forward: a step writes its keys and values into it
+        ws = guidance_workspace(self.model, unit.branches, unit.cfg, unit.grid[0] * unit.grid[1])
+        return torch.stack(step_velocities(self.model, self.engine.tokens, ws, list(unit.states[k]), unit.times[k],
+                                           unit.grid, unit.cfg))
+
     def postfix(self, record: dict) -> dict[str, str]:
         return {"loss": f"{record['loss']:.4f}", "rel": f"{record['relative_error']:.3f}"}
+
+
+def _relative_error(v: torch.Tensor, target: torch.Tensor) -> float:
+    return float((v - target).norm() / target.norm().clamp_min(1e-8))

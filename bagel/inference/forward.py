@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pad_sequence
 
 from bagel.inference.kv_cache import Context
-from bagel.model.attention import CAUSAL, FULL, RowPlan, plan_rows, resolve_cached_backend, row_attention
+from bagel.model.attention import CAUSAL, FULL, RowPlan, consecutive, plan_rows, resolve_cached_backend, row_attention
 from bagel.model.mot import Routing
 
 
@@ -96,11 +96,11 @@ class CacheSlots:
     index: torch.Tensor | None = None  # (n_real,): its row inside the block
 
     @classmethod
-    def of(cls, rows: list[int], lens: list[int], q_lens: list[int], q_max: int, valid: torch.Tensor) -> "CacheSlots":
-        B = len(rows)
-        if (rows == list(range(rows[0], rows[0] + B)) and len(set(lens)) == 1
-                and all(n == q_max for n in q_lens)):
-            return cls(slice(rows[0], rows[0] + B), slice(lens[0], lens[0] + q_max))
+    def of(cls, rows: Sequence[int], lens: Sequence[int], q_lens: Sequence[int], q_max: int,
+           valid: torch.Tensor) -> "CacheSlots":
+        block_rows = consecutive(list(rows))
+        if block_rows is not None and len(set(lens)) == 1 and all(n == q_max for n in q_lens):
+            return cls(block_rows, slice(lens[0], lens[0] + q_max))
         device = valid.device
         b_idx, i_idx = valid.nonzero(as_tuple=True)
         return cls(torch.tensor(rows, device=device)[b_idx], torch.tensor(lens, device=device)[b_idx] + i_idx,
@@ -120,17 +120,26 @@ class Blocks:
     needs (the step cache's second pass). `run` takes the padded embeddings."""
 
     cache: object
-    q_lens: list[int]
     q_max: int  # the padded block length
-    lens: list[int]  # cached length of each context
-    rows: list[int]  # cache row of each context
     cos: torch.Tensor  # (B, q_max, head_dim) RoPE tables at each row's position
     sin: torch.Tensor
     gen: torch.Tensor  # (B, q_max) bool: generation-expert rows
     valid: torch.Tensor  # (B, q_max) bool: real (not padding) rows
-    attention: RowPlan
+    attention: RowPlan  # also holds each block's cache row, cached length and query length
     route: Routing  # the experts' rows of the flattened (B * q_max) batch
     slots: CacheSlots
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return self.attention.rows
+
+    @property
+    def lens(self) -> tuple[int, ...]:
+        return self.attention.lens
+
+    @property
+    def q_lens(self) -> tuple[int, ...]:
+        return self.attention.q_lens
 
     @property
     def B(self) -> int:
@@ -159,13 +168,12 @@ class Blocks:
         masks = [_block_mask(q, n, device) for q, n in zip(queries, lens)]
         plan = plan_rows(rows, lens, q_lens, masks, resolve_cached_backend(stack.backend, device, dtype), device)
         cos, sin = (t.view(len(queries), q_max, -1) for t in stack.rope(positions.flatten(), dtype))
-        return cls(cache, q_lens, q_max, lens, rows, cos, sin, gen, valid, plan, _routing(gen),
-                   CacheSlots.of(rows, lens, q_lens, q_max, valid))
+        return cls(cache, q_max, cos, sin, gen, valid, plan, _routing(gen), CacheSlots.of(rows, lens, q_lens, q_max, valid))
 
     def check(self, contexts: list[Context], x: torch.Tensor) -> "Blocks":
         """self, after making sure it was prepared for these contexts (rows, cached lengths) and
         padded embeddings of x's shape (B, q_max, D)."""
-        now = ([c.row for c in contexts], [c.length for c in contexts], tuple(x.shape[:2]))
+        now = (tuple(c.row for c in contexts), tuple(c.length for c in contexts), tuple(x.shape[:2]))
         if now != (self.rows, self.lens, (self.B, self.q_max)):
             raise ValueError(f"prepared blocks (rows, cached lengths, blocks x length) "
                              f"{(self.rows, self.lens, (self.B, self.q_max))} do not fit this forward's {now}")
@@ -181,8 +189,8 @@ class Blocks:
         a = self.attention
         plan = plan_rows(rows, lens, q_lens, [a.masks[b] for b in keep], a.backend, self.gen.device)
         gen, valid = self.gen[keep], self.valid[keep]
-        return Blocks(self.cache, q_lens, self.q_max, lens, rows, self.cos[keep], self.sin[keep], gen, valid, plan,
-                      _routing(gen), CacheSlots.of(rows, lens, q_lens, self.q_max, valid))
+        return Blocks(self.cache, self.q_max, self.cos[keep], self.sin[keep], gen, valid, plan, _routing(gen),
+                      CacheSlots.of(rows, lens, q_lens, self.q_max, valid))
 
     def unpad(self, h: torch.Tensor) -> list[torch.Tensor]:
         h = h.reshape(self.B, self.q_max, -1)

@@ -152,12 +152,7 @@ def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[tor
                           (s_text, s_img) if student else None)
     embeds = image_embeddings(model, tokens, torch.stack(inner).repeat(n_branches, 1, 1))  # (rows, n, D)
     stack = llm_stack(model)
-    blocks = None if prepared is None else prepared.get(len(ctxs))
-    if blocks is None:
-        blocks = Blocks.prepare(stack, ctxs, image_queries(embeds, [c.rope for c in ctxs], gen=True))
-        if prepared is not None:
-            prepared[len(ctxs)] = blocks
-    blocks.check(ctxs, embeds)
+    blocks = _step_blocks(stack, ctxs, embeds, prepared)
     if cache is None:
         hidden = blocks.run(stack.layers, stack.first_layer, embeds, stack.final_norm).view(embeds.shape)
     else:
@@ -168,6 +163,18 @@ def step_velocities(model, tokens: SpecialTokens, ws: list[Context], x: list[tor
     v_text = v[B: 2 * B] if n_branches > 1 else None
     v_img = v[2 * B: 3 * B] if n_branches > 2 else None
     return list(flow.apply_cfg(v[:B], v_text, v_img, s_text, s_img, cfg.cfg_renorm_type, cfg.cfg_renorm_min))
+
+
+def _step_blocks(stack, ctxs: list[Context], embeds: torch.Tensor, prepared: dict[int, Blocks] | None) -> Blocks:
+    """The step's query blocks: an earlier step's from `prepared` (checked to fit), or new ones
+    (kept there for the next steps)."""
+    blocks = None if prepared is None else prepared.get(len(ctxs))
+    if blocks is not None:
+        return blocks.check(ctxs, embeds)
+    blocks = Blocks.prepare(stack, ctxs, image_queries(embeds, [c.rope for c in ctxs], gen=True))
+    if prepared is not None:
+        prepared[len(ctxs)] = blocks
+    return blocks
 
 
 def _cached_forward(stack, cache: StepCache, step: int, last_step: int, blocks: Blocks,

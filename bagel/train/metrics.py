@@ -53,6 +53,12 @@ def expert_macs(llm: LLMConfig) -> int:
     return d * hq * hd + 2 * d * hkv * hd + hq * hd * d + 3 * d * llm.intermediate_size
 
 
+def latent_embed_macs(cfg: BagelConfig) -> int:
+    """Multiply-adds of embedding one latent token: vae2llm and the timestep MLP."""
+    d = cfg.llm.hidden_size
+    return cfg.patch_latent_dim * d + 256 * d + d * d
+
+
 def batch_flops(cfg: BagelConfig, batch: PackedBatch) -> float:
     """Forward + backward FLOPs of one training step on `batch`."""
     llm, vit = cfg.llm, cfg.vit
@@ -67,7 +73,7 @@ def batch_flops(cfg: BagelConfig, batch: PackedBatch) -> float:
         macs += sum(int(s) ** 2 for s in batch.vit_token_seqlens) * 2 * dv * vit.num_hidden_layers
     if batch.vae_token_indexes is not None:
         n_lat = batch.vae_token_indexes.numel()
-        macs += n_lat * (cfg.patch_latent_dim * d + 256 * d + d * d)
+        macs += n_lat * latent_embed_macs(cfg)
         macs += batch.num_mse_tokens * d * cfg.patch_latent_dim
     return 3 * 2 * float(macs)
 

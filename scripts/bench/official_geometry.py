@@ -48,7 +48,7 @@ from bagel.packing import Text, VaeImage, VitImage, pack_samples
 from bagel.sampling import ImageGenConfig, SamplingConfig
 from bagel.tokenizer import SpecialTokens
 from bagel.train import losses
-from bagel.train.metrics import batch_flops, expert_macs
+from bagel.train.metrics import batch_flops, expert_macs, latent_embed_macs
 
 # The official code (commit 056b5fd, unmodified, CPU fp32, 2 threads, tuned malloc) on this machine
 # class, medians measured by the project on 2026-11-29 with the calibration at 150-270 GFLOP/s.
@@ -159,7 +159,7 @@ def step_flops(cfg: BagelConfig, branches: Branches, grid: tuple[int, int]) -> f
     llm, d = cfg.llm, cfg.llm.hidden_size
     n_lat = grid[0] * grid[1]
     n = n_lat + 2
-    macs = n_lat * (cfg.patch_latent_dim * d + 256 * d + d * d)
+    macs = n_lat * latent_embed_macs(cfg)
     for ctx in (branches.full, branches.text_uncond, branches.img_uncond):
         if ctx is not None:
             macs += n * llm.num_hidden_layers * (expert_macs(llm) + (ctx.length + n) * 2 * llm.head_dim * llm.num_attention_heads)

@@ -11,12 +11,12 @@
 """
 
 from bagel.model.attention import kernels
-from bagel.model.attention.cached import (CAUSAL, FULL, RowPlan, cached_attention, plan_rows, resolve_cached_backend,
-                                          row_attention)
+from bagel.model.attention.cached import (CAUSAL, FULL, RowPlan, cached_attention, consecutive, plan_rows,
+                                          resolve_cached_backend, row_attention)
 from bagel.model.attention.kernels import dense_attention
 from bagel.model.attention.layout import AttentionLayout, block_diagonal_layout, bottom_right_causal_mask, dense_mask
 from bagel.model.attention.packed import AttentionPlan, packed_attention, prepare_attention
 
 __all__ = ["AttentionLayout", "AttentionPlan", "CAUSAL", "FULL", "RowPlan", "block_diagonal_layout",
-           "bottom_right_causal_mask", "cached_attention", "dense_attention", "dense_mask", "kernels", "packed_attention",
-           "plan_rows", "prepare_attention", "resolve_cached_backend", "row_attention"]
+           "bottom_right_causal_mask", "cached_attention", "consecutive", "dense_attention", "dense_mask", "kernels",
+           "packed_attention", "plan_rows", "prepare_attention", "resolve_cached_backend", "row_attention"]

@@ -62,16 +62,26 @@ def cached_attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[to
         if q.shape[0] > k.shape[0]:
             raise ValueError(f"cached_attention: block {b} has {q.shape[0]} queries but only {k.shape[0]} keys "
                              "(need q_len <= kv_len)")
-        if isinstance(m, torch.Tensor) and tuple(m.shape) != (q.shape[0], k.shape[0]):
-            raise ValueError(f"cached_attention: block {b}'s mask has shape {tuple(m.shape)}, expected "
-                             f"{(q.shape[0], k.shape[0])}")
-        if not isinstance(m, torch.Tensor) and m not in (FULL, CAUSAL):
-            raise ValueError(f"cached_attention: mask {m!r}; expected {FULL!r}, {CAUSAL!r} or a bool tensor")
+        _check_mask(b, m, q.shape[0], k.shape[0])
     if backend == "dense":
         return [kernels.dense_attention(q, k, v, _explicit(m, q, k)) for q, k, v, m in zip(qs, ks, vs, masks)]
     if backend == "flash":
         return _flash_blocks(qs, ks, vs, masks)
     return [_sdpa_block(q, k, v, m) for q, k, v, m in zip(qs, ks, vs, masks)]
+
+
+def _check_mask(b: int, m: Mask, n: int, keys: int) -> None:
+    """Block b's mask must be FULL, CAUSAL or an (n, keys) bool tensor."""
+    if isinstance(m, torch.Tensor):
+        if tuple(m.shape) != (n, keys):
+            raise ValueError(f"cached_attention: block {b}'s mask has shape {tuple(m.shape)}, expected {(n, keys)}")
+    elif m not in (FULL, CAUSAL):
+        raise ValueError(f"cached_attention: mask {m!r}; expected {FULL!r}, {CAUSAL!r} or a bool tensor")
+
+
+def consecutive(ids: list[int]) -> slice | None:
+    """ids as a slice when they are consecutive and ascending (index with a view, no copy)."""
+    return slice(ids[0], ids[0] + len(ids)) if ids and ids == list(range(ids[0], ids[0] + len(ids))) else None
 
 
 @dataclass(frozen=True)
@@ -105,21 +115,15 @@ def plan_rows(rows: list[int], lens: list[int], q_lens: list[int], masks: list[M
     kernels.check_backend(backend)
     members: dict[tuple, list[int]] = {}
     for b, (cached, n, m) in enumerate(zip(lens, q_lens, masks)):
+        _check_mask(b, m, n, cached + n)
         if isinstance(m, torch.Tensor):
-            if tuple(m.shape) != (n, cached + n):
-                raise ValueError(f"cached_attention: block {b}'s mask has shape {tuple(m.shape)}, expected "
-                                 f"{(n, cached + n)}")
             members[("tensor", b)] = [b]
             continue
-        if m not in (FULL, CAUSAL):
-            raise ValueError(f"cached_attention: mask {m!r}; expected {FULL!r}, {CAUSAL!r} or a bool tensor")
         kind = FULL if n == 1 else m  # one query at the end sees every key
         members.setdefault((kind, n, cached + n), []).append(b)
 
     def index(ids: list[int]) -> slice | torch.Tensor:
-        if ids == list(range(ids[0], ids[0] + len(ids))):
-            return slice(ids[0], ids[0] + len(ids))
-        return torch.tensor(ids, device=device)
+        return consecutive(ids) or torch.tensor(ids, device=device)
 
     groups = tuple(RowGroup(index(bs), index([rows[b] for b in bs]), q_lens[bs[0]], lens[bs[0]] + q_lens[bs[0]],
                             masks[bs[0]] if key[0] == "tensor" else key[0]) for key, bs in members.items())
