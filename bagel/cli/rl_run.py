@@ -55,10 +55,12 @@ class Unit:
 
 def rollout_task(engine: Engine, prompts: list[Prompt], first_sample: int, G: int, cfg: ImageGenConfig,
                  noise_level: float, generator: torch.Generator, size: tuple[int, int],
-                 cfg_after_image: ImageGenConfig | None = None) -> tuple[list[Unit], list[list[Image.Image]]]:
+                 cfg_after_image: ImageGenConfig | None = None,
+                 sde_steps: list[int] | None = None) -> tuple[list[Unit], list[list[Image.Image]]]:
     """Roll out G samples of each prompt (all of one task): units, and each sample's images
     (`size`: of generated images; an edit keeps its input's). A count chain draws its first
-    image with `cfg`, the others (after an image) with `cfg_after_image`, as Engine.interleave."""
+    image with `cfg`, the others (after an image) with `cfg_after_image`, as Engine.interleave.
+    `sde_steps`: the stochastic steps of every image (None: all)."""
     task = prompts[0].task
     sessions = engine.new_sessions(len(prompts))
     if task == "edit":
@@ -69,7 +71,7 @@ def rollout_task(engine: Engine, prompts: list[Prompt], first_sample: int, G: in
     samples = [first_sample + i for i in range(len(prompts) * G)]
     if task != "count":  # one image per sample: the G samples share their prompt's contexts
         branches = [s.fork().branches() for s in sessions for _ in range(G)]
-        out = sde_rollout(engine.model, engine.tokens, branches, grid, cfg, noise_level, generator)
+        out = sde_rollout(engine.model, engine.tokens, branches, grid, cfg, noise_level, generator, sde_steps=sde_steps)
         images = [to_pil(d) for d in decode_latents(engine.model, engine.vae, out.latents, grid)]
         return [Unit(branches, out, cfg, samples)], [[im] for im in images]
     # count: each sample continues its own chain, so it gets its own (forked) session
@@ -79,7 +81,8 @@ def rollout_task(engine: Engine, prompts: list[Prompt], first_sample: int, G: in
     for stage in range(3):
         stage_cfg = cfg if stage == 0 else cfg_after_image or cfg
         branches = [s.fork().branches() for s in own]  # a snapshot of this stage's contexts
-        out = sde_rollout(engine.model, engine.tokens, branches, grid, stage_cfg, noise_level, generator)
+        out = sde_rollout(engine.model, engine.tokens, branches, grid, stage_cfg, noise_level, generator,
+                          sde_steps=sde_steps)
         images = [to_pil(d) for d in decode_latents(engine.model, engine.vae, out.latents, grid)]
         units.append(Unit(branches, out, stage_cfg, samples))
         engine.add_image(own, images, vae=True, vit=True, generator=generator)
@@ -109,16 +112,28 @@ class RLRun(TuningRun):
             changes.update(cfg_text_scale=1.0, cfg_img_scale=1.0)
         return base.replace(**changes)
 
+    def sde_steps(self) -> list[int] | None:
+        """This iteration's stochastic steps: cfg.sde_window consecutive ones, starting at random
+        in the first half of the trajectory (None: all steps)."""
+        window = self.cfg.sde_window
+        if not window:
+            return None
+        steps = min(self.sampler(t).num_timesteps for t in self.cfg.tasks) - 1
+        rng = np.random.default_rng(stable_seed(self.cfg.seed, "sde_window", self.iteration))
+        start = int(rng.integers(max(1, steps // 2 - window + 1)))
+        return list(range(start, min(steps, start + window)))
+
     def step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.group_size
         t0 = time.time()
         prompts = self.draw()
         generator = torch.Generator().manual_seed(stable_seed(cfg.seed, "rollout", self.iteration))
         units, images, sample_prompts = [], [], []
+        sde_steps = self.sde_steps()
         for task in dict.fromkeys(p.task for p in prompts):  # draw() lists each task's prompts together
             group = [p for p in prompts if p.task == task]
             u, ims = rollout_task(self.engine, group, len(images), G, self.sampler(task), cfg.noise_level, generator,
-                                  (self.prompts.size, self.prompts.size), self.sampler("edit"))
+                                  (self.prompts.size, self.prompts.size), self.sampler("edit"), sde_steps)
             units += u
             images += ims
             sample_prompts += [p for p in group for _ in range(G)]
@@ -128,16 +143,21 @@ class RLRun(TuningRun):
         keep = torch.zeros(len(images), dtype=torch.bool)
         for g in range(len(images) // G):
             rows = slice(g * G, (g + 1) * G)
-            if bool(usable[rows].all()):
-                adv[rows] = grpo.group_advantages(rewards[rows].float(), G)
-                keep[rows] = True
-            else:
+            if not bool(usable[rows].all()):
                 self.skipped["non_finite_reward_group"] += 1
+                continue
+            uniform = bool((rewards[rows] == rewards[rows][0]).all())  # zero advantage: teaches nothing
+            self.skipped["uniform_group"] += uniform
+            if uniform and cfg.drop_uniform_groups:
+                continue  # left out of the update, which would only have added its KL term
+            adv[rows] = grpo.group_advantages(rewards[rows].float(), G)
+            keep[rows] = True
         stats = self._update(units, adv, keep)
         record = {"iteration": self.iteration + 1, "reward_mean": float(rewards[usable].mean()) if usable.any() else math.nan,
                   "reward_std": float(rewards[usable].std()) if usable.sum() > 1 else 0.0,
                   "advantage_abs_mean": float(adv[keep].abs().mean()) if keep.any() else 0.0, **stats,
                   "groups_skipped": self.skipped["non_finite_reward_group"],
+                  "uniform_groups": self.skipped["uniform_group"],
                   "rollout_images_per_s": sum(len(ims) for ims in images) / max(t_roll, 1e-9),
                   "seconds": time.time() - t0}
         for task in cfg.tasks:
@@ -165,8 +185,8 @@ class RLRun(TuningRun):
         rng = np.random.default_rng(stable_seed(cfg.seed, "steps", self.iteration))
         work = []  # (unit, step)
         for unit in units:
-            n_steps = len(unit.rollout.timesteps) - 1
-            chosen = sorted(rng.choice(n_steps, size=min(cfg.train_steps, n_steps), replace=False).tolist())
+            stochastic = unit.rollout.sde_steps
+            chosen = sorted(rng.choice(stochastic, size=min(cfg.train_steps, len(stochastic)), replace=False).tolist())
             work += [(unit, i) for i in chosen]
         order = rng.permutation(len(work)).tolist()
         shares = [order[k::cfg.updates_per_iteration] for k in range(cfg.updates_per_iteration)]

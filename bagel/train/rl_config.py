@@ -26,9 +26,16 @@ class RLConfig:
     updates_per_iteration: int = 2  # optimizer steps per rollout batch (minibatches of its denoising steps)
     train_steps: int = 6  # denoising steps trained per trajectory, drawn at random (all: >= the sampler's)
     noise_level: float = 0.7  # the SDE sampler's a (0 would be the ODE: no log-probabilities)
+    # 0: every denoising step is stochastic. N: only N consecutive steps are, placed at random per
+    # iteration in the first half of the trajectory, the rest are ODE steps, and only those N train
+    # (Flow-GRPO-Fast's window: rollouts stay near the ODE sampler's, which the evaluation uses)
+    sde_window: int = 0
     guidance: bool = True  # False: rollouts and training without guidance (a form of guidance distillation)
     num_timesteps: int | None = None  # None: the model's generation.json
     clip: float = 0.2
+    # DAPO's dynamic sampling, as a filter: a group whose rewards are all equal has zero advantage,
+    # so it is left out of the update (counted as uniform_groups) instead of being recomputed
+    drop_uniform_groups: bool = False
     kl_weight: float = 0.0  # KL to the adapter-free model (free with LoRA: scale 0 gives the base)
     lr: float = 3e-4
     max_grad_norm: float = 1.0
@@ -51,7 +58,8 @@ class RLConfig:
             raise ConfigError(f"group_size={self.group_size}: a group needs >= 2 samples to compare")
         checks = {"prompts_per_step": self.prompts_per_step >= 1, "iterations": self.iterations >= 0,
                   "updates_per_iteration": self.updates_per_iteration >= 1, "train_steps": self.train_steps >= 1,
-                  "noise_level": self.noise_level > 0, "clip": self.clip > 0, "kl_weight": self.kl_weight >= 0,
+                  "noise_level": self.noise_level > 0, "sde_window": self.sde_window >= 0,
+                  "clip": self.clip > 0, "kl_weight": self.kl_weight >= 0,
                   "lr": self.lr > 0, "lora_rank": self.lora_rank >= 0, "checkpoint_every": self.checkpoint_every >= 1,
                   "keep": self.keep >= 1, "resume": self.resume in ("auto", "none")}
         if self.kl_weight > 0 and self.lora_rank == 0:

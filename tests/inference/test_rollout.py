@@ -67,6 +67,28 @@ def test_on_policy_ratio_is_one(engine, mixed):
     assert torch.exp(logp.detach() - rollout.logprobs).sub(1).abs().max() <= 1e-5
 
 
+def test_a_window_of_sde_steps_leaves_the_others_ode(engine, mixed):
+    """With sde_steps, the steps before the window are the ODE sampler's to the bit, only the
+    window's steps carry log-probabilities, and the training forward gives those back."""
+    branches, grid = mixed
+    g = torch.Generator().manual_seed(7)
+    noise = [torch.randn(grid[0] * grid[1], engine.model.cfg.patch_latent_dim, generator=g) for _ in branches]
+    ode = sde_rollout(engine.model, engine.tokens, branches, grid, CFG, noise_level=0.0, noise=noise)
+    window = sde_rollout(engine.model, engine.tokens, branches, grid, CFG, noise_level=0.7, noise=noise,
+                         generator=torch.Generator().manual_seed(8), sde_steps=[2, 3])
+    assert window.sde_steps == [2, 3]
+    assert torch.equal(window.states[:3], ode.states[:3])
+    assert not torch.equal(window.states[3], ode.states[3])
+    assert (window.logprobs[[0, 1, 4]] == 0).all() and (window.logprobs[[2, 3]] != 0).all()
+    with torch.no_grad():
+        logp = step_logprobs(step_transitions(engine.model, engine.tokens, branches, window, CFG, [2, 3]), window, [2, 3])
+        assert (logp - window.logprobs[[2, 3]]).abs().max() <= 1e-5
+        with pytest.raises(ValueError, match="noise level 0"):  # an ODE step has no log-probability
+            step_logprobs(step_transitions(engine.model, engine.tokens, branches, window, CFG, [1]), window, [1])
+    with pytest.raises(ValueError, match="sde_steps"):
+        sde_rollout(engine.model, engine.tokens, branches, grid, CFG, noise_level=0.7, sde_steps=[5])
+
+
 def test_logprobs_do_not_depend_on_the_batch(engine, mixed):
     branches, grid = mixed
     rollout = sde_rollout(engine.model, engine.tokens, branches, grid, CFG, noise_level=0.7,

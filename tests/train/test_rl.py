@@ -68,10 +68,32 @@ def test_unusable_rewards_skip_their_group(official_dir, tmp_path):
         wrong.run(progress=False)
 
 
+def test_a_window_of_sde_steps_trains(official_dir, tmp_path):
+    run = _run(official_dir, tmp_path, "--iterations=1", "--sde_window=2", "--num_timesteps=7")
+    steps = run.sde_steps()  # 6 steps: a window of 2 starting in the first half
+    assert len(steps) == 2 and steps[1] == steps[0] + 1 and steps[0] in (0, 1, 2)
+    (record,) = run.run(progress=False)
+    assert record["grad_norm"] > 0 and np.isfinite(record["loss"])
+
+
+def test_groups_with_equal_rewards_are_counted_and_can_be_dropped(official_dir, tmp_path):
+    def constant(images, prompts, meta):
+        return [0.5] * len(images)
+
+    kept = _run(official_dir, tmp_path / "kept", "--iterations=1", reward=constant)
+    (record,) = kept.run(progress=False)
+    assert record["uniform_groups"] == 3 and record["advantage_abs_mean"] == 0
+    dropped = _run(official_dir, tmp_path / "dropped", "--iterations=1", "--drop_uniform_groups=true", reward=constant)
+    (record,) = dropped.run(progress=False)
+    assert record["uniform_groups"] == 3 and record["grad_norm"] == 0  # nothing left to update
+    assert all(v.abs().sum() == 0 for k, v in dropped.trainable_state().items() if "lora_B" in k)
+
+
 @pytest.mark.parametrize("override, message", [
     (["--group_size=1"], "group_size=1: a group needs >= 2"),
     (["--tasks={paint: 1.0}"], "unknown task"),
     (["--noise_level=0"], "noise_level=0"),
+    (["--sde_window=-1"], "sde_window=-1"),
     (["--lora_rank=0", "--kl_weight=0.1"], "needs an adapter"),
     (["--learning_rate=1"], "unknown key"),
 ])
