@@ -48,7 +48,12 @@ class Rollout:
                        self.sde_steps)
 
     def noise_at(self, step: int) -> float:
-        return self.noise_level if step in self.sde_steps else 0.0
+        return step_noise(self.noise_level, self.sde_steps, step)
+
+
+def step_noise(noise_level: float, sde_steps: list[int], step: int) -> float:
+    """The noise level of one step: `noise_level` on the stochastic steps, 0 (the ODE) elsewhere."""
+    return noise_level if step in sde_steps else 0.0
 
 
 def _t_cap(timesteps: list[float]) -> float:
@@ -72,7 +77,7 @@ def sde_rollout(model, tokens: SpecialTokens, branches: list[Branches], grid: tu
     sde_steps = list(range(S)) if sde_steps is None else sorted(set(sde_steps))
     if any(not 0 <= i < S for i in sde_steps):
         raise ValueError(f"sde_steps {sde_steps} must lie in 0..{S - 1} (the sampler has {S} steps)")
-    noise_at = [noise_level if i in sde_steps else 0.0 for i in range(S)]
+    noise_at = [step_noise(noise_level, sde_steps, i) for i in range(S)]
     h, w = grid
     if noise is None:
         noise = [torch.randn(h * w, model.cfg.patch_latent_dim, generator=generator) for _ in range(B)]
