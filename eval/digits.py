@@ -107,10 +107,8 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
         images, labels = images[: cfg.limit], labels[: cfg.limit]
     size = (engine.vae_transform.max_size, engine.vae_transform.max_size)
     pil = [digit_image(p, size[0]) for p in images]
-    given = {"num_timesteps": cfg.steps, "timestep_shift": cfg.timestep_shift, "cfg_text_scale": cfg.cfg_text}
-    given = {k: v for k, v in given.items() if v is not None}
-    t2i_cfg = engine.defaults.text_to_image.replace(**given)
-    edit_cfg = engine.defaults.edit.replace(**given, **({"cfg_img_scale": cfg.cfg_img} if cfg.cfg_img else {}))
+    samplers = _samplers(engine, cfg)
+    t2i_cfg, edit_cfg = samplers.text_to_image, samplers.edit
     bar = track(total=4, desc="digits eval", unit="task", enabled=progress)
 
     answers = _understand(engine, pil, cfg.batch_size)
@@ -123,8 +121,8 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
     edited = _edit(engine, pil, edit_cfg, cfg)
     edit = float((judge(edited) == (labels + 1) % 10).mean())
     bar.update()
-    chains, paced = _count(engine, digits, size, GenerationDefaults(t2i_cfg, edit_cfg), cfg)
-    chain_ok = [all(judge(c) == [(d + k) % 10 for k in range(3)]) for c, d in zip(chains, digits)]
+    chains, paced = _count(engine, digits, size, samplers, cfg)
+    chain_ok = chains_right(judge, chains, digits)
     interleaved = float(np.mean(chain_ok))
     bar.update()
     bar.close()
@@ -144,6 +142,28 @@ def evaluate(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), out_dir: str | 
         _write_pictures(Path(out_dir), generated, pil, labels, edited, chains, cfg.seeds)
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def interleaved_results(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), judge: Judge | None = None) -> np.ndarray:
+    """The interleaved task alone, drawn as `evaluate` draws it: (10 * cfg.seeds,) bools, chain i
+    (start digit i // cfg.seeds) judged right at all three images. Another cfg.seed draws other
+    noise (scripts/bench/interleaved_chains.py: many chains the demo never draws)."""
+    size = (engine.vae_transform.max_size, engine.vae_transform.max_size)
+    starts = [d for d in range(10) for _ in range(cfg.seeds)]
+    chains, _ = _count(engine, starts, size, _samplers(engine, cfg), cfg)
+    return chains_right(judge or Judge(), chains, starts)
+
+
+def chains_right(judge: Judge, chains: list[list], starts: list[int]) -> np.ndarray:
+    return np.array([list(judge(c)) == [(d + k) % 10 for k in range(3)] for c, d in zip(chains, starts)])
+
+
+def _samplers(engine, cfg: DigitsEvalConfig) -> GenerationDefaults:
+    """The model's own sampler settings (generation.json) with cfg's overrides."""
+    given = {"num_timesteps": cfg.steps, "timestep_shift": cfg.timestep_shift, "cfg_text_scale": cfg.cfg_text}
+    given = {k: v for k, v in given.items() if v is not None}
+    return GenerationDefaults(engine.defaults.text_to_image.replace(**given),
+                              engine.defaults.edit.replace(**given, **({"cfg_img_scale": cfg.cfg_img} if cfg.cfg_img else {})))
 
 
 SKILLS = ("mirror", "parity")  # taught by the LoRA recipes (data_pipelines.digits.EXTRA_TASKS)

@@ -5,9 +5,10 @@
 
 The demo's evaluation (eval/digits.py) counts up from each digit 10 times: 100 chains, so one
 score has a standard error of about 2.5 points near 93%, and a change of 1-2 points between two
-models is within it. This script runs the same task (the same prompt, samplers, judge and
-batching as `eval.digits`) on 10 x `--seeds` chains whose noise the demo never draws (`--seed`
-1000 by default; the demo's is 0), for the base model and each compared one on the same noise,
+models is within it. This script runs the same task (`eval.digits.interleaved_results`: the
+same prompt, samplers, judge and batching) on 10 x `--seeds` chains whose noise the demo never
+draws (`--seed` 1000 by default; the demo's is 0), for the base model and each compared one on
+the same noise,
 and prints each accuracy with its standard error, per start digit, and the paired change
 against the base with the standard error of the mean paired difference.
 
@@ -21,20 +22,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
-
-def chain_results(engine, seeds: int, seed: int) -> np.ndarray:
-    """(10 * seeds,) bools: chain i (start digit i // seeds) was judged all right."""
-    from bagel.sampling import GenerationDefaults
-    from eval import digits as D
-
-    cfg = D.DigitsEvalConfig(seeds=seeds, seed=seed)
-    size = (engine.vae_transform.max_size,) * 2
-    starts = [d for d in range(10) for _ in range(seeds)]
-    samplers = GenerationDefaults(engine.defaults.text_to_image, engine.defaults.edit)
-    chains, _ = D._count(engine, starts, size, samplers, cfg)
-    judged = [list(D.Judge()(c)) for c in chains]
-    return np.array([j == [(d + k) % 10 for k in range(3)] for j, d in zip(judged, starts)])
 
 
 def describe(name: str, ok: np.ndarray, seeds: int) -> str:
@@ -54,19 +41,21 @@ def main() -> None:
     import torch
 
     from bagel.inference.engine import Engine
+    from eval.digits import DigitsEvalConfig, Judge, interleaved_results
 
     torch.set_num_threads(2)
+    cfg, judge = DigitsEvalConfig(seeds=args.seeds, seed=args.seed), Judge()
     base = Engine.from_pretrained(args.model)
-    results = {args.model: chain_results(base, args.seeds, args.seed)}
+    results = {args.model: interleaved_results(base, cfg, judge)}
     print(f"{10 * args.seeds} chains per model, seed {args.seed}")
     print(describe(args.model, results[args.model], args.seeds), flush=True)
     for entry in args.compare:
         if (Path(entry) / "adapter_config.json").is_file():
             base.use_loras([(entry, 1.0)])
-            results[entry] = chain_results(base, args.seeds, args.seed)
+            results[entry] = interleaved_results(base, cfg, judge)
             base.use_loras([])
         else:
-            results[entry] = chain_results(Engine.from_pretrained(entry), args.seeds, args.seed)
+            results[entry] = interleaved_results(Engine.from_pretrained(entry), cfg, judge)
         change = results[entry].astype(float) - results[args.model].astype(float)
         print(describe(entry, results[entry], args.seeds))
         print(f"{'':<48} paired change {100 * change.mean():+.1f} +- {100 * change.std(ddof=1) / np.sqrt(len(change)):.1f}"

@@ -30,6 +30,9 @@ def test_evaluate_runs_end_to_end_on_a_tiny_model(official_dir, tmp_path):
         assert 0.0 <= m[key] <= 1.0
     assert m["counts"] == {"understanding": 3, "generation": 10, "edit": 3, "interleaved": 10}
     assert {"samples.png", "edits.png", "interleaved.png", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}
+    # the interleaved task alone (scripts/bench/interleaved_chains.py) draws what evaluate draws
+    ok = digits.interleaved_results(engine, cfg)
+    assert ok.shape == (10,) and ok.dtype == bool and ok.mean() == m["interleaved_accuracy"]
 
 
 def test_cli_uses_the_demo_settings_so_it_reproduces_the_report(monkeypatch):
