@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from bagel.cli.common import USER_ERRORS, recipe_parser
@@ -41,8 +40,10 @@ def plot_rewards(history: list[dict], out: Path) -> Path:
     return plot_lines(series, out, "iteration", "reward")
 
 
-def _report(cfg, before: dict, after: dict, history: list[dict], seconds: float) -> str:
+def _report(cfg, before: dict, after: dict, history: list[dict]) -> str:
     from bagel.cli.gen_tuning import score_table
+
+    seconds = sum(r["seconds"] for r in history)  # the iterations, a resumed run's earlier ones too
 
     return (f"# bagel-rl: {cfg.run_dir}\n\nModel `{cfg.model}`, tasks {cfg.tasks}, {cfg.iterations} iterations of "
             f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples, reward `{cfg.reward}`, "
@@ -88,16 +89,15 @@ def main(argv: list[str] | None = None) -> int:
 
         run = RLRun(cfg)
         digits_report = cfg.evaluate and cfg.reward == "digits"
-        before = scores_before(run_dir, run.engine, cfg.eval_limit) if digits_report else None
-        t0 = time.time()
+        before = scores_before(run_dir, run.engine, cfg.eval_limit, cfg.eval_unseen_chains) if digits_report else None
         with RecordLog(run_dir, "bagel-rl", "rl", cfg.tensorboard) as log:
             history = run.run(log)
         _export(run, cfg)
         if history:
             plot_rewards(history, run_dir / "reward.png")
         if before is not None:
-            after = digits_scores(run.engine, cfg.eval_limit)
-            (run_dir / "report.md").write_text(_report(cfg, before, after, history, time.time() - t0))
+            after = digits_scores(run.engine, cfg.eval_limit, cfg.eval_unseen_chains)
+            (run_dir / "report.md").write_text(_report(cfg, before, after, history))
             print(f"[bagel-rl] {score_change(before, after)}")
         print(f"[bagel-rl] done: {run_dir} (model/, adapter/, reward.png, metrics.jsonl)")
         return 0

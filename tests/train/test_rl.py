@@ -173,3 +173,16 @@ def test_metrics_of_replayed_iterations_are_logged_once(tmp_path):
     path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in (1, 2, 3)) + '{"iterat')
     trim_metrics(path, 1, key="iteration")
     assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1]
+
+
+def test_the_report_gives_the_paired_change_on_unseen_chains():
+    from bagel.cli.gen_tuning import SCORES, UNSEEN, score_table
+
+    before = {**{k: 0.5 for k in SCORES}, UNSEEN: [1, 0, 1, 0]}
+    after = {**{k: 0.75 for k in SCORES}, UNSEEN: [1, 1, 1, 0]}
+    table = score_table(before, after)
+    # paired differences 0, 1, 0, 0: mean 0.25, standard deviation 0.5, standard error 0.25
+    assert "| interleaved, 4 chains of unseen noise | 50.0% | 75.0% | +25.0 +- 25.0 (paired) |" in table
+    assert "| edit | 50.0% | 75.0% | +25.0 |" in table
+    plain = score_table({k: before[k] for k in SCORES}, {k: after[k] for k in SCORES})
+    assert "unseen" not in plain and len(plain.splitlines()) == 2 + len(SCORES)
