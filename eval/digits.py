@@ -154,6 +154,12 @@ def interleaved_results(engine, cfg: DigitsEvalConfig = DigitsEvalConfig(), judg
     return chains_right(judge or Judge(), chains, starts)
 
 
+def paired_change(before, after) -> tuple[float, float]:
+    """Per-item results of two models on the same items (1/0) -> (mean change, its standard error)."""
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def chains_right(judge: Judge, chains: list[list], starts: list[int]) -> np.ndarray:
     return np.array([list(judge(c)) == [(d + k) % 10 for k in range(3)] for c, d in zip(chains, starts)])
 

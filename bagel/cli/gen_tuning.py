@@ -247,10 +247,12 @@ def score_table(before: dict, after: dict) -> str:
     rows = [f"| {k.replace('_accuracy', '')} | {before[k]:.1%} | {after[k]:.1%} | {100 * (after[k] - before[k]):+.1f} |"
             for k in SCORES]
     if UNSEEN in before and UNSEEN in after:
-        b, a = np.array(before[UNSEEN], dtype=float), np.array(after[UNSEEN], dtype=float)
-        se = 100 * (a - b).std(ddof=1) / np.sqrt(len(b))
-        rows.append(f"| interleaved, {len(b)} chains of unseen noise | {b.mean():.1%} | {a.mean():.1%} | "
-                    f"{100 * (a - b).mean():+.1f} +- {se:.1f} (paired) |")
+        from eval.digits import paired_change
+
+        b, a = before[UNSEEN], after[UNSEEN]
+        change, se = paired_change(b, a)
+        rows.append(f"| interleaved, {len(b)} chains of unseen noise | {np.mean(b):.1%} | {np.mean(a):.1%} | "
+                    f"{100 * change:+.1f} +- {100 * se:.1f} (paired) |")
     return "| task | before | after | change (points) |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 

@@ -41,7 +41,7 @@ def main() -> None:
     import torch
 
     from bagel.inference.engine import Engine
-    from eval.digits import DigitsEvalConfig, Judge, interleaved_results
+    from eval.digits import DigitsEvalConfig, Judge, interleaved_results, paired_change
 
     torch.set_num_threads(2)
     cfg, judge = DigitsEvalConfig(seeds=args.seeds, seed=args.seed), Judge()
@@ -56,10 +56,9 @@ def main() -> None:
             base.use_loras([])
         else:
             results[entry] = interleaved_results(Engine.from_pretrained(entry), cfg, judge)
-        change = results[entry].astype(float) - results[args.model].astype(float)
+        change, se = paired_change(results[args.model], results[entry])
         print(describe(entry, results[entry], args.seeds))
-        print(f"{'':<48} paired change {100 * change.mean():+.1f} +- {100 * change.std(ddof=1) / np.sqrt(len(change)):.1f}"
-              " points", flush=True)
+        print(f"{'':<48} paired change {100 * change:+.1f} +- {100 * se:.1f} points", flush=True)
 
 
 if __name__ == "__main__":
