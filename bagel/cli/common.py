@@ -18,6 +18,7 @@ from bagel.config import DTYPE_NAMES, QUANT_MODES
 from bagel.progress import MODES, set_mode
 
 USER_ERRORS = (ValueError, OSError)
+DTYPE_HELP = "bf16 on a GPU, or on a CPU with AVX512-BF16/AMX for a wide model (README: bf16 on CPU)"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -103,7 +104,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR_OR_HUB_ID",
                    help="model directory (our layout or the released BAGEL layout), or a Hugging Face Hub id "
                         "such as ByteDance-Seed/BAGEL-7B-MoT (downloaded once into the Hub cache)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="LLM/ViT weight dtype: bf16 on a GPU, or on a CPU with AVX512-BF16/AMX for a wide model (README: bf16 on CPU)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help=f"LLM/ViT weight dtype: {DTYPE_HELP}")
     p.add_argument("--device", default="cpu", help="device of the LLM: cpu, cuda or cuda:N")
     p.add_argument("--vae-device", default=None, help="put the VAE elsewhere (e.g. cpu) to save GPU memory "
                    "(default: --device)")

@@ -24,7 +24,8 @@ import importlib.util
 import os
 import sys
 
-from bagel.cli.common import Parser, USER_ERRORS, add_lora_args, add_quantize_arg, check_device, lora_args
+from bagel.cli.common import (DTYPE_HELP, Parser, USER_ERRORS, add_lora_args, add_quantize_arg, check_device,
+                              lora_args)
 from bagel.config import DTYPE_NAMES
 from bagel.sampling import RENORM_TYPES
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default 1; digits: 32, the demo's (its noise draws are per batch)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's official value")
     p.add_argument("--seed", type=int, default=0, help="random seed (sampling, image noise)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="model weights: bf16 on a GPU, or on a CPU with AVX512-BF16/AMX for a wide model (README: bf16 on CPU)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help=f"model weights: {DTYPE_HELP}")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     add_lora_args(p)
     add_quantize_arg(p)

@@ -118,7 +118,8 @@ class RLRun(TuningRun):
         window = self.cfg.sde_window
         if not window:
             return None
-        steps = min(self.sampler(t).num_timesteps for t in self.cfg.tasks) - 1
+        used = set(self.cfg.tasks) | ({"edit"} if "count" in self.cfg.tasks else set())  # a chain's later images
+        steps = min(self.sampler(t).num_timesteps for t in used) - 1
         rng = np.random.default_rng(stable_seed(self.cfg.seed, "sde_window", self.iteration))
         start = int(rng.integers(max(1, steps // 2 - window + 1)))
         return list(range(start, min(steps, start + window)))

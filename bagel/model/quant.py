@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from bagel.config import QUANT_MODES
 from bagel.model.lora import is_adapter_param
 
-MODES = QUANT_MODES
 
 
 class QuantizeError(ValueError):
@@ -80,8 +79,8 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def quantize_experts(model: nn.Module, mode: str) -> dict[str, int]:
     """Replace the expert projections of `model` (a Bagel, in place) with Int8Linear; returns
     {"layers", "bytes_before", "bytes_after"} for those projections (weights, scales, biases)."""
-    if mode not in MODES:
-        raise QuantizeError(f"quantize={mode!r}: expected one of {', '.join(MODES)}")
+    if mode not in QUANT_MODES:
+        raise QuantizeError(f"quantize={mode!r}: expected one of {', '.join(QUANT_MODES)}")
     if any(is_adapter_param(name) for name, _ in model.named_parameters()):
         raise QuantizeError("this model carries LoRA adapters: merge them first (bagel-lora merge), then quantize")
     if mode.endswith("int8-dynamic"):

@@ -31,13 +31,14 @@ def main() -> None:
 
     from bagel.cli.common import tune_allocator
     from bagel.inference.generate_image import decode_latents, generate_latents
-    from bagel.model.quant import MODES, quantize_experts, quantize_linear
+    from bagel.config import QUANT_MODES
+    from bagel.model.quant import quantize_experts, quantize_linear
 
     try:  # torchao's modes when it is installed (optional)
         import torchao  # noqa: F401
-        modes = MODES
+        modes = QUANT_MODES
     except ImportError:
-        modes = tuple(m for m in MODES if not m.startswith("torchao-"))
+        modes = tuple(m for m in QUANT_MODES if not m.startswith("torchao-"))
 
     tune_allocator()
     device = torch.device("cpu")
