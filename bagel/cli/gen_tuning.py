@@ -56,21 +56,28 @@ class DigitsPrompts:
         self.size, self.edit_text = size, EDIT_INSTRUCTION
         self.caption, self.count_prompt, self.digit_image = caption, count_prompt, digit_image
 
-    def draw(self, task: str, rng: np.random.Generator) -> Prompt:
-        if task == "t2i":
-            d = int(rng.integers(10))
-            return Prompt(task, self.caption(d), [d])
+    def draw(self, task: str, rng: np.random.Generator, odds: np.ndarray | None = None) -> Prompt:
+        """One prompt of `task`. `odds`: the probability of each first target digit (a prompt's
+        key: the digit drawn, the edit's answer, the chain's start); None: uniform, as drawn
+        before odds existed."""
         if task == "edit":
-            j = int(rng.integers(len(self.labels)))
+            if odds is None:
+                j = int(rng.integers(len(self.labels)))
+            else:  # the answer's digit first, then a training image that leads to it
+                answer = int(rng.choice(10, p=odds))
+                j = int(rng.choice(np.flatnonzero(self.labels == (answer - 1) % 10)))
             return Prompt(task, self.edit_text, [(int(self.labels[j]) + 1) % 10],
                           self.digit_image(self.images[j], self.size))
-        d = int(rng.integers(10))
+        d = int(rng.integers(10)) if odds is None else int(rng.choice(10, p=odds))
+        if task == "t2i":
+            return Prompt(task, self.caption(d), [d])
         return Prompt(task, self.count_prompt(d), [(d + k) % 10 for k in range(3)])
 
 
-def draw_prompts(tasks: dict[str, float], total: int, rng: np.random.Generator, source: DigitsPrompts) -> list[Prompt]:
+def draw_prompts(tasks: dict[str, float], total: int, rng: np.random.Generator, source: DigitsPrompts,
+                 odds: dict[str, np.ndarray] | None = None) -> list[Prompt]:
     """`total` prompts, each task its share by weight (the remainder drawn by weight), each task's
-    prompts listed together."""
+    prompts listed together; `odds`: per task, the probability of each prompt key (DigitsPrompts.draw)."""
     names = sorted(tasks)
     share = np.array([tasks[n] for n in names], dtype=np.float64)
     share = share / share.sum() * total
@@ -79,7 +86,8 @@ def draw_prompts(tasks: dict[str, float], total: int, rng: np.random.Generator, 
     if rest:
         extra = rng.choice(len(names), size=rest, replace=False, p=(share - counts) / (share - counts).sum())
         counts[extra] += 1
-    return [source.draw(n, rng) for n, c in zip(names, counts) for _ in range(c)]
+    odds = odds or {}
+    return [source.draw(n, rng, odds.get(n)) for n, c in zip(names, counts) for _ in range(c)]
 
 
 # The run ------------------------------------------------------------------------------------------
@@ -118,7 +126,18 @@ class TuningRun:
 
     def draw(self) -> list:
         rng = np.random.default_rng(stable_seed(self.cfg.seed, "prompts", self.iteration))
-        return draw_prompts(self.cfg.tasks, self.cfg.prompts_per_step, rng, self.prompts)
+        return draw_prompts(self.cfg.tasks, self.cfg.prompts_per_step, rng, self.prompts, self.prompt_odds())
+
+    def prompt_odds(self) -> dict[str, np.ndarray] | None:
+        """Per task, how likely each prompt key is drawn (None: uniform)."""
+        return None
+
+    def extra_state(self) -> dict:
+        """What a subclass adds to a checkpoint's state.json (JSON-able), for an exact resume."""
+        return {}
+
+    def restore_extra_state(self, state: dict) -> None:
+        pass
 
     def step(self) -> dict[str, float]:
         raise NotImplementedError
@@ -141,7 +160,7 @@ class TuningRun:
         save_safetensors(self.trainable_state(), tmp / "trainable.safetensors")
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"iteration": self.iteration, "skipped": dict(self.skipped),
-                                                    "history": self.history}) + "\n")
+                                                    "history": self.history, **self.extra_state()}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
         for old in sorted(root.glob("iter_*"))[:-self.cfg.keep]:
@@ -164,6 +183,7 @@ class TuningRun:
         state = json.loads((path / "state.json").read_text())
         self.iteration, self.history = int(state["iteration"]), list(state["history"])
         self.skipped = Counter(state["skipped"])
+        self.restore_extra_state(state)
 
     def latest(self) -> Path | None:
         found = sorted((self.run_dir / "checkpoints").glob("iter_*"))
@@ -193,19 +213,52 @@ class TuningRun:
 
 # What the command-line tools share ----------------------------------------------------------------
 
+# What a resumed run may set differently from the run it continues: how long it runs, how often it
+# saves, what it reports. Anything else would continue one run under another's settings.
+RESUME_MAY_CHANGE = ("run_dir", "iterations", "checkpoint_every", "keep", "resume", "evaluate", "eval_limit",
+                     "eval_unseen_chains", "tensorboard")
+
+
 def start_run_dir(cfg, what: str) -> Path:
     """Check that a run may start or continue in cfg.run_dir (a new run, `resume: none`, is refused
-    where one was made) and that cfg.model exists; create the folder and write config.yaml."""
+    where one was made; a continued one must keep the settings in its config.yaml) and that
+    cfg.model exists; create the folder and write config.yaml."""
     run_dir = Path(cfg.run_dir)
     root = run_dir / "checkpoints"
-    if cfg.resume == "none" and root.is_dir() and any(root.glob("iter_*")):
-        raise ValueError(f"run_dir {run_dir} already holds {what}: --resume=auto continues it, or choose "
-                         "another run_dir (nothing is deleted)")
+    if root.is_dir() and any(root.glob("iter_*")):
+        if cfg.resume == "none":
+            raise ValueError(f"run_dir {run_dir} already holds {what}: --resume=auto continues it, or choose "
+                             "another run_dir (nothing is deleted)")
+        changed = changed_settings(cfg, run_dir / "config.yaml")
+        if changed:
+            raise ValueError(f"run_dir {run_dir} holds {what} with other settings ({', '.join(changed)}): it "
+                             "continues only with its own (its config.yaml); choose another run_dir (nothing is deleted)")
     if not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"model {cfg.model} does not exist (make demo writes runs/digits/model)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return run_dir
+
+
+def changed_settings(cfg, saved: Path) -> list[str]:
+    """`key: old -> new` for each setting outside RESUME_MAY_CHANGE that differs from the saved
+    config (a key the saved one lacks, from an older version, counts as its default)."""
+    import dataclasses
+
+    import yaml
+
+    if not saved.is_file():
+        return []
+    old = yaml.safe_load(saved.read_text()) or {}
+    out = []
+    for f in dataclasses.fields(cfg):
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        before, now = old.get(f.name, default), getattr(cfg, f.name)
+        if before != now:
+            out.append(f"{f.name}: {before} -> {now}")
+    return out
 
 
 SCORES = ("understanding_accuracy", "generation_accuracy", "edit_accuracy", "interleaved_accuracy")

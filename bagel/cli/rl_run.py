@@ -93,6 +93,9 @@ def rollout_task(engine: Engine, prompts: list[Prompt], first_sample: int, G: in
 
 # The run ------------------------------------------------------------------------------------------
 
+FOCUS_MEMORY = 0.5  # a key's failure estimate keeps half its past at each new group of it
+
+
 class RLRun(TuningRun):
     name = "rl"
 
@@ -102,6 +105,34 @@ class RLRun(TuningRun):
             rank=cfg.lora_rank, alpha=cfg.lora_alpha, experts=("gen",), kinds=tuple(cfg.lora_kinds))
         super().__init__(cfg, engine or Engine.from_pretrained(cfg.model), spec, prompts, log)
         self.reward = reward or load_reward(cfg.reward, **cfg.reward_options)
+        # per task, each prompt key's recent failure rate (1 - its groups' mean reward), which
+        # prompt_focus draws by; all keys start equal, so the first iteration draws uniformly
+        self.failure = {task: np.full(10, 0.5) for task in cfg.tasks}
+
+    def prompt_odds(self) -> dict[str, np.ndarray] | None:
+        """With prompt_focus f: each key's odds are (1 - f) / 10 + f x its share of the task's failures."""
+        f = self.cfg.prompt_focus
+        if not f:
+            return None
+        return {task: (1 - f) / 10 + f * (fail / fail.sum() if fail.sum() > 0 else np.full(10, 0.1))
+                for task, fail in self.failure.items()}
+
+    def note_failures(self, prompts: list[Prompt], rewards: torch.Tensor, usable: torch.Tensor) -> None:
+        """Fold each usable group's failure rate into its prompt key's estimate."""
+        G = self.cfg.group_size
+        for g, prompt in enumerate(prompts):
+            rows = slice(g * G, (g + 1) * G)
+            if bool(usable[rows].all()):
+                fail = self.failure[prompt.task]
+                key = prompt.targets[0]
+                fail[key] = FOCUS_MEMORY * fail[key] + (1 - FOCUS_MEMORY) * (1 - float(rewards[rows].mean()))
+
+    def extra_state(self) -> dict:
+        return {"failure": {task: fail.tolist() for task, fail in self.failure.items()}}
+
+    def restore_extra_state(self, state: dict) -> None:
+        for task, fail in state.get("failure", {}).items():
+            self.failure[task] = np.array(fail, dtype=np.float64)
 
     def sampler(self, task: str) -> ImageGenConfig:
         base = self.engine.defaults.edit if task == "edit" else self.engine.defaults.text_to_image
@@ -140,6 +171,7 @@ class RLRun(TuningRun):
             sample_prompts += [p for p in group for _ in range(G)]
         t_roll = time.time() - t0
         rewards, usable = self._rewards(images, sample_prompts)
+        self.note_failures(sample_prompts[::G], rewards, usable)
         adv = torch.zeros(len(images))
         keep = torch.zeros(len(images), dtype=torch.bool)
         for g in range(len(images) // G):

@@ -30,6 +30,10 @@ class RLConfig:
     # iteration in the first half of the trajectory, the rest are ODE steps, and only those N train
     # (Flow-GRPO-Fast's window: rollouts stay near the ODE sampler's, which the evaluation uses)
     sde_window: int = 0
+    # 0: prompts drawn uniformly. f in (0, 1]: a share f of each task's draws goes by each prompt
+    # key's recent failure rate (the digit drawn, the edit's answer, the chain's start), measured
+    # on the run's own rollouts: the prompts the model gets wrong are drawn more often
+    prompt_focus: float = 0.0
     guidance: bool = True  # False: rollouts and training without guidance (a form of guidance distillation)
     num_timesteps: int | None = None  # None: the model's generation.json
     clip: float = 0.2
@@ -62,6 +66,7 @@ class RLConfig:
         checks = {"prompts_per_step": self.prompts_per_step >= 1, "iterations": self.iterations >= 0,
                   "updates_per_iteration": self.updates_per_iteration >= 1, "train_steps": self.train_steps >= 1,
                   "noise_level": self.noise_level > 0, "sde_window": self.sde_window >= 0,
+                  "prompt_focus": 0 <= self.prompt_focus <= 1,
                   "clip": self.clip > 0, "kl_weight": self.kl_weight >= 0,
                   "lr": self.lr > 0, "lora_rank": self.lora_rank >= 0, "checkpoint_every": self.checkpoint_every >= 1,
                   "keep": self.keep >= 1, "eval_unseen_chains": self.eval_unseen_chains >= 0, "resume": self.resume in ("auto", "none")}

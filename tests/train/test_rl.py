@@ -89,11 +89,43 @@ def test_groups_with_equal_rewards_are_counted_and_can_be_dropped(official_dir, 
     assert all(v.abs().sum() == 0 for k, v in dropped.trainable_state().items() if "lora_B" in k)
 
 
+def test_prompt_focus_draws_what_fails_more_often(official_dir, tmp_path):
+    from bagel.cli.gen_tuning import Prompt
+
+    run = _run(official_dir, tmp_path / "unit", "--tasks={t2i: 1.0}", "--prompt_focus=0.5")
+    assert np.allclose(run.prompt_odds()["t2i"], 0.1)  # nothing measured yet: uniform
+    run.note_failures([Prompt("t2i", "", [3]), Prompt("t2i", "", [5])], torch.tensor([0.0, 0.0, 1.0, 0.5]),
+                      torch.ones(4, dtype=torch.bool))
+    fail = run.failure["t2i"]
+    assert fail[3] == 0.75 and fail[5] == 0.5 * 0.5 + 0.5 * 0.25 and fail[0] == 0.5
+    odds = run.prompt_odds()["t2i"]
+    assert odds.sum() == pytest.approx(1.0) and odds[3] == pytest.approx(0.05 + 0.5 * 0.75 / fail.sum())
+    # a key's odds of 1: every draw of every task has that key
+    source, one = DigitsPrompts(32), np.eye(10)[6]
+    rng = np.random.default_rng(0)
+    assert [source.draw(t, rng, one).targets[0] for t in ("t2i", "edit", "count") for _ in range(5)] == [6] * 15
+
+    def even_digits(images, prompts, meta):  # odd targets fail: the keys' estimates part
+        return [float(m["digit"] % 2 == 0) for m in meta]
+
+    args = ("--tasks={t2i: 1.0, count: 1.0}", "--prompt_focus=1.0", "--kl_weight=0")
+    full = _run(official_dir, tmp_path / "full", *args, reward=even_digits)
+    history = full.run(progress=False)
+    assert any(f != 0.5 for fail in full.failure.values() for f in fail)
+    first = _run(official_dir, tmp_path / "split", *args, "--iterations=1", "--checkpoint_every=1", reward=even_digits)
+    first.run(progress=False)
+    second = _run(official_dir, tmp_path / "split", *args, reward=even_digits)
+    resumed = second.run(progress=False)  # the estimates come back with the checkpoint: same draws
+    assert [r["reward_mean"] for r in resumed] == [r["reward_mean"] for r in history]
+    assert all(np.array_equal(second.failure[t], full.failure[t]) for t in full.failure)
+
+
 @pytest.mark.parametrize("override, message", [
     (["--group_size=1"], "group_size=1: a group needs >= 2"),
     (["--tasks={paint: 1.0}"], "unknown task"),
     (["--noise_level=0"], "noise_level=0"),
     (["--sde_window=-1"], "sde_window=-1"),
+    (["--prompt_focus=1.5"], "prompt_focus=1.5"),
     (["--lora_rank=0", "--kl_weight=0.1"], "needs an adapter"),
     (["--learning_rate=1"], "unknown key"),
 ])
@@ -111,14 +143,28 @@ def test_a_used_run_dir_is_not_restarted(official_dir, tmp_path, capsys):
         load_rl_config(None, ["--resume=maybe"])
 
 
+
+def test_a_run_continues_only_with_its_own_settings(official_dir, tmp_path, capsys):
+    from bagel.cli.gen_tuning import start_run_dir
+
+    args = [f"--model={official_dir}", f"--run_dir={tmp_path}"]
+    (tmp_path / "checkpoints" / "iter_000010").mkdir(parents=True)
+    (tmp_path / "config.yaml").write_text(load_rl_config(None, args).to_yaml().replace("prompt_focus: 0.0\n", ""))
+    assert rl_cli.main([*args, "--noise_level=0.5", "--lr=0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings (noise_level: 0.7 -> 0.5, lr: 0.0003 -> 0.01)" in err and len(err.splitlines()) == 1
+    # longer, reported differently, or a key an older version did not write (its default): it continues
+    assert start_run_dir(load_rl_config(None, [*args, "--iterations=90", "--evaluate=false"]), "an RL run") == tmp_path
+
+
 def test_print_config_lists_every_key(capsys):
     from pathlib import Path
 
     recipe = Path(__file__).resolve().parents[2] / "configs" / "rl" / "digits.yaml"
     assert rl_cli.main(["--config", str(recipe), "--print-config", "--iterations=5"]) == 0
     out = capsys.readouterr().out
-    assert "iterations: 5" in out and "noise_level: 0.7" in out and "reward: digits" in out
-    assert "mode: correct" in out and "kl_weight: 0.05" in out
+    assert "iterations: 5" in out and "noise_level: 0.8" in out and "reward: digits" in out
+    assert "mode: correct" in out and "kl_weight: 0.05" in out and "prompt_focus: 0.7" in out
 
 
 def test_the_command_writes_its_outputs(official_dir, tmp_path, capsys):
