@@ -14,8 +14,8 @@ its generation.json has K steps: bagel-generate, bagel-eval, the app and Engine 
 branch per image and pass the scales (--cfg-text, --cfg-img) as an input.
 
 Writes to run_dir: metrics.jsonl, tensorboard/ (loss, relative error), loss.png, checkpoints/iter_*/
-(--resume=auto continues the newest), model/ (the student, our layout) and, with evaluate: true,
-report.md: the demo's four scores of the teacher and of the student.
+(--resume=auto continues the newest, with its own settings), model/ (the student, our layout)
+and, with evaluate: true, report.md: the demo's four scores of the teacher and of the student.
 Exit status: 0 done, 2 bad arguments or input.
 """
 

@@ -12,9 +12,10 @@ fitted on the real training digits), subprocess:COMMAND or package.module:functi
 (eval/rewards.py).
 
 Writes to run_dir: metrics.jsonl, tensorboard/ (reward mean/std, advantage, ratio, clip fraction,
-KL, per-task reward), reward.png, checkpoints/iter_*/ (--resume=auto continues the newest),
-adapter/ (peft format, for --lora) and model/ (the adapter merged in), and, with
-evaluate: true and the digits reward, report.md: the demo's four scores before and after.
+KL, per-task reward), reward.png, checkpoints/iter_*/ (--resume=auto continues the newest, with
+the settings it was started with), adapter/ (peft format, for --lora) and model/ (the adapter
+merged in), and, with evaluate: true and the digits reward, report.md: the demo's four scores
+before and after.
 Exit status: 0 done, 2 bad arguments or input.
 """
 

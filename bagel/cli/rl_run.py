@@ -2,8 +2,10 @@
 the SDE rollouts of `bagel.inference.rollout`, the objective of `bagel.train.grpo`, a reward of
 `eval.rewards`, and the digits prompts.
 
-Per iteration: P prompts are drawn (each task its share of P by weight, the remainder drawn;
-seeded by (seed, iteration), so a resumed run draws what the uninterrupted one would), each prefilled once and forked G times (copy-on-write
+Per iteration: P prompts are drawn (each task its share of P by weight, the remainder drawn; with
+`prompt_focus`, a share of them by their keys' recent failure rates; seeded by (seed, iteration),
+and the failure rates are checkpointed, so a resumed run draws what the uninterrupted one would),
+each prefilled once and forked G times (copy-on-write
 KV: no copies of the prompt), and the G samples of every prompt of a task are rolled out together
 (every sample and guidance branch in one forward per denoising step). The count task is a chain:
 each generated image is added to its sample's context (VAE + ViT) before the next is drawn, and a
