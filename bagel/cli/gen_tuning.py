@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +24,7 @@ from bagel.checkpoint.strict import CheckpointError
 from bagel.inference.engine import Engine
 from bagel.model import lora
 from bagel.progress import track
+from bagel.train.config import load_recipe
 
 ADAPTER = "default"
 GEN_PATH = ("vae2llm", "llm2vae", "time_embedder", "guidance_embedder")  # the generation path outside the LLM
@@ -242,23 +243,12 @@ def start_run_dir(cfg, what: str) -> Path:
 
 def changed_settings(cfg, saved: Path) -> list[str]:
     """`key: old -> new` for each setting outside RESUME_MAY_CHANGE that differs from the saved
-    config (a key the saved one lacks, from an older version, counts as its default)."""
-    import dataclasses
-
-    import yaml
-
+    config (read as a recipe: a key the saved one lacks, from an older version, is its default)."""
     if not saved.is_file():
         return []
-    old = yaml.safe_load(saved.read_text()) or {}
-    out = []
-    for f in dataclasses.fields(cfg):
-        if f.name in RESUME_MAY_CHANGE:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        before, now = old.get(f.name, default), getattr(cfg, f.name)
-        if before != now:
-            out.append(f"{f.name}: {before} -> {now}")
-    return out
+    old = load_recipe(type(cfg), saved, None, "the run's config")
+    return [f"{f.name}: {getattr(old, f.name)} -> {getattr(cfg, f.name)}" for f in fields(cfg)
+            if f.name not in RESUME_MAY_CHANGE and getattr(old, f.name) != getattr(cfg, f.name)]
 
 
 SCORES = ("understanding_accuracy", "generation_accuracy", "edit_accuracy", "interleaved_accuracy")

@@ -34,7 +34,6 @@ from bagel.config import QUANT_MODES
 from bagel.model.lora import is_adapter_param
 
 
-
 class QuantizeError(ValueError):
     """A quantization mode this model or machine cannot run (the message says why)."""
 
