@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ from bagel.checkpoint.strict import CheckpointError
 from bagel.inference.engine import Engine
 from bagel.model import lora
 from bagel.progress import track
-from bagel.train.config import load_recipe
+from bagel.train.config import changed_settings, load_recipe
 
 ADAPTER = "default"
 GEN_PATH = ("vae2llm", "llm2vae", "time_embedder", "guidance_embedder")  # the generation path outside the LLM
@@ -222,15 +222,18 @@ RESUME_MAY_CHANGE = ("run_dir", "iterations", "checkpoint_every", "keep", "resum
 
 def start_run_dir(cfg, what: str) -> Path:
     """Check that a run may start or continue in cfg.run_dir (a new run, `resume: none`, is refused
-    where one was made; a continued one must keep the settings in its config.yaml) and that
-    cfg.model exists; create the folder and write config.yaml."""
+    where one was made; a continued one must keep the settings in its config.yaml, where a key an
+    older config lacks counts as its default) and that cfg.model exists; create the folder and
+    write config.yaml."""
     run_dir = Path(cfg.run_dir)
     root = run_dir / "checkpoints"
     if root.is_dir() and any(root.glob("iter_*")):
         if cfg.resume == "none":
             raise ValueError(f"run_dir {run_dir} already holds {what}: --resume=auto continues it, or choose "
                              "another run_dir (nothing is deleted)")
-        changed = changed_settings(cfg, run_dir / "config.yaml")
+        saved = run_dir / "config.yaml"
+        old = load_recipe(type(cfg), saved, None, "the run's config") if saved.is_file() else cfg
+        changed = changed_settings(old, cfg, RESUME_MAY_CHANGE)
         if changed:
             raise ValueError(f"run_dir {run_dir} holds {what} with other settings ({', '.join(changed)}): it "
                              "continues only with its own (its config.yaml); choose another run_dir (nothing is deleted)")
@@ -239,16 +242,6 @@ def start_run_dir(cfg, what: str) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return run_dir
-
-
-def changed_settings(cfg, saved: Path) -> list[str]:
-    """`key: old -> new` for each setting outside RESUME_MAY_CHANGE that differs from the saved
-    config (read as a recipe: a key the saved one lacks, from an older version, is its default)."""
-    if not saved.is_file():
-        return []
-    old = load_recipe(type(cfg), saved, None, "the run's config")
-    return [f"{f.name}: {getattr(old, f.name)} -> {getattr(cfg, f.name)}" for f in fields(cfg)
-            if f.name not in RESUME_MAY_CHANGE and getattr(old, f.name) != getattr(cfg, f.name)]
 
 
 SCORES = ("understanding_accuracy", "generation_accuracy", "edit_accuracy", "interleaved_accuracy")

@@ -17,7 +17,9 @@ Overrides: any key of the recipe as --section.key=value (YAML values: --optim.lr
 values. Progress: a bar on a terminal, else a plain line every 30 s (--progress, --quiet).
 
 --resume auto (the default in the recipes) continues from the newest complete checkpoint in
-RUN_DIR/checkpoints, if any; --resume none starts afresh; --resume PATH loads that one.
+RUN_DIR/checkpoints, if any; --resume none starts afresh; --resume PATH loads that one. A resumed
+run keeps its checkpoint's settings (only length, checkpointing, logging and the parallel layout may
+change); --checkpoint.allow_changes=true continues under changed ones on purpose.
 
 This is the wiring: it builds the batch source the recipe asks for (data.kind: synthetic,
 pipeline = webdataset shards through data_pipelines, corpus = a text corpus) and hands it to

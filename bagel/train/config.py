@@ -108,6 +108,9 @@ class CheckpointSection:
     # a run starting at step 0 in a run_dir that holds an earlier run: false refuses, true moves
     # the earlier run aside to RUN_DIR.old-<time> (bagel/train/run_dir.py)
     overwrite: bool = False
+    # a resumed run must keep the settings its checkpoint was trained with (TRAIN_RESUME_MAY_CHANGE
+    # lists what may change); true continues under the changed ones, naming them in the log
+    allow_changes: bool = False
     export: bool = True  # at the end: run_dir/export (from_pretrained) + run_dir/export_official
 
 
@@ -332,6 +335,40 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     return load_recipe(TrainConfig, path, overrides, "train config")
+
+
+# What a resumed bagel-train run may set differently from its checkpoint: how long it runs, how it
+# saves and reports, how it is spread over processes (DCP reshards, the data state is elastic).
+# Anything else (model, data, optimiser, loss, adapters, seeds, dtype) would continue one run under
+# another's settings.
+TRAIN_RESUME_MAY_CHANGE = ("run_dir", "train.steps", "train.max_bad_steps", "checkpoint", "log", "generation",
+                           "data.num_workers", "parallel.mode", "parallel.activation_checkpointing",
+                           "parallel.compile")
+
+
+def changed_settings(old, new, may_change: tuple[str, ...] = (), where: str = "") -> list[str]:
+    """`key: old -> new` for each setting of config dataclass `new` that differs from `old`,
+    sections compared key by key (dotted names), skipping the keys and sections in `may_change`."""
+    out = []
+    for f in dataclasses.fields(new):
+        key = f"{where}{f.name}"
+        if key in may_change:
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if dataclasses.is_dataclass(b):
+            out += changed_settings(a, b, may_change, f"{key}.")
+        elif a != b:
+            out.append(f"{key}: {a} -> {b}")
+    return out
+
+
+def resume_changes(saved: Path, cfg: TrainConfig) -> list[str]:
+    """The settings of `cfg` outside TRAIN_RESUME_MAY_CHANGE that differ from a checkpoint's
+    config.yaml (a key an older one lacks counts as its default; no file: nothing to compare)."""
+    if not saved.is_file():
+        return []
+    return changed_settings(load_recipe(TrainConfig, saved, None, "the checkpoint's config"), cfg,
+                            TRAIN_RESUME_MAY_CHANGE)
 
 
 def load_recipe(cls, path: str | Path | None, overrides: list[str] | None, what: str):

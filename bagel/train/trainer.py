@@ -45,7 +45,7 @@ from bagel.model.bagel import Bagel
 from bagel.sampling import GenerationDefaults
 from bagel.train import checkpointing, losses
 from bagel.train.batches import SyntheticSource, TrainItem
-from bagel.train.config import TrainConfig
+from bagel.train.config import TrainConfig, resume_changes
 from bagel.train.distributed import DistInfo, all_reduce, broadcast_object, init_distributed, on_main
 from bagel.train.metrics import Throughput, batch_flops, peak_tflops
 from bagel.train.optim import EMA, LossScaler, apply_freeze, build_optimizer, clip_, grad_norm, lr_at, no_decay_names, set_lr
@@ -213,7 +213,15 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> None:
-        """Model, optimizer, EMA, counters, data position and RNG states from checkpoint `path`."""
+        """Model, optimizer, EMA, counters, data position and RNG states from checkpoint `path`,
+        after checking that this run keeps the settings it was saved with."""
+        changed = resume_changes(Path(path) / "config.yaml", self.cfg)
+        if changed and not self.cfg.checkpoint.allow_changes:
+            raise ConfigError(f"checkpoint {path} was trained with other settings ({', '.join(changed)}): a "
+                              "resumed run keeps its own; --checkpoint.allow_changes=true continues under the new "
+                              "ones, or start another --run_dir (nothing is deleted)")
+        if changed and self.dist.is_main:
+            _say(f"[bagel-train] continuing {path} under changed settings: {', '.join(changed)}")
         state, rank_state = checkpointing.load(path, self.model, self.optimizer,
                                                self.ema.state if self.ema else None, self.dist,
                                                trainable_only=self.lora is not None)

@@ -14,6 +14,7 @@ import torch
 
 from bagel.checkpoint.dcp import SafeLoadPlanner, load_metadata
 from bagel.checkpoint.strict import CheckpointError
+from bagel.config import ConfigError
 from bagel.train import checkpointing
 from bagel.train.run_dir import RunDirError, RunLock
 from bagel.train.trainer import Trainer
@@ -108,6 +109,25 @@ def test_overwrite_moves_the_old_run_aside(make_cfg, tmp_path):
     assert checkpointing._sha256(moved[0] / "checkpoints" / old_final.name / "trainer.json") == digest
 
 
+def test_resuming_under_other_settings_is_refused_unless_allowed(make_cfg, capsys):
+    cfg = _trained(make_cfg, "changed")
+    before = sorted(p.name for p in checkpointing.list_checkpoints(cfg.run_dir))
+    common = ["--data.samples_per_batch=2", "--checkpoint.every=2", "--checkpoint.resume=auto"]
+    other = Trainer(make_cfg("changed", *common, "--train.steps=6", "--optim.lr=0.01", "--train.mse_weight=2"))
+    with pytest.raises(ConfigError, match=r"step_00000004 was trained with other settings \(optim.lr: 0.003 -> 0.01, "
+                                          r"train.mse_weight: 1.0 -> 2.0\): .*--checkpoint.allow_changes=true") as e:
+        other.run()
+    assert len(str(e.value).splitlines()) == 1
+    assert sorted(p.name for p in checkpointing.list_checkpoints(cfg.run_dir)) == before
+    # how long it runs, how it saves and logs may change
+    longer = Trainer(make_cfg("changed", *common, "--train.steps=6", "--checkpoint.every=3", "--log.every=2"))
+    assert [r["step"] for r in longer.run().history] == [5, 6]
+    # on purpose: it continues, and says under what
+    allowed = Trainer(make_cfg("changed", *common, "--train.steps=7", "--optim.lr=0.01", "--checkpoint.allow_changes=true"))
+    assert [r["step"] for r in allowed.run().history] == [7]
+    assert "under changed settings: optim.lr: 0.003 -> 0.01" in capsys.readouterr().out
+
+
 def test_saving_a_step_again_keeps_a_complete_copy_throughout(make_cfg, tmp_path, monkeypatch):
     cfg = _trained(make_cfg, "resave")
     root = checkpointing.checkpoint_root(cfg.run_dir)
@@ -178,7 +198,8 @@ def test_another_models_checkpoint_is_a_clear_error(make_cfg):
     cfg = _trained(make_cfg, "other")
     ckpt = checkpointing.latest_checkpoint(cfg.run_dir)
     trainer = Trainer(make_cfg("other2", "--data.samples_per_batch=2", "--train.steps=6",
-                               "--model.overrides.llm.num_hidden_layers=3", f"--checkpoint.resume={ckpt}"))
+                               "--model.overrides.llm.num_hidden_layers=3", f"--checkpoint.resume={ckpt}",
+                               "--checkpoint.allow_changes=true"))  # past the settings check, to the tensors
     with pytest.raises(CheckpointError, match="does not fit this model"):
         trainer.run()
 

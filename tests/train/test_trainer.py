@@ -14,6 +14,7 @@ from bagel.config import BagelConfig
 
 from bagel.train import checkpointing, losses
 from bagel.train.batches import SyntheticSource
+from bagel.train.config import load_config
 from bagel.train.trainer import Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,12 +85,12 @@ def test_exact_resume_is_bitwise_in_one_process(make_cfg):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(make_cfg, tmp_path):
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     run = tmp_path / "crash"
-    cmd = [sys.executable, str(REPO / "tests/train/crash_during_save.py"), "4", "--config",
-           str(REPO / "configs/train/tiny_cpu.yaml"), f"--run_dir={run}", "--data.samples_per_batch=2",
-           "--log.progress=false", "--log.tensorboard=false", "--log.plot=false", "--log.peak_tflops=0.1",
-           "--train.steps=4", "--checkpoint.every=2"]
+    recipe = str(REPO / "configs/train/tiny_cpu.yaml")
+    overrides = [f"--run_dir={run}", "--data.samples_per_batch=2", "--log.progress=false", "--log.tensorboard=false",
+                 "--log.plot=false", "--log.peak_tflops=0.1", "--train.steps=4", "--checkpoint.every=2"]
+    cmd = [sys.executable, str(REPO / "tests/train/crash_during_save.py"), "4", "--config", recipe, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 17, proc.stderr[-2000:]  # died inside save(), shards half-committed
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -97,8 +98,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(make_cfg, tmp_pa
     assert checkpointing.latest_checkpoint(run).name == "step_00000002"
 
     # The next start ignores and removes the half-written one, and resumes from step 2.
-    trainer = Trainer(make_cfg("crash", "--data.samples_per_batch=2", "--train.steps=4",
-                               "--checkpoint.resume=auto"))
+    trainer = Trainer(load_config(recipe, [*overrides, "--checkpoint.resume=auto"]))  # the same run, continued
     result = trainer.run()
     assert [r["step"] for r in result.history] == [3, 4]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
