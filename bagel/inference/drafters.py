@@ -108,15 +108,18 @@ class FusedBlock:
         self.b_qkv = torch.cat([e.q_proj.bias, e.k_proj.bias, e.v_proj.bias])
         self.w_gate_up = torch.cat([e.mlp.gate_proj.weight, e.mlp.up_proj.weight])
         self.hq, self.hkv, self.hd = e.heads
+        hq, hkv, hd = e.heads
+        # q and k normalised in one call (the same eps), then scaled by their own weights
+        self.w_qk_norm = torch.cat([e.q_norm.weight.expand(hq, hd), e.k_norm.weight.expand(hkv, hd)])
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
         e, hq, hkv, hd = self.e, self.hq, self.hkv, self.hd
         d = x.shape[-1]
         qkv = F.linear(F.rms_norm(x, (d,), e.input_norm.weight, e.input_norm.eps), self.w_qkv, self.b_qkv)
-        q, k, v = qkv.unflatten(-1, (hq + 2 * hkv, hd)).split((hq, hkv, hkv), dim=1)
-        q = F.rms_norm(q, (hd,), e.q_norm.weight, e.q_norm.eps)
-        k = F.rms_norm(k, (hd,), e.k_norm.weight, e.k_norm.eps)
-        q, k = apply_rope(torch.cat([q, k], dim=1), cos, sin).split((hq, hkv), dim=1)
+        qkv = qkv.unflatten(-1, (hq + 2 * hkv, hd))
+        qk = F.rms_norm(qkv[:, :hq + hkv], (hd,), None, e.q_norm.eps) * self.w_qk_norm
+        q, k = apply_rope(qk, cos, sin).split((hq, hkv), dim=1)
+        v = qkv[:, hq + hkv:]
         x = x + F.linear(attend(q, k, v).flatten(1), e.o_proj.weight)
         gate, up = F.linear(F.rms_norm(x, (d,), e.post_attn_norm.weight, e.post_attn_norm.eps),
                             self.w_gate_up).chunk(2, dim=-1)
@@ -141,7 +144,8 @@ class EagleDraftState:
         self.rope0 = rope0
         self.tokens = [[t] for t in first]
         self.pending: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        self.images = images
+        with torch.no_grad():  # fc's bias with each sequence's image term folded in, once
+            self.in_bias = [heads.input_bias(image) for image in images]
         self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.block = FusedBlock(heads.block)
         self.chain: Tree | None = None
@@ -152,9 +156,10 @@ class EagleDraftState:
         self.tokens[b].extend(tokens)
 
     def _block(self, b: int, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
+               mask: torch.Tensor | None, last: int) -> torch.Tensor:
         """Rows (n,) tokens / (n, D) features appended to sequence b's cache, attending to the rows
-        before them and to each other by `mask` (n, cached + n) (None: causally) -> (n, D)."""
+        before them and to each other by `mask` (n, cached + n) (None: causally), at RoPE
+        `positions` (the largest: `last`) -> (n, D)."""
         ctx, n = self.ctxs[b], tokens.shape[0]
         self.cache.reserve(ctx, n)
         start, end = ctx.length, ctx.length + n
@@ -169,15 +174,15 @@ class EagleDraftState:
                                                  attn_mask=None if mask is None else mask[None, None], enable_gqa=True)
             return out[0].transpose(0, 1)
 
-        x = self.heads.inputs(self.model.llm.embed_tokens(tokens), features, self.images[b])
-        cos, sin = self._rope(positions, x.dtype)
+        x = self.heads.inputs(self.model.llm.embed_tokens(tokens), features, bias=self.in_bias[b])
+        cos, sin = self._rope(positions, last, x.dtype)
         out = self.block(x, cos, sin, attend)
         ctx.length = end
         return out
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, positions: torch.Tensor, last: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE rows by lookup in a table grown on demand (the same values `llm.rope` computes)."""
-        need = int(positions.max()) + 1
+        need = last + 1
         if self.rope_table is None or self.rope_table[0].shape[0] < need:
             self.rope_table = self.model.llm.rope(torch.arange(2 * need, device=positions.device), dtype)
         return self.rope_table[0][positions], self.rope_table[1][positions]
@@ -189,9 +194,10 @@ class EagleDraftState:
         feats = torch.cat(self.pending[b])
         self.pending[b] = []
         out = self._block(b, torch.tensor(self.tokens[b][C + 1:N + 1], device=device), feats,
-                          self.rope0[b] + torch.arange(C, N, device=device), None)
+                          self.rope0[b] + torch.arange(C, N, device=device), None, self.rope0[b] + N - 1)
         return out[-1]
 
+    @torch.inference_mode()  # the drafter's tensors never leave it (tokens do; q only to be read)
     def draft(self, active: list[int], spec, cfg: SamplingConfig, sample_chain: bool,
               generator) -> list[tuple[Tree, list[int], torch.Tensor | None]]:
         """-> per active sequence (tree, a token per tree node with the root's slot -1, chain
@@ -207,21 +213,23 @@ class EagleDraftState:
         device = lm_head.weight.device
         feat = self._commit(b)[None]
         C, N = self.ctxs[b].length, len(self.tokens[b]) - 1
+        first = self.rope0[b] + N  # RoPE position of the first fed draft
+        positions = torch.arange(first, first + D, device=device)
         drafts, qs = [], []
         for depth in range(1, D + 1):
             logits = lm_head(feat)[0]
             if sample_chain:
                 qs.append(probs_from_logits(logits, cfg))
-                drafts.append(draw(qs[-1], generator))
-            else:
-                drafts.append(int(logits.argmax()))
+                tok = torch.tensor([draw(qs[-1], generator)], device=device)
+            else:  # stays a tensor: no round trip through Python per depth
+                tok = logits.argmax(-1, keepdim=True)
+            drafts.append(tok)
             if depth < D:
-                feat = self._block(b, torch.tensor(drafts[-1:], device=device), feat,
-                                   torch.tensor([self.rope0[b] + N + depth - 1], device=device), None)
+                feat = self._block(b, tok, feat, positions[depth - 1:depth], None, first + depth - 1)
         self.ctxs[b].trim(C)
         if self.chain is None:
             self.chain = Tree.chain(D)
-        return self.chain, [-1] + drafts, torch.stack(qs) if sample_chain else None
+        return self.chain, [-1] + torch.cat(drafts).tolist(), torch.stack(qs) if sample_chain else None
 
     def _draft_tree(self, b: int, spec, cfg: SamplingConfig):
         """EAGLE-2's growth: per depth, expand the K likeliest new nodes (summed log-probability)
@@ -259,8 +267,8 @@ class EagleDraftState:
             mask[:, :C] = True
             mask.scatter_(1, C + anc, True)
             mask[:, C + tree_rows:] = torch.eye(Kp, dtype=torch.bool, device=device)
-            feat = self._block(b, tok[keep], feat[parent_slot],
-                               torch.full((Kp,), self.rope0[b] + N + depth - 1, device=device), mask)
+            pos = self.rope0[b] + N + depth - 1
+            feat = self._block(b, tok[keep], feat[parent_slot], torch.full((Kp,), pos, device=device), mask, pos)
             tree_rows += Kp
             logp = draft_logp(llm.lm_head(feat), cfg)
         self.ctxs[b].trim(C)

@@ -166,7 +166,7 @@ class Blocks:
         gen = pad_sequence([q.gen_rows for q in queries], batch_first=True)
         valid = torch.arange(q_max, device=device)[None] < torch.tensor(q_lens, device=device)[:, None]
         masks = [_block_mask(q, n, device) for q, n in zip(queries, lens)]
-        plan = plan_rows(rows, lens, q_lens, masks, resolve_cached_backend(stack.backend, device, dtype), device)
+        plan = plan_rows(rows, lens, q_lens, masks, resolve_cached_backend(stack.backend, device, dtype), device, dtype)
         cos, sin = (t.view(len(queries), q_max, -1) for t in stack.rope(positions.flatten(), dtype))
         return cls(cache, q_max, cos, sin, gen, valid, plan, _routing(gen), CacheSlots.of(rows, lens, q_lens, q_max, valid))
 
@@ -187,7 +187,7 @@ class Blocks:
         """The blocks `keep` alone (their padding unchanged)."""
         q_lens, lens, rows = [self.q_lens[b] for b in keep], [self.lens[b] for b in keep], [self.rows[b] for b in keep]
         a = self.attention
-        plan = plan_rows(rows, lens, q_lens, [a.masks[b] for b in keep], a.backend, self.gen.device)
+        plan = plan_rows(rows, lens, q_lens, [a.masks[b] for b in keep], a.backend, self.gen.device, self.cos.dtype)
         gen, valid = self.gen[keep], self.valid[keep]
         return Blocks(self.cache, self.q_max, self.cos[keep], self.sin[keep], gen, valid, plan, _routing(gen),
                       CacheSlots.of(rows, lens, q_lens, self.q_max, valid))

@@ -146,12 +146,24 @@ class EagleDrafter(nn.Module):
     def depth(self) -> int:
         return self.cfg.num_heads
 
-    def inputs(self, emb: torch.Tensor, feature: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, D) next-token embeddings and features (+ (N, D) or (D,) image context) -> block input."""
-        x = self.fc(torch.cat([emb, feature], dim=-1))
+    def inputs(self, emb: torch.Tensor, feature: torch.Tensor, image: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) next-token embeddings and features (+ (N, D) or (D,) image context) -> block input.
+        `bias`: `input_bias(image)`, for a decoder feeding many calls with one image (the same
+        function, one linear and one addition fewer per call, rounded differently)."""
+        x = torch.cat([emb, feature], dim=-1)
+        if bias is not None:
+            return F.linear(x, self.fc.weight, bias)
+        x = self.fc(x)
         if self.image_proj is not None and image is not None:
             x = x + self.image_proj(image)
         return x
+
+    def input_bias(self, image: torch.Tensor | None) -> torch.Tensor:
+        """fc's bias with the (D,) image context's term folded in."""
+        if self.image_proj is None or image is None:
+            return self.fc.bias
+        return self.fc.bias + self.image_proj(image)
 
 
 def build_draft_heads(cfg: HeadsConfig | None, llm_cfg) -> nn.Module | None:

@@ -54,6 +54,22 @@ def test_rope_relative_property():
     torch.testing.assert_close(dot(5, 2), dot(103, 100))
 
 
+def test_rope_is_qwen2_rotate_half_bit_for_bit():
+    """The sign folded into the sin table changes nothing: forward and backward are Qwen2's
+    x * cos + rotate_half(x) * sin with the textbook tables, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    pos, d = torch.randint(0, 5000, (64,), generator=g), 32
+    x = torch.randn(64, 4, d, generator=g, requires_grad=True)
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([pos.float()[:, None] * inv] * 2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    ref = x * emb.cos()[:, None] + torch.cat([-x2, x1], dim=-1) * emb.sin()[:, None]
+    ours = apply_rope(x, *rope_cos_sin(pos, d, 1e6, torch.float32))
+    assert torch.equal(ours, ref)
+    grad = torch.randn(ref.shape, generator=g)
+    assert torch.equal(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0])
+
+
 def test_timestep_features_cos_first_no_scaling():
     f = timestep_features(torch.tensor([0.5]), 256)
     assert math.isclose(f[0, 0].item(), math.cos(0.5), abs_tol=1e-6)  # f_0 = 1, t not x1000

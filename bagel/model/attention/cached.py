@@ -95,6 +95,9 @@ class RowGroup:
     n: int
     keys: int
     mask: Mask
+    # what SDPA adds to the scores (n, keys): 0 where a query may look, -inf elsewhere (what SDPA
+    # makes of a bool mask on every call); made once per plan, not per layer. None: FULL
+    scores_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,9 @@ class RowPlan:
 
 
 def plan_rows(rows: list[int], lens: list[int], q_lens: list[int], masks: list[Mask], backend: str,
-              device=None) -> RowPlan:
-    """Block b: cache row rows[b], lens[b] cached keys, q_lens[b] queries, mask masks[b]."""
+              device=None, dtype: torch.dtype = torch.float32) -> RowPlan:
+    """Block b: cache row rows[b], lens[b] cached keys, q_lens[b] queries, mask masks[b]; `dtype`:
+    the queries' (SDPA's masks are made in it)."""
     kernels.check_backend(backend)
     members: dict[tuple, list[int]] = {}
     for b, (cached, n, m) in enumerate(zip(lens, q_lens, masks)):
@@ -125,9 +129,21 @@ def plan_rows(rows: list[int], lens: list[int], q_lens: list[int], masks: list[M
     def index(ids: list[int]) -> slice | torch.Tensor:
         return consecutive(ids) or torch.tensor(ids, device=device)
 
-    groups = tuple(RowGroup(index(bs), index([rows[b] for b in bs]), q_lens[bs[0]], lens[bs[0]] + q_lens[bs[0]],
-                            masks[bs[0]] if key[0] == "tensor" else key[0]) for key, bs in members.items())
-    return RowPlan(backend, groups, tuple(rows), tuple(lens), tuple(q_lens), tuple(masks))
+    groups = []
+    for key, bs in members.items():
+        n, keys = q_lens[bs[0]], lens[bs[0]] + q_lens[bs[0]]
+        mask = masks[bs[0]] if key[0] == "tensor" else key[0]
+        groups.append(RowGroup(index(bs), index([rows[b] for b in bs]), n, keys, mask,
+                               _scores_mask(mask, n, keys, device, dtype) if backend == "sdpa" else None))
+    return RowPlan(backend, tuple(groups), tuple(rows), tuple(lens), tuple(q_lens), tuple(masks))
+
+
+def _scores_mask(mask: Mask, n: int, keys: int, device, dtype: torch.dtype) -> torch.Tensor | None:
+    """A group's mask as SDPA adds it to the scores (see RowGroup.scores_mask); None for FULL."""
+    if isinstance(mask, str) and mask == FULL:
+        return None
+    allowed = mask.to(device) if isinstance(mask, torch.Tensor) else bottom_right_causal_mask(n, keys, device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def row_attention(plan: RowPlan, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -155,10 +171,9 @@ def row_attention(plan: RowPlan, q: torch.Tensor, keys: torch.Tensor, values: to
         kh, vh = (t[g.rows, : g.keys].transpose(1, 2) for t in (keys, values))  # (G, Hkv, S, D)
         if torch.is_grad_enabled() and keys.requires_grad:  # autograd keeps SDPA's inputs, and later
             kh, vh = kh.clone(), vh.clone()  # layers' writes into the cache would change these views
-        if isinstance(g.mask, torch.Tensor):
-            mask = g.mask.to(q.device)
-        else:
-            mask = None if g.mask == FULL else bottom_right_causal_mask(g.n, g.keys, q.device)
+        mask = g.scores_mask
+        if mask is not None and mask.dtype != q.dtype:  # a plan made for another dtype
+            mask = mask.to(q.dtype)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True).transpose(1, 2)
         if out is None:
             return o
