@@ -65,7 +65,7 @@ spec-bench: venv
 		--text-model runs/heads_pydoc_medusa/export --text-heads runs/heads_pydoc_medusa/export/draft_heads \
 		runs/heads_pydoc_mtp/export/draft_heads runs/heads_pydoc_eagle/export/draft_heads \
 		--image-model runs/digits_describe/export --image-heads runs/describe_medusa/export/draft_heads \
-		runs/describe_mtp/export/draft_heads runs/describe_eagle/export/draft_heads
+		runs/describe_mtp/export/draft_heads runs/describe_eagle/export/draft_heads --eagle-depths 6 8
 
 parity: venv
 	$(VENV)/bin/bagel-parity tests/assets/bagel_official_tiny

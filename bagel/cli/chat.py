@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None, help="draft heads directory (default: the model's own heads)")
     p.add_argument("--tree-budget", type=int, default=None,
                    help="eagle: draft a dynamic tree of this many nodes per step (default: a chain)")
+    p.add_argument("--draft-depth", type=int, default=None,
+                   help="eagle: draft steps per verification (default: as deep as it was trained; its one block "
+                        "serves any depth, and deeper pays where its drafts keep being accepted)")
     return p
 
 
@@ -48,8 +51,9 @@ def enable_speculative(engine, kind: str, heads_dir: str | None, spec=None) -> N
     found = heads if heads is not None else getattr(engine.model, "draft_heads", None)
     if found is not None and found.cfg.kind != kind:
         raise ValueError(f"--speculative {kind}, but the draft heads are {found.cfg.kind!r} heads")
-    if spec is not None and spec.budget is not None and kind != "eagle":
-        raise ValueError(f"--tree-budget grows EAGLE trees; --speculative {kind} drafts a chain")
+    if spec is not None and (spec.budget is not None or spec.depth is not None) and kind != "eagle":
+        raise ValueError(f"--tree-budget and --draft-depth are for EAGLE drafters; --speculative {kind} drafts a "
+                         "chain as deep as its heads")
     engine.use_speculative(heads, spec)
 
 
@@ -115,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         # every input is checked before the model loads
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         spec = None
-        if args.tree_budget is not None:
+        if args.tree_budget is not None or args.draft_depth is not None:
             from bagel.inference.speculative import SpecConfig
 
-            spec = SpecConfig(budget=args.tree_budget)  # checked before the model loads
+            spec = SpecConfig(budget=args.tree_budget, depth=args.draft_depth)  # checked before the model loads
         if args.question is not None and not args.question.strip():
             raise ValueError("--question is empty")
         images = [open_image(path) for path in args.image]

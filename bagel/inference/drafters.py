@@ -136,8 +136,9 @@ class EagleDraftState:
     forward (`forward_queries`) costs more in bookkeeping than the block itself here."""
 
     def __init__(self, model, heads: EagleDrafter, B: int, rope0: list[int], first: list[int],
-                 images: list[torch.Tensor | None]):
+                 images: list[torch.Tensor | None], depth: int | None = None):
         self.model, self.heads = model, heads
+        self.depth = depth or heads.depth  # draft steps per verification
         c, w = model.cfg.llm, model.llm.embed_tokens.weight
         self.cache = KVCache(1, c.num_key_value_heads, c.head_dim, rows=B, capacity=64, dtype=w.dtype, device=w.device)
         self.ctxs = [self.cache.new_context() for _ in range(B)]
@@ -209,7 +210,7 @@ class EagleDraftState:
     def _draft_chain(self, b: int, cfg: SamplingConfig, sample_chain: bool, generator):
         """`depth` tokens, each from the drafter's output at the previous one: argmax, or drawn
         from q when sampling. A chain row attends to every row before it, so no mask."""
-        lm_head, D = self.model.llm.lm_head, self.heads.depth
+        lm_head, D = self.model.llm.lm_head, self.depth
         device = lm_head.weight.device
         feat = self._commit(b)[None]
         C, N = self.ctxs[b].length, len(self.tokens[b]) - 1
@@ -234,7 +235,7 @@ class EagleDraftState:
     def _draft_tree(self, b: int, spec, cfg: SamplingConfig):
         """EAGLE-2's growth: per depth, expand the K likeliest new nodes (summed log-probability)
         into their K likeliest children, one block call for the K rows; keep the `budget` best."""
-        llm, D, K = self.model.llm, self.heads.depth, spec.topk
+        llm, D, K = self.model.llm, self.depth, spec.topk
         device = llm.embed_tokens.weight.device
         feat = self._commit(b)[None]  # (1, D): input feature of the depth-1 nodes
         C, N = self.ctxs[b].length, len(self.tokens[b]) - 1

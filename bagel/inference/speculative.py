@@ -142,11 +142,14 @@ class SpecConfig:
     mode: str = "exact"  # "exact" (greedy when temperature == 0, else exact sampling) | "typical"
     typical_epsilon: float = 0.09  # Medusa's posterior_threshold
     typical_delta: float = 0.3  # Medusa's posterior_alpha (about sqrt(epsilon))
-    # EAGLE only: a dynamic tree of `budget` drafted nodes per step, grown `heads.depth` deep by
+    # EAGLE only: a dynamic tree of `budget` drafted nodes per step, grown `depth` deep by
     # expanding the `topk` most likely nodes per depth into their `topk` best children (EAGLE-2);
     # None: a chain (drafts sampled from the drafter when sampling, as the chain rule needs)
     budget: int | None = None
     topk: int = 4
+    # EAGLE only: draft steps per verification (None: as many as the drafter was trained for). Its
+    # one block serves any depth; deeper pays where its drafts keep being accepted
+    depth: int | None = None
 
     def __post_init__(self):
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
@@ -154,6 +157,9 @@ class SpecConfig:
             raise ValueError(f"spec.budget={self.budget!r}: a dynamic tree needs a node budget >= 1 (None: a chain)")
         if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
             raise ValueError(f"spec.topk={self.topk!r}: must be an integer >= 1")
+        if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, int)
+                                       or self.depth < 1):
+            raise ValueError(f"spec.depth={self.depth!r}: must be an integer >= 1 (None: the drafter's own)")
 
 
 @dataclass
@@ -214,7 +220,8 @@ def generate_speculative(model, tokens: SpecialTokens, contexts: list[Context],
     if isinstance(heads, MTPHeads):
         drafter = MTPDraftState(model, heads, B, [c.rope for c in contexts], torch.tensor([tokens.bos] * B))
     elif eagle:
-        drafter = EagleDraftState(model, heads, B, [c.rope for c in contexts], [tokens.bos] * B, images or [None] * B)
+        drafter = EagleDraftState(model, heads, B, [c.rope for c in contexts], [tokens.bos] * B, images or [None] * B,
+                                  tree.max_depth)
     active = list(range(B))
     while active:
         ctxs = [contexts[b] for b in active]
@@ -250,13 +257,15 @@ def generate_speculative(model, tokens: SpecialTokens, contexts: list[Context],
 
 def _check_spec(heads, spec: SpecConfig) -> Tree:
     """The tree to use (a chain as deep as the heads by default), checked against the heads;
-    EAGLE's dynamic trees are at most `heads.depth` deep."""
-    if spec.budget is not None and not isinstance(heads, EagleDrafter):
-        raise ValueError(f"spec.budget (a dynamic tree) needs an EAGLE drafter, not {heads.cfg.kind} heads")
-    if isinstance(heads, EagleDrafter) and spec.tree is not None:
+    an EAGLE drafter drafts `spec.depth` steps (default: as it was trained)."""
+    eagle = isinstance(heads, EagleDrafter)
+    if not eagle and (spec.budget is not None or spec.depth is not None):
+        raise ValueError(f"spec.budget and spec.depth need an EAGLE drafter; {heads.cfg.kind} heads draft as deep "
+                         "as they are")
+    if eagle and spec.tree is not None:
         raise ValueError("an EAGLE drafter grows its own trees: set spec.budget instead of spec.tree")
-    tree = spec.tree or Tree.chain(heads.depth)
-    if tree.max_depth > heads.depth:
+    tree = spec.tree or Tree.chain((spec.depth or heads.depth) if eagle else heads.depth)
+    if not eagle and tree.max_depth > heads.depth:
         raise ValueError(f"tree depth {tree.max_depth} exceeds the {heads.depth} draft heads")
     if spec.mode not in ("exact", "typical"):
         raise ValueError(f"spec.mode={spec.mode!r}: expected 'exact' or 'typical'")

@@ -1,13 +1,13 @@
 """Speculative decoding vs plain decoding, greedy and sampled, on text and image-conditioned prompts.
 
-    make spec-bench        # trains what is missing (about 15 minutes), then runs this
+    make spec-bench        # trains what is missing (about 35 minutes from nothing), then runs this
     python scripts/bench/speculative.py \
         --text-model runs/heads_pydoc_medusa/export \
         --text-heads runs/heads_pydoc_medusa/export/draft_heads runs/heads_pydoc_mtp/export/draft_heads \
                      runs/heads_pydoc_eagle/export/draft_heads \
         --image-model runs/digits_describe/export \
         --image-heads runs/describe_medusa/export/draft_heads runs/describe_mtp/export/draft_heads \
-                      runs/describe_eagle/export/draft_heads
+                      runs/describe_eagle/export/draft_heads --eagle-depths 6 8
 
 Prompt sets (batch size 1, each prompt decoded by plain decoding and by every drafter in turn,
 best of `--reps` interleaved runs):
@@ -20,7 +20,7 @@ best of `--reps` interleaved runs):
 
 Per set and temperature (`--temperatures`, sampling with `--top-p`): plain tokens/s and, per
 drafter (Medusa and MTP chains as deep as their heads, EAGLE as a chain and as a dynamic tree of
-`--budget` nodes): tau = accepted draft tokens + 1 per verify forward, acceptance per depth
+`--budget` nodes, as deep as it was trained and at each of `--eagle-depths`): tau = accepted draft tokens + 1 per verify forward, acceptance per depth
 (share of verify steps whose accepted path reached that depth), tokens/s and the ratio to plain
 measured in the same run, and whether greedy outputs are token-identical to plain decoding
 (sampling: the distribution is exact by construction and tested in
@@ -128,9 +128,10 @@ def medusa_topk_accuracy(model, heads, tokenizer, tokens, texts: list[str], k: i
     return hits / total[:, None]
 
 
-def drafters(paths: list[str], ps: PromptSet, budget: int, topk: int, medusa_tree: int):
-    """(label, heads, SpecConfig) per drafter: each as a chain; EAGLE also as a dynamic tree; Medusa
-    also as the best static tree of `medusa_tree` nodes from its accuracies on held-out text."""
+def drafters(paths: list[str], ps: PromptSet, budget: int, topk: int, medusa_tree: int, eagle_depths: list[int]):
+    """(label, heads, SpecConfig) per drafter: each as a chain; EAGLE also as a dynamic tree, and
+    both again at each of `eagle_depths` (draft steps other than trained); Medusa also as the best
+    static tree of `medusa_tree` nodes from its accuracies on held-out text."""
     out = []
     for path in paths:
         heads = load_draft_heads(path, ps.model.cfg.llm, llm=ps.model.llm)
@@ -139,6 +140,10 @@ def drafters(paths: list[str], ps: PromptSet, budget: int, topk: int, medusa_tre
         if heads.cfg.kind == "eagle":
             out.append((f"{kind} tree of {budget} (top-{topk}, depth {heads.depth})", heads,
                         SpecConfig(budget=budget, topk=topk)))
+            for d in eagle_depths:
+                out.append((f"{kind} chain of {d} (trained {heads.depth} deep)", heads, SpecConfig(depth=d)))
+                out.append((f"{kind} tree of {budget} (top-{topk}, depth {d})", heads,
+                            SpecConfig(budget=budget, topk=topk, depth=d)))
         if heads.cfg.kind == "medusa" and medusa_tree and ps.tokenizer is not None:
             from data_pipelines.text_corpus import pydoc_topics
 
@@ -213,6 +218,8 @@ def main():
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--budget", type=int, default=24, help="drafted nodes of an EAGLE dynamic tree")
     ap.add_argument("--topk", type=int, default=4, help="EAGLE tree: nodes expanded per depth and children each")
+    ap.add_argument("--eagle-depths", type=int, nargs="*", default=[],
+                    help="EAGLE drafters: also draft this many steps per verification (chain and tree)")
     ap.add_argument("--medusa-tree", type=int, default=0,
                     help="also a static Medusa tree of this many nodes (text set; 0: off)")
     ap.add_argument("--prompts", type=int, default=8)
@@ -225,10 +232,10 @@ def main():
     sets = []
     if args.text_model:
         ps = text_set(args.text_model, args.tokenizer, args.prompts, args.prompt_tokens)
-        sets.append((ps, drafters(args.text_heads, ps, args.budget, args.topk, args.medusa_tree)))
+        sets.append((ps, drafters(args.text_heads, ps, args.budget, args.topk, args.medusa_tree, args.eagle_depths)))
     if args.image_model:
         ps = image_set(args.image_model, args.prompts)
-        sets.append((ps, drafters(args.image_heads, ps, args.budget, args.topk, 0)))
+        sets.append((ps, drafters(args.image_heads, ps, args.budget, args.topk, 0, args.eagle_depths)))
     if not sets:
         ap.error("give --text-model and/or --image-model")
     print(f"torch threads {torch.get_num_threads()}; tau = accepted draft tokens + 1 per verify forward")

@@ -148,18 +148,21 @@ def test_chat_speculative_gives_the_same_answer(official_dir, tmp_path, capsys):
     assert "are 'medusa' heads" in capsys.readouterr().err
     assert chat.main([*args, "--speculative", "medusa"]) == 2  # the fixture model has no heads
     assert chat.main([*args, "--speculative", "medusa", "--heads", str(tmp_path / "heads"), "--tree-budget", "4"]) == 2
-    assert "--tree-budget grows EAGLE trees" in capsys.readouterr().err
+    assert "--tree-budget and --draft-depth are for EAGLE drafters" in capsys.readouterr().err
     eagle = attach_draft_heads(model, HeadsConfig(kind="eagle", num_heads=3))
     with torch.no_grad():
         for p in eagle.parameters():
             p.normal_(0, 0.5)
     save_draft_heads(eagle, tmp_path / "eagle", llm=model.llm)
-    for extra in ([], ["--tree-budget", "6"]):
+    for extra in ([], ["--tree-budget", "6"], ["--draft-depth", "5"]):
         assert chat.main([*args, "--speculative", "eagle", "--heads", str(tmp_path / "eagle"), *extra]) == 0
         assert capsys.readouterr().out == plain
     assert chat.main([*args, "--speculative", "eagle", "--heads", str(tmp_path / "eagle"), "--tree-budget", "0"]) == 2
     err = capsys.readouterr().err
     assert "budget >= 1" in err and len(err.strip().splitlines()) == 1
+    assert chat.main([*args, "--speculative", "eagle", "--heads", str(tmp_path / "eagle"), "--draft-depth", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "spec.depth=0" in err and len(err.strip().splitlines()) == 1
     for bad in (["--temperature", "-1"], ["--temperature", "0.8", "--top-p", "1.5"]):
         assert chat.main([*args, "--speculative", "eagle", "--heads", str(tmp_path / "eagle"), *bad]) == 2
         err = capsys.readouterr().err

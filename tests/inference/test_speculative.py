@@ -68,10 +68,13 @@ def test_greedy_equals_plain_random_heads(kind, tree):
     _compare(model, _random_heads(model, kind), SpecConfig(tree=tree), n=16)
 
 
-@pytest.mark.parametrize("budget,topk", [(None, 4), (1, 1), (8, 3), (20, 4)])
-def test_greedy_equals_plain_eagle_chain_and_dynamic_trees(budget, topk):
+@pytest.mark.parametrize("budget,topk,depth", [(None, 4, None), (1, 1, None), (8, 3, None), (20, 4, None),
+                                               (None, 4, 1), (None, 4, 7), (12, 3, 6)])
+def test_greedy_equals_plain_eagle_chain_and_dynamic_trees(budget, topk, depth):
+    """At the drafter's own depth, and shallower or deeper than it was trained for."""
     model = _model()
-    _compare(model, _random_heads(model, "eagle"), SpecConfig(budget=budget, topk=topk), n=16)
+    _, out = _compare(model, _random_heads(model, "eagle"), SpecConfig(budget=budget, topk=topk, depth=depth), n=16)
+    assert len(out.stats.accepted_per_depth) == (depth or 3)
 
 
 # An "n-gram" model: zero attention outputs and MLPs, so the hidden state is norm(emb(current
@@ -286,9 +289,12 @@ def test_sample_tree_distribution(case):
     _assert_matches(counts, p, n)
 
 
-def test_dynamic_tree_sampling_gives_the_target_joint_law():
+@pytest.mark.parametrize("spec", [SpecConfig(budget=3, topk=2), SpecConfig(depth=3)], ids=["tree", "chain_deeper"])
+def test_eagle_sampling_gives_the_target_joint_law(spec):
     """End to end: EAGLE dynamic trees (point-mass candidates chosen by the drafter, accepted by
-    the recursive rule) emit first two tokens distributed as plain sampling's joint law."""
+    the recursive rule) and chains drafted deeper than the drafter was trained for (drafts drawn
+    from its q, accepted by the chain rule) emit first two tokens distributed as plain sampling's
+    joint law."""
     model = _ngram_model()
     heads = _oracle_eagle(model, 2)
     cfg = SamplingConfig(max_new_tokens=2, temperature=1.5, top_k=3)
@@ -314,7 +320,7 @@ def test_dynamic_tree_sampling_gives_the_target_joint_law():
     n, counts = 0, torch.zeros(len(keys), dtype=torch.float64)
     for _ in range(6):
         _, ctxs = _prefilled(model, [prompt] * 500)
-        out = generate_speculative(model, TOKENS, ctxs, cfg, heads=heads, spec=SpecConfig(budget=3, topk=2), generator=g)
+        out = generate_speculative(model, TOKENS, ctxs, cfg, heads=heads, spec=spec, generator=g)
         for ids in out.ids:
             counts[keys.index(tuple(ids))] += 1
             n += 1
@@ -333,9 +339,12 @@ def test_spec_settings_are_checked():
     for top_p in (0.0, 1.5):
         with pytest.raises(ConfigError, match=r"top_p=.*must be in \(0, 1\]"):
             SamplingConfig(temperature=0.8, top_p=top_p)
-    with pytest.raises(ValueError, match="needs an EAGLE drafter"):
-        generate_speculative(model, TOKENS, _prefilled(model, [[5]])[1], heads=_random_heads(model, "medusa"),
-                             spec=SpecConfig(budget=4))
+    with pytest.raises(ValueError, match="depth >= 1|must be an integer >= 1"):
+        SpecConfig(depth=0)
+    for spec in (SpecConfig(budget=4), SpecConfig(depth=6)):
+        with pytest.raises(ValueError, match="need an EAGLE drafter"):
+            generate_speculative(model, TOKENS, _prefilled(model, [[5]])[1], heads=_random_heads(model, "medusa"),
+                                 spec=spec)
     with pytest.raises(ValueError, match="grows its own trees"):
         generate_speculative(model, TOKENS, _prefilled(model, [[5]])[1], heads=_random_heads(model, "eagle"),
                              spec=SpecConfig(tree=TREE))
