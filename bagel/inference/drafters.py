@@ -108,9 +108,8 @@ class FusedBlock:
         self.b_qkv = torch.cat([e.q_proj.bias, e.k_proj.bias, e.v_proj.bias])
         self.w_gate_up = torch.cat([e.mlp.gate_proj.weight, e.mlp.up_proj.weight])
         self.hq, self.hkv, self.hd = e.heads
-        hq, hkv, hd = e.heads
         # q and k normalised in one call (the same eps), then scaled by their own weights
-        self.w_qk_norm = torch.cat([e.q_norm.weight.expand(hq, hd), e.k_norm.weight.expand(hkv, hd)])
+        self.w_qk_norm = torch.cat([e.q_norm.weight.expand(self.hq, self.hd), e.k_norm.weight.expand(self.hkv, self.hd)])
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
         e, hq, hkv, hd = self.e, self.hq, self.hkv, self.hd
