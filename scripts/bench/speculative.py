@@ -1,6 +1,6 @@
 """Speculative decoding vs plain decoding, greedy and sampled, on text and image-conditioned prompts.
 
-    make spec-bench        # trains what is missing (about 35 minutes from nothing), then runs this
+    make spec-bench        # trains what is missing (about 65 minutes from nothing), then runs this
     python scripts/bench/speculative.py \
         --text-model runs/heads_pydoc_medusa/export \
         --text-heads runs/heads_pydoc_medusa/export/draft_heads runs/heads_pydoc_mtp/export/draft_heads \
