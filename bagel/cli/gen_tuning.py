@@ -24,7 +24,7 @@ from bagel.checkpoint.strict import CheckpointError
 from bagel.inference.engine import Engine
 from bagel.model import lora
 from bagel.progress import track
-from bagel.train.config import changed_settings, load_recipe
+from bagel.train.config import resume_changes
 
 ADAPTER = "default"
 GEN_PATH = ("vae2llm", "llm2vae", "time_embedder", "guidance_embedder")  # the generation path outside the LLM
@@ -231,9 +231,7 @@ def start_run_dir(cfg, what: str) -> Path:
         if cfg.resume == "none":
             raise ValueError(f"run_dir {run_dir} already holds {what}: --resume=auto continues it, or choose "
                              "another run_dir (nothing is deleted)")
-        saved = run_dir / "config.yaml"
-        old = load_recipe(type(cfg), saved, None, "the run's config") if saved.is_file() else cfg
-        changed = changed_settings(old, cfg, RESUME_MAY_CHANGE)
+        changed = resume_changes(run_dir / "config.yaml", cfg, RESUME_MAY_CHANGE)
         if changed:
             raise ValueError(f"run_dir {run_dir} holds {what} with other settings ({', '.join(changed)}): it "
                              "continues only with its own (its config.yaml); choose another run_dir (nothing is deleted)")

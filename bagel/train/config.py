@@ -362,13 +362,13 @@ def changed_settings(old, new, may_change: tuple[str, ...] = (), where: str = ""
     return out
 
 
-def resume_changes(saved: Path, cfg: TrainConfig) -> list[str]:
-    """The settings of `cfg` outside TRAIN_RESUME_MAY_CHANGE that differ from a checkpoint's
-    config.yaml (a key an older one lacks counts as its default; no file: nothing to compare)."""
+def resume_changes(saved: Path, cfg, may_change: tuple[str, ...]) -> list[str]:
+    """The settings of config dataclass `cfg` outside `may_change` that differ from the config.yaml
+    of the run it continues, read as a recipe of cfg's type (a key an older one lacks counts as its
+    default; no file: nothing to compare)."""
     if not saved.is_file():
         return []
-    return changed_settings(load_recipe(TrainConfig, saved, None, "the checkpoint's config"), cfg,
-                            TRAIN_RESUME_MAY_CHANGE)
+    return changed_settings(load_recipe(type(cfg), saved, None, "the run's saved config"), cfg, may_change)
 
 
 def load_recipe(cls, path: str | Path | None, overrides: list[str] | None, what: str):

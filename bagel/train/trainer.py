@@ -45,7 +45,7 @@ from bagel.model.bagel import Bagel
 from bagel.sampling import GenerationDefaults
 from bagel.train import checkpointing, losses
 from bagel.train.batches import SyntheticSource, TrainItem
-from bagel.train.config import TrainConfig, resume_changes
+from bagel.train.config import TRAIN_RESUME_MAY_CHANGE, TrainConfig, resume_changes
 from bagel.train.distributed import DistInfo, all_reduce, broadcast_object, init_distributed, on_main
 from bagel.train.metrics import Throughput, batch_flops, peak_tflops
 from bagel.train.optim import EMA, LossScaler, apply_freeze, build_optimizer, clip_, grad_norm, lr_at, no_decay_names, set_lr
@@ -215,7 +215,7 @@ class Trainer:
     def restore(self, path: Path) -> None:
         """Model, optimizer, EMA, counters, data position and RNG states from checkpoint `path`,
         after checking that this run keeps the settings it was saved with."""
-        changed = resume_changes(Path(path) / "config.yaml", self.cfg)
+        changed = resume_changes(Path(path) / "config.yaml", self.cfg, TRAIN_RESUME_MAY_CHANGE)
         if changed and not self.cfg.checkpoint.allow_changes:
             raise ConfigError(f"checkpoint {path} was trained with other settings ({', '.join(changed)}): a "
                               "resumed run keeps its own; --checkpoint.allow_changes=true continues under the new "

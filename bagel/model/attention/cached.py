@@ -94,10 +94,10 @@ class RowGroup:
     rows: slice | torch.Tensor
     n: int
     keys: int
-    mask: Mask
-    # what SDPA adds to the scores (n, keys): 0 where a query may look, -inf elsewhere (what SDPA
-    # makes of a bool mask on every call); made once per plan, not per layer. None: FULL
-    scores_mask: torch.Tensor | None = None
+    # the group's mask as SDPA adds it to the scores (n, keys): 0 where a query may look, -inf
+    # elsewhere (what SDPA makes of a bool mask on every call), made once per plan, not per layer;
+    # None: FULL, or a backend that runs block by block (`dense`, `flash`: RowPlan.masks)
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -133,13 +133,13 @@ def plan_rows(rows: list[int], lens: list[int], q_lens: list[int], masks: list[M
     for key, bs in members.items():
         n, keys = q_lens[bs[0]], lens[bs[0]] + q_lens[bs[0]]
         mask = masks[bs[0]] if key[0] == "tensor" else key[0]
-        groups.append(RowGroup(index(bs), index([rows[b] for b in bs]), n, keys, mask,
+        groups.append(RowGroup(index(bs), index([rows[b] for b in bs]), n, keys,
                                _scores_mask(mask, n, keys, device, dtype) if backend == "sdpa" else None))
     return RowPlan(backend, tuple(groups), tuple(rows), tuple(lens), tuple(q_lens), tuple(masks))
 
 
 def _scores_mask(mask: Mask, n: int, keys: int, device, dtype: torch.dtype) -> torch.Tensor | None:
-    """A group's mask as SDPA adds it to the scores (see RowGroup.scores_mask); None for FULL."""
+    """A group's mask as SDPA adds it to the scores (see RowGroup.mask); None for FULL."""
     if isinstance(mask, str) and mask == FULL:
         return None
     allowed = mask.to(device) if isinstance(mask, torch.Tensor) else bottom_right_causal_mask(n, keys, device)
@@ -171,7 +171,7 @@ def row_attention(plan: RowPlan, q: torch.Tensor, keys: torch.Tensor, values: to
         kh, vh = (t[g.rows, : g.keys].transpose(1, 2) for t in (keys, values))  # (G, Hkv, S, D)
         if torch.is_grad_enabled() and keys.requires_grad:  # autograd keeps SDPA's inputs, and later
             kh, vh = kh.clone(), vh.clone()  # layers' writes into the cache would change these views
-        mask = g.scores_mask
+        mask = g.mask
         if mask is not None and mask.dtype != q.dtype:  # a plan made for another dtype
             mask = mask.to(q.dtype)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True).transpose(1, 2)
