@@ -71,7 +71,7 @@ spec-bench: venv
 		runs/describe_mtp/export/draft_heads runs/describe_eagle/export/draft_heads --eagle-depths 6 8
 	$(PY) scripts/bench/speculative.py --text-model runs/heads_pydoc28_medusa/export \
 		--text-heads runs/heads_pydoc28_medusa/export/draft_heads runs/heads_pydoc28_eagle/export/draft_heads \
-		--eagle-depths 6
+		--eagle-depths 6 --budget 32
 
 parity: venv
 	$(VENV)/bin/bagel-parity tests/assets/bagel_official_tiny

@@ -16,7 +16,7 @@ as scratch (denoising queries, which the official inferencer never caches either
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -82,6 +82,23 @@ def forward_queries(stack: DecoderStack, contexts: list[Context], queries: list[
     return blocks.unpad(h)
 
 
+@torch.no_grad()
+def decode_step(stack: DecoderStack, contexts: list[Context], embeds: torch.Tensor, positions: torch.Tensor,
+                previous: "Blocks | None" = None) -> tuple[torch.Tensor, "Blocks"]:
+    """One new token per context (embeds (B, D) at RoPE ids `positions` (B,)), committed to the
+    contexts -> (hidden states (B, D) after the final norm, the blocks to hand back as `previous`
+    next step, which then only advance: `Blocks.advance`)."""
+    blocks = previous.advance(stack, contexts, positions) if previous is not None else None
+    if blocks is None:
+        no_gen = torch.zeros(1, dtype=torch.bool, device=embeds.device)
+        blocks = Blocks.prepare(stack, contexts, [Query(embeds[b:b + 1], positions[b:b + 1], no_gen, causal=True)
+                                                  for b in range(len(contexts))])
+    h = blocks.run(stack.layers, stack.first_layer, embeds[:, None], stack.final_norm)
+    for ctx in contexts:
+        ctx.length += 1
+    return h, blocks
+
+
 @dataclass(frozen=True)
 class CacheSlots:
     """Where a forward's real (not padding) query rows write their keys and values: the cache
@@ -105,6 +122,12 @@ class CacheSlots:
         b_idx, i_idx = valid.nonzero(as_tuple=True)
         return cls(torch.tensor(rows, device=device)[b_idx], torch.tensor(lens, device=device)[b_idx] + i_idx,
                    b_idx, i_idx)
+
+    def one_slot_on(self) -> "CacheSlots":
+        """The slots one further along each row (the next decoding step's)."""
+        if isinstance(self.offsets, slice):
+            return replace(self, offsets=slice(self.offsets.start + 1, self.offsets.stop + 1))
+        return replace(self, offsets=self.offsets + 1)
 
     def write(self, store: torch.Tensor, new: torch.Tensor) -> None:
         """store: one layer of the cache (rows, capacity, H, hd); new: (B, q_max, H, hd)."""
@@ -169,6 +192,23 @@ class Blocks:
         plan = plan_rows(rows, lens, q_lens, masks, resolve_cached_backend(stack.backend, device, dtype), device, dtype)
         cos, sin = (t.view(len(queries), q_max, -1) for t in stack.rope(positions.flatten(), dtype))
         return cls(cache, q_max, cos, sin, gen, valid, plan, _routing(gen), CacheSlots.of(rows, lens, q_lens, q_max, valid))
+
+    def advance(self, stack: DecoderStack, contexts: list[Context], positions: torch.Tensor) -> "Blocks | None":
+        """The blocks of the next decoding step, derived from this one's when it decoded one token
+        per context and the contexts are the same, each one token longer: only the RoPE tables (at
+        `positions` (B,)), the cache slots and the key counts move, so the step does not rebuild
+        its routing and attention plan. None when that does not hold (a context moved to another
+        row on copy-on-write, the batch changed): then the step needs `prepare`."""
+        taken: set[int] = set()
+        for ctx in contexts:
+            self.cache.reserve(ctx, 1, taken)
+            taken.add(ctx.row)
+        plan = self.attention.one_key_longer()
+        now = (tuple(c.row for c in contexts), tuple(c.length for c in contexts))
+        if plan is None or now != (self.rows, tuple(n + 1 for n in self.lens)):
+            return None
+        cos, sin = (t.view(self.B, 1, -1) for t in stack.rope(positions, self.cos.dtype))
+        return replace(self, cos=cos, sin=sin, attention=plan, slots=self.slots.one_slot_on())
 
     def check(self, contexts: list[Context], x: torch.Tensor) -> "Blocks":
         """self, after making sure it was prepared for these contexts (rows, cached lengths) and

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bagel.inference.forward import Query, forward_queries, llm_stack
+from bagel.inference.forward import decode_step, llm_stack
 from bagel.inference.kv_cache import Context
 from bagel.sampling import SamplingConfig
 from bagel.tokenizer import SpecialTokens
@@ -56,14 +56,6 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def token_queries(model, token_ids: torch.Tensor, contexts: list[Context]) -> list[Query]:
-    """One single-token causal query per context at its next RoPE id."""
-    emb = model.llm.embed_tokens(token_ids)  # (B, D)
-    device = emb.device
-    return [Query(emb[b:b + 1], torch.tensor([c.rope], device=device), torch.zeros(1, dtype=torch.bool, device=device),
-                  causal=True) for b, c in enumerate(contexts)]
-
-
 @torch.no_grad()
 def generate_text(model, tokens: SpecialTokens, contexts: list[Context], cfg: SamplingConfig = SamplingConfig(),
                   generator: torch.Generator | None = None, keep_logits: bool = False) -> TextOutput:
@@ -73,20 +65,21 @@ def generate_text(model, tokens: SpecialTokens, contexts: list[Context], cfg: Sa
     current = torch.full((B,), tokens.bos, dtype=torch.long, device=device)
     out = TextOutput(ids=[[] for _ in range(B)], finished=[False] * B)
     active = list(range(B))
+    stack, blocks = llm_stack(model), None
     for _ in range(cfg.max_new_tokens):
         ctxs = [contexts[b] for b in active]
-        hidden = forward_queries(llm_stack(model), ctxs, token_queries(model, current, ctxs), commit=True)
+        positions = torch.tensor([c.rope for c in ctxs], device=device)
+        hidden, blocks = decode_step(stack, ctxs, model.llm.embed_tokens(current), positions, blocks)
         for c in ctxs:
             c.rope += 1
-        logits = model.llm.lm_head(torch.cat(hidden))  # (B_active, V)
+        logits = model.llm.lm_head(hidden)  # (B_active, V)
         if keep_logits:
             full = logits.new_full((B, logits.shape[-1]), float("nan"))
             full[active] = logits
             out.step_logits.append(full)
         nxt = sample_next(logits, cfg, generator)
         still = []
-        for j, b in enumerate(active):
-            tok = int(nxt[j])
+        for j, (b, tok) in enumerate(zip(active, nxt.tolist())):  # one device sync per step
             if tok == tokens.eos:
                 out.finished[b] = True
             else:
@@ -94,6 +87,6 @@ def generate_text(model, tokens: SpecialTokens, contexts: list[Context], cfg: Sa
                 still.append(j)
         if not still:
             break
+        current = nxt if len(still) == len(active) else nxt[still]
         active = [active[j] for j in still]
-        current = nxt[still]
     return out

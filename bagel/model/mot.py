@@ -90,13 +90,15 @@ class MoTLayer(nn.Module):
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, route: Routing):
         """Per-expert projections of (N, D) hidden states -> q (N, Hq, hd), k/v (N, Hkv, hd)."""
+        pairs = route.experts(self)
+        if pairs[0][1] is None:  # one expert owns every row
+            expert = pairs[0][0]
+            return expert.qkv(expert.input_norm(x), cos, sin)
         n = x.shape[0]
         q = x.new_empty(n, self.num_heads, self.head_dim)
         k = x.new_empty(n, self.num_kv_heads, self.head_dim)
         v = x.new_empty(n, self.num_kv_heads, self.head_dim)
-        for expert, idx in route.experts(self):
-            if idx is None:  # one expert owns every row
-                return expert.qkv(expert.input_norm(x), cos, sin)
+        for expert, idx in pairs:
             q_e, k_e, v_e = expert.qkv(expert.input_norm(x[idx]), cos[idx], sin[idx])
             q = q.index_copy(0, idx, q_e)
             k = k.index_copy(0, idx, k_e)
@@ -106,11 +108,13 @@ class MoTLayer(nn.Module):
     def finish(self, x: torch.Tensor, attn: torch.Tensor, route: Routing) -> torch.Tensor:
         """o_proj + residual, then the expert MLP + residual. attn: (N, Hq, hd)."""
         attn = attn.flatten(1)  # (N, Hq*hd)
+        pairs = route.experts(self)
+        if pairs[0][1] is None:
+            expert = pairs[0][0]
+            h = x + expert.o_proj(attn)
+            return h + expert.mlp(expert.post_attn_norm(h))
         out = torch.empty_like(x)
-        for expert, idx in route.experts(self):
-            if idx is None:
-                h = x + expert.o_proj(attn)
-                return h + expert.mlp(expert.post_attn_norm(h))
+        for expert, idx in pairs:
             h = x[idx] + expert.o_proj(attn[idx])
             h = h + expert.mlp(expert.post_attn_norm(h))
             out = out.index_copy(0, idx, h)
@@ -130,10 +134,11 @@ class ExpertNorms(nn.Module):
         self.gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
+        pairs = route.experts(self)
+        if pairs[0][1] is None:
+            return pairs[0][0](x)
         out = torch.empty_like(x)
-        for norm, idx in route.experts(self):
-            if idx is None:
-                return norm(x)
+        for norm, idx in pairs:
             out = out.index_copy(0, idx, norm(x[idx]))
         return out
 

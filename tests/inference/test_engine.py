@@ -370,3 +370,37 @@ def test_prepared_blocks_refuse_another_forward(engine):
         blocks.check(ctxs[::-1], embeds)
     with pytest.raises(ValueError, match="prepared blocks .* do not fit"):
         blocks.check(ctxs, embeds[:, :3])
+
+
+def test_decoding_steps_advance_their_blocks_bit_for_bit(engine, monkeypatch):
+    """A decoding step derives its blocks from the previous step's (RoPE, cache slots and key
+    counts move by one, nothing is planned again); its hidden states equal those of blocks made
+    afresh bit for bit, for contexts of different lengths, and a context moved to another row by
+    copy-on-write gets fresh blocks."""
+    from bagel.inference.forward import Blocks, decode_step
+
+    model, stack = engine.model, llm_stack(engine.model)
+    s = engine.new_sessions(2)
+    engine.add_text(s, ["A cat.", "A much longer prompt about a dog."])
+    advancing, fresh = [x.full.fork() for x in s], [x.full.fork() for x in s]
+    prepared, original = [], Blocks.prepare
+
+    def counted(cls, *args):
+        prepared.append(1)
+        return original(*args)
+    monkeypatch.setattr(Blocks, "prepare", classmethod(counted))
+    ids = torch.tensor([[5, 7], [9, 11], [13, 2], [4, 8]])
+    blocks = None
+    for step, pair in enumerate(ids):
+        if step == 2:  # a fork of the first context takes its next slot: that context must move rows
+            fork = advancing[0].fork()
+            decode_step(stack, [fork], model.llm.embed_tokens(pair[:1]), torch.tensor([fork.rope + step]))
+        positions = torch.tensor([c.rope + step for c in advancing])
+        h, blocks = decode_step(stack, advancing, model.llm.embed_tokens(pair), positions, blocks)
+        before = len(prepared)
+        h_fresh, _ = decode_step(stack, fresh, model.llm.embed_tokens(pair), positions)
+        assert len(prepared) == before + 1 and torch.equal(h, h_fresh)
+    # step 0 prepares, steps 1 and 3 advance, step 2 (after copy-on-write) and the fork prepare
+    assert len(prepared) - len(ids) == 3
+    for a, f in zip(advancing, fresh):
+        assert torch.equal(a.cache.keys[:, a.row, : a.length], f.cache.keys[:, f.row, : f.length])

@@ -26,7 +26,7 @@ runs SDPA on views of the cache (no copies).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,15 @@ class RowPlan:
     lens: tuple[int, ...]  # cached keys before each block
     q_lens: tuple[int, ...]
     masks: tuple
+
+    def one_key_longer(self) -> "RowPlan | None":
+        """The plan of the next decoding step: the same single-query blocks, each row holding the
+        token decoded last as one more cached key (a single query sees every key, so no mask
+        moves). None unless every block is one query without a mask of its own."""
+        if any(n != 1 for n in self.q_lens) or any(isinstance(m, torch.Tensor) for m in self.masks):
+            return None
+        groups = tuple(replace(g, keys=g.keys + 1) for g in self.groups)
+        return replace(self, groups=groups, lens=tuple(n + 1 for n in self.lens))
 
 
 def plan_rows(rows: list[int], lens: list[int], q_lens: list[int], masks: list[Mask], backend: str,
