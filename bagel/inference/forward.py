@@ -199,6 +199,8 @@ class Blocks:
         `positions` (B,)), the cache slots and the key counts move, so the step does not rebuild
         its routing and attention plan. None when that does not hold (a context moved to another
         row on copy-on-write, the batch changed): then the step needs `prepare`."""
+        if any(c.cache is not self.cache for c in contexts):
+            return None
         taken: set[int] = set()
         for ctx in contexts:
             self.cache.reserve(ctx, 1, taken)
