@@ -178,10 +178,7 @@ class Blocks:
             raise ValueError("all contexts of one forward must live in the same KVCache")
         q_lens = [len(q) for q in queries]
         q_max = max(q_lens)
-        taken: set[int] = set()
-        for ctx, n in zip(contexts, q_lens):
-            cache.reserve(ctx, n, taken)
-            taken.add(ctx.row)
+        cache.reserve_forward(contexts, q_lens)
         device, dtype = queries[0].embeds.device, queries[0].embeds.dtype
         lens, rows = [c.length for c in contexts], [c.row for c in contexts]
         # Pad the blocks to (B * q_max) packed rows; padding rows use the und expert at position 0.
@@ -201,10 +198,7 @@ class Blocks:
         row on copy-on-write, the batch changed): then the step needs `prepare`."""
         if any(c.cache is not self.cache for c in contexts):
             return None
-        taken: set[int] = set()
-        for ctx in contexts:
-            self.cache.reserve(ctx, 1, taken)
-            taken.add(ctx.row)
+        self.cache.reserve_forward(contexts, [1] * len(contexts))
         plan = self.attention.one_key_longer()
         now = (tuple(c.row for c in contexts), tuple(c.length for c in contexts))
         if plan is None or now != (self.rows, tuple(n + 1 for n in self.lens)):

@@ -83,6 +83,14 @@ class KVCache:
                 cap *= 2
             self._grow(capacity=cap)
 
+    def reserve_forward(self, contexts: list["Context"], lens: list[int]) -> None:
+        """`reserve` for the contexts of one forward, contexts[b] writing lens[b] slots: no two of
+        them write into the same row."""
+        taken: set[int] = set()
+        for ctx, n in zip(contexts, lens):
+            self.reserve(ctx, n, taken)
+            taken.add(ctx.row)
+
 
 @dataclass(eq=False)  # identity semantics: handles live in weak sets
 class Context:

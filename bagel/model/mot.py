@@ -41,13 +41,15 @@ class Routing:
     skip_empty: bool = False  # inference: leave out an expert without rows (see the module notes)
 
     def experts(self, layer_or_norms) -> list:
-        """(expert module, its row indexes) pairs; with skip_empty, an expert that owns every row
-        comes alone with None for "all rows"."""
+        """(expert module, its row indexes) pairs; with skip_empty, only the experts that own rows."""
         pairs = [(layer_or_norms.und, self.und), (layer_or_norms.gen, self.gen)]
-        if not self.skip_empty:
-            return pairs
-        live = [(module, idx) for module, idx in pairs if idx.numel()]
-        return [(live[0][0], None)] if len(live) == 1 else live
+        return [(module, idx) for module, idx in pairs if idx.numel()] if self.skip_empty else pairs
+
+    def sole(self, layer_or_norms) -> nn.Module | None:
+        """With skip_empty, the expert that owns every row, to run on the hidden state as it is (no
+        gather, no scatter, no buffers to scatter into); else None."""
+        live = self.experts(layer_or_norms) if self.skip_empty else []
+        return live[0][0] if len(live) == 1 else None
 
 
 class Expert(nn.Module):
@@ -90,15 +92,14 @@ class MoTLayer(nn.Module):
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, route: Routing):
         """Per-expert projections of (N, D) hidden states -> q (N, Hq, hd), k/v (N, Hkv, hd)."""
-        pairs = route.experts(self)
-        if pairs[0][1] is None:  # one expert owns every row
-            expert = pairs[0][0]
+        expert = route.sole(self)
+        if expert is not None:
             return expert.qkv(expert.input_norm(x), cos, sin)
         n = x.shape[0]
         q = x.new_empty(n, self.num_heads, self.head_dim)
         k = x.new_empty(n, self.num_kv_heads, self.head_dim)
         v = x.new_empty(n, self.num_kv_heads, self.head_dim)
-        for expert, idx in pairs:
+        for expert, idx in route.experts(self):
             q_e, k_e, v_e = expert.qkv(expert.input_norm(x[idx]), cos[idx], sin[idx])
             q = q.index_copy(0, idx, q_e)
             k = k.index_copy(0, idx, k_e)
@@ -108,13 +109,12 @@ class MoTLayer(nn.Module):
     def finish(self, x: torch.Tensor, attn: torch.Tensor, route: Routing) -> torch.Tensor:
         """o_proj + residual, then the expert MLP + residual. attn: (N, Hq, hd)."""
         attn = attn.flatten(1)  # (N, Hq*hd)
-        pairs = route.experts(self)
-        if pairs[0][1] is None:
-            expert = pairs[0][0]
+        expert = route.sole(self)
+        if expert is not None:
             h = x + expert.o_proj(attn)
             return h + expert.mlp(expert.post_attn_norm(h))
         out = torch.empty_like(x)
-        for expert, idx in pairs:
+        for expert, idx in route.experts(self):
             h = x[idx] + expert.o_proj(attn[idx])
             h = h + expert.mlp(expert.post_attn_norm(h))
             out = out.index_copy(0, idx, h)
@@ -134,11 +134,11 @@ class ExpertNorms(nn.Module):
         self.gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
-        pairs = route.experts(self)
-        if pairs[0][1] is None:
-            return pairs[0][0](x)
+        norm = route.sole(self)
+        if norm is not None:
+            return norm(x)
         out = torch.empty_like(x)
-        for norm, idx in pairs:
+        for norm, idx in route.experts(self):
             out = out.index_copy(0, idx, norm(x[idx]))
         return out
 
