@@ -28,9 +28,11 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "data": ["pyarrow"],  # parquet converters
-        "s3": ["s3fs"],  # s3:// shards
-        "gcs": ["gcsfs"],  # gs:// shards
-        "dev": ["pytest>=7", "scikit-learn", "pyarrow", "selenium>=4.11", "s3fs", "moto[server]"],
+        # s3:// and gs:// shards. The floor keeps fsspec's calendar releases: unbounded, pip backtracked
+        # to s3fs 0.4 (2020) beside moto's botocore, so the tests ran a client users never get.
+        "s3": ["s3fs>=2024.6"],
+        "gcs": ["gcsfs>=2024.6"],
+        "dev": ["pytest>=7", "scikit-learn", "pyarrow", "selenium>=4.11", "s3fs>=2024.6", "moto[server]"],
         "app": ["gradio>=6,<7"],
         "train": ["tensorboard", "matplotlib", "peft>=0.17"],  # logging, loss plots, LoRA adapters
     },

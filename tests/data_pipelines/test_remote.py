@@ -176,6 +176,19 @@ def test_s3_reads_what_local_disk_reads(s3, local):
     assert _samples(load_manifest("s3://data/sets/num", FAST)) == local
 
 
+def test_loader_over_s3_in_worker_processes_equals_local(s3, digits_dir, tokenizer, make_config):
+    # s3fs runs its client on an event loop in a thread: worker processes forked from a loader that
+    # already listed the bucket must each read through a client of their own
+    import s3fs
+
+    upload_folder(s3fs.S3FileSystem(), digits_dir / "train" / "t2i", "data", "digits/train/t2i")
+    sources = [{"name": "t2i", "manifest": "train/t2i", "epochs": 1}]
+    take = lambda root: [(p.keys, p.batch.sequence_length) for p in PackLoader(  # noqa: E731
+        make_config(sources, data_root=root), BagelConfig.tiny(), tokenizer=tokenizer, num_workers=2)]
+    expected = take(str(digits_dir))
+    assert len(expected) > 1 and take("s3://data/digits") == expected
+
+
 def test_s3_missing_bucket_and_wrong_credential_are_one_line(s3, monkeypatch):
     import boto3
     import moto.settings
