@@ -107,6 +107,22 @@ def test_eagle_drafter_trains_alone_on_images_and_text(make_cfg):
     assert history[-1]["loss_heads"] < history[0]["loss_heads"]
 
 
+def test_mtp_heads_train_alone(make_cfg):
+    """MTP heads (a decoder block each, chained) on a frozen backbone: only their tensors change,
+    every head's accuracy is reported, their loss goes down."""
+    cfg = make_cfg("mtp", "--model.overrides={draft_heads: {kind: mtp, num_heads: 2}}", "--train.heads_only=true",
+                   "--train.steps=8", "--train.ema=0", "--data.num_batches=1", "--optim.lr=0.01")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    history = trainer.run().history
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("draft_heads.") for k in changed)
+    assert any(k.startswith("draft_heads.stack.1.") for k in changed)  # the second module trains too
+    assert {"heads_acc/0", "heads_acc/1"} <= set(history[-1])
+    assert history[-1]["loss_heads"] < history[0]["loss_heads"]
+
+
 def test_pydoc_prose_is_running_text():
     from data_pipelines.text_corpus import prose, pydoc_topics
 
@@ -114,6 +130,19 @@ def test_pydoc_prose_is_running_text():
     text = prose(next(iter(held.values())))
     assert text and all(not p.startswith(" ") and "\n" not in p and "  " not in p and "***" not in p
                         for p in text.split("\n\n"))
+
+
+def test_topic_samples_keep_every_token_in_order_within_the_budget():
+    from data_pipelines.text_corpus import paragraphs, pydoc_topics, topic_samples
+
+    train, held = pydoc_topics()
+    assert train and held and not set(train) & set(held)
+    topics = dict(list(held.items())[:3])
+    encode = lambda s: [ord(c) for c in s]  # noqa: E731  one id per character: long paragraphs get cut
+    samples = topic_samples(topics, encode, max_tokens=64)
+    assert all(sum(len(t.ids) + 2 for t in s) <= 64 and all(t.loss and t.ids for t in s) for s in samples)
+    assert [i for s in samples for t in s for i in t.ids] == [
+        i for text in topics.values() for p in paragraphs(text) for i in encode(p)]
 
 
 def test_corpus_source_is_deterministic_and_rank_split(make_cfg):

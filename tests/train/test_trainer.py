@@ -219,3 +219,21 @@ def test_data_that_runs_out_stops_cleanly_with_a_checkpoint(make_cfg):
     with pytest.raises(DataExhausted, match="ran out at step 3 of train.steps=10.*step_00000003"):
         trainer.run()
     assert checkpointing.latest_checkpoint(cfg.run_dir).name == "step_00000003"
+
+
+def test_a_logged_run_writes_tensorboard_scalars_and_the_loss_plot(make_cfg):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg("logged", "--train.steps=3", "--log.every=1", "--log.tensorboard=true", "--log.plot=true")
+    Trainer(cfg).run()
+    events = EventAccumulator(str(Path(cfg.run_dir) / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss_ce", "train/loss_mse"} <= tags, tags
+    assert [e.step for e in events.Scalars("train/loss_ce")] == [1, 2, 3]
+    jsonl = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/loss_ce")] == pytest.approx([r["loss_ce"] for r in jsonl])
+    png = Path(cfg.run_dir) / "loss_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
