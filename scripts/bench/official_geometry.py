@@ -18,11 +18,12 @@ figures (OFFICIAL below, measured in another session: compare them with the cali
 MFU rows divide the model FLOPs of a training step (`bagel.train.metrics.batch_flops`) or of a
 denoising step (`step_flops`) by the time and by the calibration of the run's dtype. A text token
 is memory-bound instead: its row gives the weight bytes a token reads and the rate it reads them.
-On CPU the text row also measures its floor in eager PyTorch (`DecodeFloor`), right after each run: the token's GEMVs
-alone, and the operators a real step dispatches times the cost of the cheapest operator. In fp32
-on CPU a last table says what issue 13's speed-ups would take: each compute row's target time and
-the share of the fp32 calibration that time needs (over 100%: beyond this machine's matmul peak
-for the same FLOPs), and for greedy text the share of the target time the floor alone takes.
+On CPU the text row also measures its floor in eager PyTorch right after each run (`DecodeFloor`):
+the token's GEMVs alone, and the operators a real step dispatches times the cost of the cheapest
+operator. In fp32 on CPU a last table says what issue 13's speed-ups would take: each compute
+row's target time and the share of the fp32 calibration that time needs (over 100%: beyond this
+machine's matmul peak for the same FLOPs), and for greedy text the share of the target time the
+floor alone takes.
 
 `--dtype bf16`: training under autocast (fp32 master weights), inference with bf16 weights.
 `--scale k` multiplies every width by k (heads by k, head_dim unchanged): for accelerators, where
@@ -246,7 +247,7 @@ class DecodeFloor:
         self.linears = [m for layer in model.llm.layers for m in (
             layer.und.q_proj, layer.und.k_proj, layer.und.v_proj, layer.und.o_proj,
             layer.und.mlp.gate_proj, layer.und.mlp.up_proj, layer.und.mlp.down_proj)] + [model.llm.lm_head]
-        self.inputs = [torch.randn(1, m.in_features) for m in self.linears]
+        self.inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in self.linears]
         self.one = torch.zeros(1)
 
     @torch.no_grad()
@@ -260,7 +261,8 @@ class DecodeFloor:
 
     def measure(self, repeats: int) -> tuple[float, float]:
         """(ms of one token's GEMVs, us of the cheapest operator), medians of `repeats`."""
-        return 1e3 * median_time(self.gemvs, repeats, self.one.device), 1e3 * median_time(self.cheapest, 3, self.one.device)
+        cpu = self.one.device
+        return 1e3 * median_time(self.gemvs, repeats, cpu), 1e3 * median_time(self.cheapest, 3, cpu)
 
 
 def main() -> None:
