@@ -94,33 +94,31 @@ def test_heads_recipe_on_a_text_corpus(tmp_path, capsys):
 def test_eagle_drafter_trains_alone_on_images_and_text(make_cfg):
     """An image-aware EAGLE drafter on a frozen backbone: only its tensors change (the image
     projection among them: the synthetic batches hold ViT images), its loss goes down."""
-    cfg = make_cfg("eagle", "--model.overrides={draft_heads: {kind: eagle, num_heads: 2, image_context: true}}",
-                   "--train.heads_only=true", "--train.steps=8", "--train.ema=0", "--data.num_batches=1",
-                   "--optim.lr=0.01")
-    trainer = Trainer(cfg)
+    changed, _ = _train_heads_alone(
+        make_cfg, "eagle", "--model.overrides={draft_heads: {kind: eagle, num_heads: 2, image_context: true}}")
+    assert "draft_heads.image_proj.weight" in changed
+
+
+def _train_heads_alone(make_cfg, name: str, heads: str) -> tuple[set[str], list[dict]]:
+    """Eight steps of the heads `heads` alone on a frozen backbone -> (the state keys that changed,
+    the logged history), after checking that only heads changed and that their loss went down."""
+    trainer = Trainer(make_cfg(name, heads, "--train.heads_only=true", "--train.steps=8", "--train.ema=0",
+                               "--data.num_batches=1", "--optim.lr=0.01"))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     history = trainer.run().history
     after = trainer.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("draft_heads.") for k in changed)
-    assert "draft_heads.image_proj.weight" in changed
     assert history[-1]["loss_heads"] < history[0]["loss_heads"]
+    return changed, history
 
 
 def test_mtp_heads_train_alone(make_cfg):
     """MTP heads (a decoder block each, chained) on a frozen backbone: only their tensors change,
     every head's accuracy is reported, their loss goes down."""
-    cfg = make_cfg("mtp", "--model.overrides={draft_heads: {kind: mtp, num_heads: 2}}", "--train.heads_only=true",
-                   "--train.steps=8", "--train.ema=0", "--data.num_batches=1", "--optim.lr=0.01")
-    trainer = Trainer(cfg)
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    history = trainer.run().history
-    after = trainer.model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("draft_heads.") for k in changed)
+    changed, history = _train_heads_alone(make_cfg, "mtp", "--model.overrides={draft_heads: {kind: mtp, num_heads: 2}}")
     assert any(k.startswith("draft_heads.stack.1.") for k in changed)  # the second module trains too
     assert {"heads_acc/0", "heads_acc/1"} <= set(history[-1])
-    assert history[-1]["loss_heads"] < history[0]["loss_heads"]
 
 
 def test_pydoc_prose_is_running_text():
