@@ -212,27 +212,6 @@ def test_python_api_cli_and_app_give_identical_images(official_dir, tmp_path):
     assert np.array_equal(pixels(api), pixels(from_app))
 
 
-@pytest.fixture
-def tiny_adapter(official_dir, tmp_path):
-    """A gen-expert adapter for the fixture model, with random (non-zero) weights."""
-    import torch
-
-    pytest.importorskip("peft")
-    from bagel.checkpoint.adapters import save_adapter
-    from bagel.checkpoint.pretrained import from_pretrained
-    from bagel.model import lora
-
-    model = from_pretrained(official_dir)
-    spec = lora.LoraSpec(rank=2, experts="gen", kinds="attn,mlp,latent")
-    lora.attach(model, spec)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if lora.is_adapter_param(n):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return save_adapter(model, "default", spec, tmp_path / "adapter")
-
-
 def test_generate_with_lora_scale_zero_is_the_base_and_one_is_not(official_dir, tiny_adapter, tmp_path):
     from bagel.inference.pictures import read_png_info
 

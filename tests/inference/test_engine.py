@@ -404,3 +404,28 @@ def test_decoding_steps_advance_their_blocks_bit_for_bit(engine, monkeypatch):
     assert len(prepared) - len(ids) == 3
     for a, f in zip(advancing, fresh):
         assert torch.equal(a.cache.keys[:, a.row, : a.length], f.cache.keys[:, f.row, : f.length])
+
+
+def test_adapters_swap_scale_and_unload_in_memory(official_dir, tiny_adapter):
+    """The engine's adapter calls on a model already in memory: loading equals a fresh engine
+    made with the adapter, scale 0 and unloading give the base model's pixels bit for bit."""
+    from bagel.model.lora import LoraError
+
+    cfg = ImageGenConfig(num_timesteps=3)
+
+    def pixels(e) -> bytes:
+        return e.text_to_image(["A cat."], (32, 32), cfg, seed=3)[0][0].tobytes()
+
+    e = Engine.from_pretrained(official_dir)
+    base = pixels(e)
+    (name,) = e.use_loras([(tiny_adapter, 1.0)])
+    adapted = pixels(e)
+    assert adapted == pixels(Engine.from_pretrained(official_dir, loras=[(tiny_adapter, 1.0)])) and adapted != base
+    e.set_lora_scale(name, 0.0)
+    assert pixels(e) == base and e.loras[name][1] == 0.0
+    e.set_lora_scale(name, 1.0)
+    assert pixels(e) == adapted
+    with pytest.raises(LoraError, match="no adapter named 'nope' on the model"):
+        e.set_lora_scale("nope", 1.0)
+    e.unload_lora(name)
+    assert pixels(e) == base and e.loras == {}
