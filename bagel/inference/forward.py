@@ -196,12 +196,12 @@ class Blocks:
         `positions` (B,)), the cache slots and the key counts move, so the step does not rebuild
         its routing and attention plan. None when that does not hold (a context moved to another
         row on copy-on-write, the batch changed): then the step needs `prepare`."""
-        if any(c.cache is not self.cache for c in contexts):
-            return None
-        self.cache.reserve_forward(contexts, [1] * len(contexts))
         plan = self.attention.one_key_longer()
+        if plan is None or any(c.cache is not self.cache for c in contexts):
+            return None  # (prepare reserves the slots then)
+        self.cache.reserve_forward(contexts, [1] * len(contexts))
         now = (tuple(c.row for c in contexts), tuple(c.length for c in contexts))
-        if plan is None or now != (self.rows, tuple(n + 1 for n in self.lens)):
+        if now != (self.rows, tuple(n + 1 for n in self.lens)):
             return None
         cos, sin = (t.view(self.B, 1, -1) for t in stack.rope(positions, self.cos.dtype))
         return replace(self, cos=cos, sin=sin, attention=plan, slots=self.slots.one_slot_on())

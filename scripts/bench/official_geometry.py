@@ -244,9 +244,8 @@ class DecodeFloor:
     (an in-place add on one number)."""
 
     def __init__(self, model):
-        self.linears = [m for layer in model.llm.layers for m in (
-            layer.und.q_proj, layer.und.k_proj, layer.und.v_proj, layer.und.o_proj,
-            layer.und.mlp.gate_proj, layer.und.mlp.up_proj, layer.und.mlp.down_proj)] + [model.llm.lm_head]
+        self.linears = [getattr(parent, name) for layer in model.llm.layers
+                        for parent, name in layer.und.linears()] + [model.llm.lm_head]
         self.inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in self.linears]
         self.one = torch.zeros(1)
 
